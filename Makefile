@@ -1,0 +1,42 @@
+# `make demo` sets everything up and runs the demo on the shipped default model;
+# `make test` sets everything up and runs the test suite.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+DEB_PACKAGES := tuxpaint-stamps-default sonic-pi-samples espeak-ng sox chromium
+STAMP := $(VENV)/.installed
+
+.PHONY: setup deb demo test lint bench clean
+
+setup: deb $(STAMP)
+
+# Debian packages: sample media for the corpus, speech for spoken queries, Chromium for browser tests.
+deb:
+	@missing=""; for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+$(STAMP): requirements.lock pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip==26.3
+	$(BIN)/pip install -q -r requirements.lock
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/mm demo
+
+test: setup
+	$(BIN)/ruff check mm index service tests benchmarks
+	$(BIN)/pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check mm index service tests benchmarks
+	$(BIN)/ruff format --check mm index service tests benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,258 @@
+"""Search benchmark: recall, memory and latency per FAISS index type, in process and over HTTP.
+
+Data: ``--n`` synthetic L2-normalised vectors of ``--dim`` from a Gaussian mixture (clustered, as real
+embeddings are, so IVF partitions mean something); queries come from the same mixture.
+
+Per index type (Flat, HNSW32, IVF-SQ8, IVF-PQ, each built with ``index.vectors.build_index``):
+``recall_at_10`` against exact Flat search, ``bytes_per_vector`` (serialised index size / n), and p50/p99
+latency of single-query searches in process.
+
+End to end: the real service (``service.app.create_app``) is started with uvicorn in a subprocess on
+127.0.0.1 over a collection of ``--http-n`` of the vectors (HNSW32); one keep-alive httpx connection sends
+``POST /search`` with a precomputed ``vector`` (the advanced query field) and ``k=10``. The in-process
+baseline is ``Collection.search`` on the same collection. Targets: HNSW recall_at_10 >= 0.95, HTTP p50 <=
+in-process p50 + 1 ms, HTTP p99 <= 2 x in-process p99 + 2 ms.
+
+Usage: ``python benchmarks/bench_search.py [--n 100000 --dim 384] [--quick]``; the last line is JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+log = logging.getLogger("bench_search")
+BENCH_MODEL_ID = "bench:vectors"
+
+
+def mixture(n: int, dim: int, n_clusters: int, rng: np.random.Generator, centers=None):
+    """``(n, dim)`` normalised points around ``n_clusters`` random centres (and the centres)."""
+    if centers is None:
+        centers = rng.standard_normal((n_clusters, dim)).astype(np.float32)
+    assign = rng.integers(0, len(centers), n)
+    x = centers[assign] + 0.6 * rng.standard_normal((n, dim)).astype(np.float32)  # (N, D)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x.astype(np.float32), centers
+
+
+def percentiles(times_s: list[float]) -> tuple[float, float]:
+    ms = np.asarray(times_s) * 1000.0
+    return float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
+
+
+def index_bytes(index) -> int:
+    import faiss
+
+    return int(faiss.serialize_index(index).size)
+
+
+def bench_index(spec: str, base: np.ndarray, queries: np.ndarray, truth: np.ndarray, k: int) -> dict:
+    from index.vectors import build_index
+
+    t0 = time.perf_counter()
+    index = build_index(spec, base.shape[1], train_vectors=base)
+    index.add_with_ids(base, np.arange(len(base), dtype=np.int64))
+    build_s = time.perf_counter() - t0
+    _, found = index.search(queries, k)
+    recall = float(np.mean([len(set(f) & set(t)) / k for f, t in zip(found, truth, strict=True)]))
+    times = []
+    for q in queries:
+        t = time.perf_counter()
+        index.search(q[None, :], k)
+        times.append(time.perf_counter() - t)
+    p50, p99 = percentiles(times)
+    return {
+        "spec": spec,
+        "recall_at_10": round(recall, 4),
+        "bytes_per_vector": round(index_bytes(index) / len(base), 1),
+        "p50_ms": round(p50, 4),
+        "p99_ms": round(p99, 4),
+        "build_s": round(build_s, 2),
+    }
+
+
+class VectorsOnly:
+    """The service needs an embedder; this benchmark only sends precomputed vectors."""
+
+    modalities = ("text", "image", "audio")
+    model_id = BENCH_MODEL_ID
+
+    def __init__(self, dim: int):
+        self.dim = dim
+
+    def _no(self, *_):
+        raise ValueError("the search benchmark sends vectors only")
+
+    encode_text = encode_image = encode_audio = _no
+
+
+def serve(collection: str, port: int, dim: int) -> None:
+    """Subprocess entry: the real app over ``collection`` on 127.0.0.1:``port``."""
+    import uvicorn
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    app = create_app(Settings(collection=Path(collection)), embedder=VectorsOnly(dim))
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bench_http(base: np.ndarray, queries: np.ndarray, k: int, n_requests: int, spec: str) -> dict:
+    import httpx
+
+    from index.collection import Collection
+    from index.types import Item
+
+    dim = base.shape[1]
+    with tempfile.TemporaryDirectory(prefix="mm-bench-") as tmp:
+        path = Path(tmp) / "coll"
+        coll = Collection.create(path, dim=dim, embedder_id=BENCH_MODEL_ID, index_spec=spec)
+        items = [
+            Item(id=0, modality="text", uri="", sha256=f"{i:064x}", caption=f"v{i}") for i in range(len(base))
+        ]
+        with coll.bulk():
+            for s in range(0, len(base), 5000):
+                coll.add(base[s : s + 5000], items[s : s + 5000])
+        coll.save()
+        times = []
+        for q in queries[:n_requests]:
+            t = time.perf_counter()
+            coll.search(q, k=k)
+            times.append(time.perf_counter() - t)
+        in_p50, in_p99 = percentiles(times)
+        coll.close()
+
+        port = free_port()
+        cmd = [sys.executable, __file__, "--serve", str(path), "--port", str(port), "--dim", str(dim)]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            with httpx.Client(base_url=url, timeout=30.0) as client:
+                deadline = time.monotonic() + 120
+                while True:
+                    try:
+                        if client.get("/health").status_code == 200:
+                            break
+                    except httpx.TransportError:
+                        pass
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(f"server did not start: {proc.stderr.read().decode()[-2000:]}")
+                    time.sleep(0.2)
+                bodies = [json.dumps({"vector": q.tolist(), "k": k}).encode() for q in queries[:n_requests]]
+                headers = {"content-type": "application/json"}
+                for body in bodies[:20]:  # warm up (thread pool, caches)
+                    client.post("/search", content=body, headers=headers)
+                times = []
+                for body in bodies:
+                    t = time.perf_counter()
+                    resp = client.post("/search", content=body, headers=headers)
+                    times.append(time.perf_counter() - t)
+                    assert resp.status_code == 200 and len(resp.json()["results"]) == k, resp.text
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+        http_p50, http_p99 = percentiles(times)
+    return {
+        "spec": spec,
+        "n": len(base),
+        "requests": len(times),
+        "inproc_p50_ms": round(in_p50, 4),
+        "inproc_p99_ms": round(in_p99, 4),
+        "http_p50_ms": round(http_p50, 4),
+        "http_p99_ms": round(http_p99, 4),
+        "p50_ok": http_p50 <= in_p50 + 1.0,
+        "p99_ok": http_p99 <= 2 * in_p99 + 2.0,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=100_000)
+    p.add_argument("--dim", type=int, default=384)
+    p.add_argument("--queries", type=int, default=300)
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--http-n", type=int, default=20_000, help="vectors in the served collection")
+    p.add_argument("--http-requests", type=int, default=300)
+    p.add_argument("--quick", action="store_true", help="n=20000, 200 queries")
+    p.add_argument("--no-http", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--serve", help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.serve:
+        serve(args.serve, args.port, args.dim)
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.quick:
+        args.n, args.queries = min(args.n, 20_000), min(args.queries, 200)
+        args.http_n, args.http_requests = min(args.http_n, 5_000), min(args.http_requests, 200)
+
+    import faiss
+
+    from index.vectors import _nlist_for
+
+    faiss.omp_set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    rng = np.random.default_rng(args.seed)
+    n_clusters = max(16, args.n // 500)
+    base, centers = mixture(args.n, args.dim, n_clusters, rng)
+    queries, _ = mixture(args.queries, args.dim, n_clusters, rng, centers)
+    exact = faiss.IndexFlatIP(args.dim)
+    exact.add(base)
+    _, truth = exact.search(queries, args.k)
+
+    nlist = _nlist_for(args.n)
+    pq_m = max(m for m in (8, 16, 24, 32, 48, 64) if args.dim % m == 0)
+    specs = ["Flat", "HNSW32", f"IVF{nlist},SQ8", f"IVF{nlist},PQ{pq_m}"]
+    results = []
+    for spec in specs:
+        r = bench_index(spec, base, queries, truth, args.k)
+        log.info(
+            "%-16s recall@10 %.3f  %7.1f B/vec  p50 %.3f ms  p99 %.3f ms  (build %.1fs)",
+            spec,
+            r["recall_at_10"],
+            r["bytes_per_vector"],
+            r["p50_ms"],
+            r["p99_ms"],
+            r["build_s"],
+        )
+        results.append(r)
+    out = {"n": args.n, "dim": args.dim, "queries": args.queries, "k": args.k, "indexes": results}
+    hnsw = next(r for r in results if r["spec"].startswith("HNSW"))
+    out["hnsw_recall_ok"] = hnsw["recall_at_10"] >= 0.95
+    if not args.no_http:
+        n_http = min(args.http_n, args.n)
+        http = bench_http(base[:n_http], queries, args.k, args.http_requests, "HNSW32")
+        log.info(
+            "HTTP (n=%d, %s): in-process p50 %.3f / p99 %.3f ms, HTTP p50 %.3f / p99 %.3f ms",
+            n_http,
+            http["spec"],
+            http["inproc_p50_ms"],
+            http["inproc_p99_ms"],
+            http["http_p50_ms"],
+            http["http_p99_ms"],
+        )
+        out["http"] = http
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

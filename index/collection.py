@@ -1,0 +1,605 @@
+"""A collection: a directory holding the vectors of one embedder and everything known about them.
+
+```
+<dir>/collection.json     embedder id, dim, index spec, policy, generation, created time
+<dir>/meta.sqlite         items + their float32 vectors (WAL); the source of truth
+<dir>/vectors.faiss       one joint IndexIDMap2 over every modality (filters pick modalities)
+<dir>/vectors.faiss.json  sidecar: the generation the .faiss file was written at
+<dir>/write.lock          flock taken by the (one) writer
+```
+
+Every committed change bumps the generation in SQLite; :meth:`Collection.save` writes the FAISS file and
+then its sidecar with that generation. On open the two must agree: if they do not (a crash between the
+SQLite commit and the FAISS write, a missing or corrupt ``.faiss``), the index is rebuilt from the vectors
+in SQLite and a warning says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from index.atomic import FileLock, RWLock, atomic_write, atomic_write_json
+from index.filters import exclude, filter_where, needs_sql
+from index.store import MetaStore
+from index.types import Filter, Hit, Item
+from index.vectors import (
+    IndexPolicy,
+    VectorIndex,
+    choose_spec,
+    spec_tier,
+    train_threshold,
+)
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "collection.json"
+META_FILE = "meta.sqlite"
+VECTORS_FILE = "vectors.faiss"
+SIDECAR_FILE = "vectors.faiss.json"
+LOCK_FILE = "write.lock"
+FORMAT = 1
+_USER = "user:"  # prefix of caller meta keys, so they cannot clobber internal ones
+
+
+class Collection:
+    """Vectors + metadata of one embedder. Use :meth:`create`, :meth:`open` or :meth:`open_or_create`.
+
+    One writer at a time (thread lock + file lock); searches run concurrently with each other and with
+    the SQLite part of writes.
+    """
+
+    def __init__(self, path: Path, config: dict[str, Any], store: MetaStore, readonly: bool):
+        self.path = path
+        self.dim = int(config["dim"])
+        self.embedder_id = str(config["embedder_id"])
+        self.index_spec = str(config.get("index_spec") or "auto")  # "auto" or a forced factory string
+        self.memory_budget_mb = int(config.get("memory_budget_mb", 1024))
+        self.policy = IndexPolicy(**config.get("policy", {}))
+        self.readonly = readonly
+        self.store = store
+        self.generation = 0
+        self._config = config
+        self._wlock = threading.RLock()
+        self._flock = FileLock(path / LOCK_FILE)
+        self._rw = RWLock()
+        self._vindex: VectorIndex | None = None
+        self._saved_generation = -1
+        self._defer = 0
+
+    # lifecycle ----------------------------------------------------------------------------------------
+    @classmethod
+    def create(
+        cls,
+        path: str | Path,
+        *,
+        dim: int,
+        embedder_id: str,
+        index_spec: str | None = None,
+        memory_budget_mb: int = 1024,
+        policy: IndexPolicy | None = None,
+    ) -> Collection:
+        """Make a new empty collection in directory ``path`` (created if needed)."""
+        path = Path(path).expanduser()
+        if (path / CONFIG_FILE).exists() or (path / META_FILE).exists():
+            raise ValueError(f"a collection already exists at {path}: open it with Collection.open")
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"{path} is a file; a collection needs a directory")
+        if int(dim) <= 0 or not embedder_id:
+            raise ValueError(
+                f"a collection needs a positive dim and an embedder id (got {dim}, {embedder_id!r})"
+            )
+        if memory_budget_mb <= 0:
+            raise ValueError(f"memory_budget_mb must be positive, got {memory_budget_mb}")
+        spec = (index_spec or "auto").strip()
+        if spec != "auto":
+            _check_spec(spec, int(dim))
+        path.mkdir(parents=True, exist_ok=True)
+        config = {
+            "format": FORMAT,
+            "embedder_id": embedder_id,
+            "dim": int(dim),
+            "index_spec": spec,
+            "memory_budget_mb": int(memory_budget_mb),
+            "policy": dataclasses.asdict(policy or IndexPolicy()),
+            "created_at": time.time(),
+            "generation": 0,
+        }
+        store = MetaStore(path / META_FILE, dim=int(dim))
+        store.set_meta("config", config)
+        coll = cls(path, config, store, readonly=False)
+        coll._vindex = coll._rebuild_index()
+        coll.generation = store.generation()
+        coll.save()
+        log.info("created collection %s (dim %d, index %s)", path, dim, spec)
+        return coll
+
+    @classmethod
+    def open(cls, path: str | Path, *, readonly: bool = False) -> Collection:
+        """Open an existing collection, repairing the FAISS file from SQLite if the two disagree."""
+        path = Path(path).expanduser()
+        if not (path / META_FILE).exists():
+            raise ValueError(
+                f"no collection at {path}: create one with `mm index FILES --collection {path}` "
+                "or Collection.create(path, dim=..., embedder_id=...)"
+            )
+        store = MetaStore(path / META_FILE, dim=1, readonly=readonly)
+        config = store.get_meta("config")
+        try:
+            config = json.loads((path / CONFIG_FILE).read_text())
+        except (OSError, ValueError) as e:
+            if config is None:
+                store.close()
+                raise ValueError(f"{path} has no readable {CONFIG_FILE} and no config in SQLite") from e
+            log.warning("collection %s: %s unreadable (%s); using the copy in SQLite", path, CONFIG_FILE, e)
+        if config is None:
+            store.close()
+            raise ValueError(f"{path}/{META_FILE} is not a collection database")
+        store.dim = int(config["dim"])
+        coll = cls(path, config, store, readonly=readonly)
+        coll._load_index(on_open=True)
+        return coll
+
+    @classmethod
+    def open_or_create(cls, path: str | Path, *, dim: int, embedder_id: str, **kw: Any) -> Collection:
+        """Open the collection at ``path`` (its ``embedder_id`` and ``dim`` must match), else create it."""
+        path = Path(path).expanduser()
+        if (path / META_FILE).exists():
+            coll = cls.open(path, readonly=kw.get("readonly", False))
+            if coll.embedder_id != embedder_id or coll.dim != int(dim):
+                coll.close()
+                raise ValueError(
+                    f"collection {path} holds vectors of {coll.embedder_id!r} (dim {coll.dim}), not "
+                    f"{embedder_id!r} (dim {dim}): use another collection path or the same model"
+                )
+            return coll
+        kw.pop("readonly", None)
+        return cls.create(path, dim=dim, embedder_id=embedder_id, **kw)
+
+    def close(self) -> None:
+        if not self.readonly and self._vindex is not None:
+            self.save()
+        self.store.close()
+
+    def __enter__(self) -> Collection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Collection({str(self.path)!r}, dim={self.dim}, embedder_id={self.embedder_id!r})"
+
+    # persistence --------------------------------------------------------------------------------------
+    def save(self) -> None:
+        """Write the FAISS file and its sidecar (atomically) if anything changed since the last save."""
+        if self.readonly:
+            return
+        with self._wlock, self._flock:
+            if self._saved_generation == self.generation and (self.path / VECTORS_FILE).exists():
+                return
+            if self.store.generation() != self.generation:
+                log.debug("collection %s changed in another process; not saving a stale index", self.path)
+                return
+            vi = self._vindex
+            assert vi is not None
+            atomic_write(self.path / VECTORS_FILE, vi.write)
+            sidecar = {"generation": self.generation, "spec": vi.spec, "ntotal": vi.ntotal, "live": vi.live}
+            atomic_write_json(self.path / SIDECAR_FILE, sidecar)
+            self._config.update(generation=self.generation, index=vi.spec, updated_at=time.time())
+            atomic_write_json(self.path / CONFIG_FILE, self._config)
+            self._saved_generation = self.generation
+
+    @contextlib.contextmanager
+    def bulk(self) -> Iterator[Collection]:
+        """Defer FAISS writes to the end of the block (SQLite still commits each change).
+
+        A crash inside the block loses nothing committed: the next open rebuilds the index from SQLite.
+        """
+        with self._wlock:
+            self._defer += 1
+        try:
+            yield self
+        finally:
+            with self._wlock:
+                self._defer -= 1
+                if self._defer == 0:
+                    self.save()
+
+    def refresh(self) -> bool:
+        """Pick up changes another process committed; True if anything was reloaded."""
+        if self.store.generation() == self.generation:
+            return False
+        self._load_index(on_open=False)
+        return True
+
+    def _read_sidecar(self) -> dict[str, Any] | None:
+        try:
+            data = json.loads((self.path / SIDECAR_FILE).read_text())
+            return data if isinstance(data, dict) and "generation" in data else None
+        except (OSError, ValueError):
+            return None
+
+    def _load_index(self, *, on_open: bool) -> None:
+        gen = self.store.generation()
+        side = self._read_sidecar()
+        vi, reason = None, None
+        if side is None:
+            reason = f"{SIDECAR_FILE} is missing or unreadable"
+        elif int(side["generation"]) != gen:
+            reason = f"{VECTORS_FILE} is at generation {side['generation']} but {META_FILE} at {gen}"
+        else:
+            try:
+                vi = VectorIndex.read(self.path / VECTORS_FILE, str(side.get("spec", "Flat")), self.policy)
+            except (RuntimeError, ValueError, OSError) as e:
+                reason = f"{VECTORS_FILE} cannot be read ({str(e).strip().splitlines()[-1][:160]})"
+            else:
+                if vi.dim != self.dim:
+                    reason = f"{VECTORS_FILE} has dim {vi.dim}, the collection {self.dim}"
+                elif not np.array_equal(np.sort(vi.live_ids()), self.store.all_ids()):
+                    reason = f"{VECTORS_FILE} holds other ids than {META_FILE}"
+        if reason is not None:
+            n = self.store.count()
+            if on_open:
+                log.warning(
+                    "collection %s: %s; rebuilding the FAISS index from the %d vectors in SQLite",
+                    self.path,
+                    reason,
+                    n,
+                )
+            else:
+                log.info("collection %s changed elsewhere (%s); reloading %d vectors", self.path, reason, n)
+            vi = self._rebuild_index()
+        with self._rw.write():
+            self._vindex = vi
+        self.generation = gen
+        if reason is None:
+            self._saved_generation = gen
+        elif not self.readonly:
+            with self._wlock, self._flock:
+                self._saved_generation = -1
+                self.save()
+
+    # index type -------------------------------------------------------------------------------------
+    def _target_spec(self, n: int) -> str:
+        if self.index_spec == "auto":
+            return choose_spec(n, self.dim, self.memory_budget_mb, self.policy)
+        return self.index_spec if n >= train_threshold(self.index_spec) else "Flat"
+
+    def _rebuild_index(self, spec: str | None = None) -> VectorIndex:
+        ids, vecs = self.store.vectors()
+        spec = spec or self._target_spec(len(ids))
+        t0 = time.perf_counter()
+        vi = VectorIndex.build(spec, self.dim, ids, vecs, self.policy)
+        if len(ids):
+            log.info("built %s over %d vectors in %.2fs", spec, len(ids), time.perf_counter() - t0)
+        return vi
+
+    def _maybe_switch(self) -> None:
+        """Move to another index type when the count crosses a threshold; compact tombstones."""
+        vi = self._vindex
+        assert vi is not None
+        n = vi.live
+        target = self._target_spec(n)
+        if self.index_spec == "auto":
+            grow = spec_tier(target) > spec_tier(vi.spec)
+            # hysteresis: shrink only when even twice as many vectors would not need the current type
+            shrink = spec_tier(self._target_spec(2 * n)) < spec_tier(vi.spec)
+            switch = grow or shrink
+        else:
+            switch = vi.spec != target and vi.spec == "Flat"
+        dead = vi.tombstones > self.policy.tombstone_ratio * max(vi.ntotal, 1)
+        if not (switch or dead):
+            return
+        if switch:
+            log.info("collection %s: %d vectors, switching index %s -> %s", self.path, n, vi.spec, target)
+        new = self._rebuild_index(target if switch else vi.spec)
+        with self._rw.write():
+            self._vindex = new
+
+    # writes ---------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        if self.readonly:
+            raise ValueError(
+                f"collection {self.path} is open read-only; open it with readonly=False to change it"
+            )
+        with self._wlock, self._flock:
+            if self.store.generation() != self.generation:  # another process wrote since we loaded
+                self._load_index(on_open=False)
+            yield
+
+    def _apply(self, gen: int, remove: list[int], add_ids: list[int], add_vecs: np.ndarray | None) -> None:
+        """Mirror a committed SQLite change in FAISS; on any failure rebuild from SQLite."""
+        try:
+            with self._rw.write():
+                assert self._vindex is not None
+                if remove:
+                    self._vindex.remove(np.asarray(remove, dtype=np.int64))
+                if add_ids:
+                    self._vindex.add(np.asarray(add_ids, dtype=np.int64), add_vecs)
+        except Exception:
+            log.exception("collection %s: FAISS update failed; rebuilding from SQLite", self.path)
+            new = self._rebuild_index()
+            with self._rw.write():
+                self._vindex = new
+        self.generation = gen
+        self._maybe_switch()
+        if self._defer == 0:
+            self.save()
+
+    def _check_vectors(self, vectors: np.ndarray, n: int) -> np.ndarray:
+        x = np.ascontiguousarray(vectors, dtype=np.float32)
+        if x.ndim == 1 and n == 1:
+            x = x[None, :]
+        if x.ndim != 2 or x.shape != (n, self.dim):
+            raise ValueError(
+                f"expected vectors of shape ({n}, {self.dim}) for {n} items, got {tuple(x.shape)}"
+            )
+        if not np.isfinite(x).all():
+            raise ValueError("vectors contain NaN or inf; check the embedder output")
+        return x
+
+    def add(self, vectors: np.ndarray, items: list[Item]) -> list[int]:
+        """Add new items with their vectors (n, dim); ``item.id`` is ignored. Returns the assigned ids."""
+        x = self._check_vectors(vectors, len(items))
+        if not items:
+            return []
+        now = time.time()
+        with self._writing():
+            with self.store.transaction() as conn:
+                ids = [
+                    self.store.insert(conn, _stamp(it, now, created=it.created_at or now), v)
+                    for it, v in zip(items, x, strict=True)
+                ]
+                gen = self.store.bump_generation(conn)
+            self._apply(gen, [], ids, x)
+        return ids
+
+    def upsert(self, vectors: np.ndarray, items: list[Item]) -> list[int]:
+        """Like :meth:`add`, but an item whose ``uri`` is already stored replaces it, keeping its id."""
+        x = self._check_vectors(vectors, len(items))
+        if not items:
+            return []
+        now = time.time()
+        ids: list[int] = []
+        remove: set[int] = set()
+        with self._writing():
+            with self.store.transaction() as conn:
+                for it, v in zip(items, x, strict=True):
+                    old = self.store.find_by_uri(it.uri) if it.uri else None
+                    if old is None:
+                        ids.append(self.store.insert(conn, _stamp(it, now, created=it.created_at or now), v))
+                        continue
+                    if old.id not in ids and self.store.has_vector(old.id):
+                        remove.add(old.id)
+                    self.store.update(conn, old.id, _stamp(it, now, created=old.created_at), v)
+                    ids.append(old.id)
+                gen = self.store.bump_generation(conn)
+            last = {id_: row for row, id_ in enumerate(ids)}  # a uri given twice: the last one wins
+            self._apply(gen, sorted(remove), list(last), x[list(last.values())])
+        return ids
+
+    def delete(self, ids: Iterable[int]) -> int:
+        """Remove items (metadata and vectors). Returns how many existed. Ids are never reused."""
+        ids = list(ids)
+        if not ids:
+            return 0
+        with self._writing():
+            with self.store.transaction() as conn:
+                n, with_vec = self.store.delete(conn, ids)
+                gen = self.store.bump_generation(conn) if n else self.generation
+            if n:
+                self._apply(gen, with_vec, [], None)
+        return n
+
+    def record_error(
+        self,
+        uri: str,
+        error: str,
+        modality: str = "",
+        *,
+        sha256: str = "",
+        mtime: float = 0.0,
+        size: int = 0,
+        mime: str = "",
+    ) -> None:
+        """Remember a file that could not be used (no vector). A stored vector for ``uri`` is dropped."""
+        now = time.time()
+        with self._writing():
+            with self.store.transaction() as conn:
+                old = self.store.find_by_uri(uri) if uri else None
+                item = Item(
+                    id=0,
+                    modality=modality,
+                    uri=uri,
+                    sha256=sha256,
+                    mime=mime,
+                    size=size,
+                    mtime=mtime,
+                    error=error,
+                )
+                remove: list[int] = []
+                if old is None:
+                    self.store.insert(conn, _stamp(item, now, created=now, error=error), None)
+                else:
+                    if self.store.has_vector(old.id):
+                        remove.append(old.id)
+                    item = dataclasses.replace(
+                        old,
+                        modality=modality or old.modality,
+                        sha256=sha256 or old.sha256,
+                        mtime=mtime,
+                        size=size,
+                    )
+                    self.store.update(
+                        conn, old.id, _stamp(item, now, created=old.created_at, error=error), None
+                    )
+                gen = self.store.bump_generation(conn)
+            self._apply(gen, remove, [], None)
+
+    def update_metadata(self, id: int, **fields: Any) -> None:
+        """Change metadata only (``caption``, ``tags``, ``mtime``, ``extra``...), keeping the vector."""
+        with self._writing(), self.store.transaction() as conn:
+            self.store.update_fields(conn, id, **fields)
+
+    def set_meta(self, key: str, value: Any) -> None:
+        """Store a small JSON value (e.g. which LoRA adapter produced the vectors)."""
+        if self.readonly:
+            raise ValueError(f"collection {self.path} is open read-only")
+        self.store.set_meta(_USER + key, value)
+
+    def get_meta(self, key: str, default: Any = None) -> Any:
+        return self.store.get_meta(_USER + key, default)
+
+    # reads ----------------------------------------------------------------------------------------
+    def search(
+        self, queries: np.ndarray, k: int = 10, filter: Filter | None = None, offset: int = 0
+    ) -> list[list[Hit]]:
+        """Nearest items by inner product for each query (q, dim) or (dim,), after filter and ``offset``."""
+        if k < 1 or offset < 0:
+            raise ValueError(f"k must be >= 1 and offset >= 0 (got k={k}, offset={offset})")
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        if q.ndim == 1:
+            q = q[None, :]
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise ValueError(
+                f"queries must have shape (q, {self.dim}) or ({self.dim},), got {tuple(q.shape)}"
+            )
+        for attempt in range(3):
+            scores, labels = self._search_ids(q, k + offset, filter)
+            items = self.store.get_many({int(i) for i in labels.ravel() if i >= 0})
+            if attempt < 2 and any(int(i) not in items for i in labels.ravel() if i >= 0):
+                continue  # deleted between the FAISS search and the SQLite read: search again
+            break
+        out = []
+        for srow, lrow in zip(scores, labels, strict=True):
+            hits = [
+                Hit(int(i), float(s), items[int(i)])
+                for s, i in zip(srow, lrow, strict=True)
+                if int(i) in items
+            ]
+            out.append(hits[offset : offset + k])
+        return out
+
+    def _search_ids(self, q: np.ndarray, k: int, filter: Filter | None) -> tuple[np.ndarray, np.ndarray]:
+        """(Q, k) scores and ids (-1 padded) after filtering, from FAISS or exactly from SQLite."""
+        allowed = excluded = None
+        if needs_sql(filter):
+            assert filter is not None
+            where, args = filter_where(filter)
+            allowed = exclude(self.store.ids_where(where, args), filter)
+        elif filter is not None and filter.exclude_ids:
+            excluded = np.asarray(filter.exclude_ids, dtype=np.int64)
+        if allowed is not None and len(allowed) == 0:
+            return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
+        with self._rw.read():
+            vi = self._vindex
+            assert vi is not None
+            exact = allowed is not None and vi.kind != "flat" and len(allowed) <= self.policy.exact_max
+            if not exact:
+                scores, labels, full = vi.search(q, k, allowed, excluded)
+                # an approximate index that cannot fill k from a filtered set: fall back to exact
+                exact = not full and allowed is not None
+        if exact:
+            assert allowed is not None
+            scores, labels = self._exact_search(q, k, allowed)
+        return scores, labels
+
+    def _exact_search(self, q: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Brute force over the stored vectors of ``allowed`` ids: (q, k) scores and ids, padded with -1."""
+        ids, vecs = self.store.vectors(allowed)
+        scores = q @ vecs.T  # (Q, N)
+        k_eff = min(k, len(ids))
+        out_s = np.full((len(q), k), -np.inf, dtype=np.float32)
+        out_i = np.full((len(q), k), -1, dtype=np.int64)
+        if k_eff:
+            top = np.argpartition(-scores, k_eff - 1, axis=1)[:, :k_eff]
+            order = np.take_along_axis(-scores, top, axis=1).argsort(axis=1, kind="stable")
+            top = np.take_along_axis(top, order, axis=1)
+            out_s[:, :k_eff] = np.take_along_axis(scores, top, axis=1)
+            out_i[:, :k_eff] = ids[top]
+        return out_s, out_i
+
+    def get(self, id: int) -> Item | None:
+        return self.store.get(id)
+
+    def vector(self, id: int) -> np.ndarray | None:
+        """The stored vector (dim,) of item ``id`` (e.g. for more-like-this), None if it has none."""
+        return self.store.vector(id)
+
+    def find_by_uri(self, uri: str) -> Item | None:
+        return self.store.find_by_uri(uri)
+
+    def find_by_sha256(self, sha256: str) -> list[Item]:
+        return self.store.find_by_sha256(sha256)
+
+    def items(
+        self, *, modality: str | None = None, limit: int = 100, offset: int = 0, include_errors: bool = False
+    ) -> list[Item]:
+        """Items in id order (those with vectors; failed files too with ``include_errors``)."""
+        if limit < 0 or offset < 0:
+            raise ValueError(f"limit and offset must be >= 0 (got {limit}, {offset})")
+        return self.store.list_items(
+            modality=modality, limit=limit, offset=offset, include_errors=include_errors
+        )
+
+    def errors(self, *, limit: int = 100, offset: int = 0) -> list[Item]:
+        """Files that could not be used, with their ``error``."""
+        return self.store.errors(limit=limit, offset=offset)
+
+    def count(self, modality: str | None = None) -> int:
+        """Items with vectors (of ``modality`` if given)."""
+        return self.store.count(modality)
+
+    def stats(self) -> dict[str, Any]:
+        vi = self._vindex
+        assert vi is not None
+        faiss_file = self.path / VECTORS_FILE
+        return {
+            "items": self.store.count(),
+            "by_modality": self.store.count_by_modality(),
+            "errors": self.store.count_errors(),
+            "index": vi.spec,
+            "index_spec": self.index_spec,
+            "index_kind": vi.kind,
+            "ntotal": vi.live,
+            "tombstones": vi.tombstones,
+            "bytes": faiss_file.stat().st_size if faiss_file.exists() else 0,
+            "generation": self.generation,
+            "embedder_id": self.embedder_id,
+            "dim": self.dim,
+            "path": str(self.path),
+        }
+
+    def all_vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids (n,), vectors (n, dim))`` of every item with a vector, in id order."""
+        return self.store.vectors()
+
+
+def _stamp(item: Item, now: float, *, created: float, error: str | None = None) -> Item:
+    return dataclasses.replace(item, id=0, created_at=created, updated_at=now, error=error)
+
+
+def _check_spec(spec: str, dim: int) -> None:
+    """Validate a factory string without training it."""
+    import faiss
+
+    if spec.replace(" ", "").upper().startswith("IDMAP"):
+        raise ValueError(f"index spec {spec!r}: leave out IDMap, ids are always mapped (IndexIDMap2)")
+    try:
+        faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        raise ValueError(
+            f"invalid FAISS index spec {spec!r}; use a factory string like "
+            '"Flat", "HNSW32", "IVF256,SQ8" or "IVF1024,PQ16"'
+        ) from e

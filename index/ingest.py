@@ -1,0 +1,470 @@
+"""Put files into a collection: discover, decode in worker threads, encode in the caller's thread, store.
+
+The pipeline keeps two batches in flight: while the embedder encodes batch i, the workers stat, hash and
+decode batch i+1 (PIL / soundfile release the GIL). Each batch is committed on its own, so an interrupted
+run loses at most the batch in hand, and a re-run skips every file whose size and mtime (or, failing that,
+sha256) are unchanged. A bad file is recorded as an error and never stops the run; when a whole batch
+fails to encode, its items are retried one by one to find the culprit.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import io
+import logging
+import mimetypes
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from index.collection import Collection
+from index.protocol import Embedder
+from index.types import IngestReport, Item, ItemError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"})
+AUDIO_EXTS = frozenset({".wav", ".flac", ".ogg", ".mp3"})
+TEXT_EXTS = frozenset({".txt", ".md"})
+CAPTION_EXT = ".txt"  # ``frog.txt`` next to ``frog.png`` is the image's caption, not an item
+MAX_IMAGE_SIDE = 1024  # decoded images are shrunk to this; encoders resize far below it anyway
+SAVE_EVERY_S = 60.0  # write the FAISS file at least this often during a long run
+
+
+@dataclass
+class _Candidate:
+    path: Path
+    modality: str
+    caption_path: Path | None = None
+
+
+@dataclass
+class _Prepared:
+    cand: _Candidate
+    status: Literal["ready", "skip", "meta", "error"]
+    item: Item | None = None
+    payload: Any = None  # PIL image, (waveform (T,), rate) or text
+    existing: Item | None = None
+    error: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)  # fields to update without re-encoding
+
+
+def modality_of(path: str | Path) -> str | None:
+    """``"image"``, ``"audio"``, ``"text"`` from the file suffix, or None if unsupported."""
+    ext = Path(path).suffix.lower()
+    if ext in IMAGE_EXTS:
+        return "image"
+    if ext in AUDIO_EXTS:
+        return "audio"
+    if ext in TEXT_EXTS:
+        return "text"
+    return None
+
+
+def _media_sibling(path: Path, present: set[Path] | None) -> bool:
+    """Whether a ``.txt`` has an image/audio file of the same stem beside it (so it is a caption)."""
+    for ext in IMAGE_EXTS | AUDIO_EXTS:
+        for cand in (path.with_suffix(ext), path.with_suffix(ext.upper())):
+            if (cand in present) if present is not None else cand.is_file():
+                return True
+    return False
+
+
+def discover(paths: Sequence[str | Path]) -> tuple[list[_Candidate], list[ItemError]]:
+    """Expand folders (recursively, skipping hidden names) into ingestible files and their captions."""
+    walked: list[Path] = []
+    explicit: list[Path] = []
+    for p in paths:
+        p = Path(p).expanduser()
+        if not p.exists():
+            raise ValueError(f"{p} does not exist: pass existing files or folders")
+        if p.is_dir():
+            for f in sorted(p.rglob("*")):
+                rel = f.relative_to(p).parts
+                if f.is_file() and not any(part.startswith(".") for part in rel):
+                    walked.append(f.resolve())
+        else:
+            explicit.append(p.resolve())
+    present = set(walked)
+    out: list[_Candidate] = []
+    errors: list[ItemError] = []
+    seen: set[Path] = set()
+    for f, is_explicit in [(f, False) for f in walked] + [(f, True) for f in explicit]:
+        if f in seen:
+            continue
+        seen.add(f)
+        modality = modality_of(f)
+        if modality is None:
+            if is_explicit:
+                errors.append(ItemError(str(f), f"unsupported file type {f.suffix or '(none)'!r}"))
+            continue
+        if modality == "text":
+            if f.suffix.lower() == CAPTION_EXT and _media_sibling(f, None if is_explicit else present):
+                continue  # a sidecar caption, read with its media file
+            out.append(_Candidate(f, "text"))
+            continue
+        cap = f.with_suffix(CAPTION_EXT)
+        out.append(_Candidate(f, modality, cap if cap.is_file() else None))
+    return out, errors
+
+
+def _read_caption(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        return path.read_text(encoding="utf-8", errors="replace").strip()
+    except OSError as e:
+        log.warning("cannot read caption %s: %s", path, e)
+        return None
+
+
+def _decode_image(data: bytes) -> tuple[Any, int, int]:
+    from PIL import Image
+
+    try:
+        im = Image.open(io.BytesIO(data))
+        width, height = im.size
+        im.draft("RGB", (2 * MAX_IMAGE_SIDE, 2 * MAX_IMAGE_SIDE))  # JPEG: decode at reduced scale
+        im = im.convert("RGB")
+    except Exception as e:  # PIL raises many types for broken files
+        raise ValueError(f"cannot decode image: {e}") from e
+    if max(im.size) > MAX_IMAGE_SIDE:
+        im.thumbnail((MAX_IMAGE_SIDE, MAX_IMAGE_SIDE))
+    return im, width, height
+
+
+def _decode_audio(path: Path) -> tuple[np.ndarray, int]:
+    import soundfile
+
+    try:
+        wav, rate = soundfile.read(str(path), dtype="float32", always_2d=True)  # (T, C)
+    except Exception as e:
+        raise ValueError(f"cannot decode audio: {e}") from e
+    if wav.shape[0] == 0:
+        raise ValueError("audio file has no samples")
+    return np.ascontiguousarray(wav.mean(axis=1)), int(rate)  # mono (T,)
+
+
+def _prepare(
+    coll: Collection, cand: _Candidate, tags: list[str] | None, retry_failed: bool, caption: str | None = None
+) -> _Prepared:
+    """Worker side: stat, skip if unchanged, hash, decode. Never raises (errors become ``status="error"``)."""
+    path, modality = cand.path, cand.modality
+    uri = str(path)
+    try:
+        st = path.stat()
+        if caption is None:
+            caption = _read_caption(cand.caption_path)
+        existing = coll.find_by_uri(uri)
+        if existing is not None and existing.mtime == st.st_mtime and existing.size == st.st_size:
+            if existing.error is not None:
+                if not retry_failed:
+                    return _Prepared(cand, "skip", existing=existing)
+            else:
+                meta = _meta_changes(existing, caption, tags)
+                return _Prepared(cand, "meta" if meta else "skip", existing=existing, meta=meta)
+        data = path.read_bytes()
+        sha = hashlib.sha256(data).hexdigest()
+        if existing is not None and existing.error is None and existing.sha256 == sha:
+            meta = _meta_changes(existing, caption, tags) | {"mtime": st.st_mtime, "size": st.st_size}
+            return _Prepared(cand, "meta", existing=existing, meta=meta)
+        item = Item(
+            id=0,
+            modality=modality,
+            uri=uri,
+            sha256=sha,
+            mime=mimetypes.guess_type(path.name)[0] or "",
+            caption=caption or "",
+            tags=list(tags if tags is not None else (existing.tags if existing else [])),
+            size=st.st_size,
+            mtime=st.st_mtime,
+        )
+        if modality == "image":
+            payload, item.width, item.height = _decode_image(data)
+        elif modality == "audio":
+            wav, rate = _decode_audio(path)
+            payload, item.duration = (wav, rate), len(wav) / rate
+        else:
+            try:
+                payload = data.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"text file is not UTF-8: {e}") from e
+            if not payload.strip():
+                raise ValueError("text file is empty")
+            item.caption = payload
+        return _Prepared(cand, "ready", item=item, payload=payload, existing=existing)
+    except (OSError, ValueError) as e:
+        return _Prepared(cand, "error", error=str(e) or type(e).__name__, item=_bare_item(cand))
+
+
+def _bare_item(cand: _Candidate) -> Item:
+    try:
+        st = cand.path.stat()
+        size, mtime = st.st_size, st.st_mtime
+    except OSError:
+        size, mtime = 0, 0.0
+    return Item(id=0, modality=cand.modality, uri=str(cand.path), sha256="", size=size, mtime=mtime)
+
+
+def _meta_changes(existing: Item, caption: str | None, tags: list[str] | None) -> dict[str, Any]:
+    meta: dict[str, Any] = {}
+    if caption is not None and existing.modality != "text" and caption != existing.caption:
+        meta["caption"] = caption
+    if tags is not None and sorted(tags) != sorted(existing.tags):
+        meta["tags"] = list(tags)
+    return meta
+
+
+def _encode(embedder: Embedder, modality: str, payloads: list[Any]) -> np.ndarray:
+    fn = {"image": embedder.encode_image, "audio": embedder.encode_audio, "text": embedder.encode_text}[
+        modality
+    ]
+    out = np.asarray(fn(payloads), dtype=np.float32)
+    if out.shape != (len(payloads), embedder.dim):
+        raise ValueError(f"embedder returned shape {out.shape} for {len(payloads)} {modality} inputs")
+    if not np.isfinite(out).all():
+        raise ValueError("embedder returned NaN or inf")
+    return out
+
+
+def _check_embedder(coll: Collection, embedder: Embedder) -> None:
+    model_id = getattr(embedder, "model_id", coll.embedder_id)
+    if int(embedder.dim) != coll.dim or model_id != coll.embedder_id:
+        raise ValueError(
+            f"collection {coll.path} holds vectors of {coll.embedder_id!r} (dim {coll.dim}); this embedder "
+            f"is {model_id!r} (dim {embedder.dim}): use the same model or another collection"
+        )
+
+
+class _Batcher:
+    """Main-thread side of :func:`ingest`: dedup, encode (isolating failures), store, count."""
+
+    def __init__(self, coll: Collection, embedder: Embedder, report: IngestReport):
+        self.coll, self.embedder, self.report = coll, embedder, report
+        self.seen_content: set[tuple[str, str]] = set()  # (sha256, modality) added in this run
+
+    def fail(self, p: _Prepared, error: str) -> None:
+        it = p.item or _bare_item(p.cand)
+        log.warning("cannot ingest %s: %s", p.cand.path, error)
+        self.coll.record_error(
+            it.uri, error, it.modality, sha256=it.sha256, mtime=it.mtime, size=it.size, mime=it.mime
+        )
+        self.report.failed += 1
+        self.report.errors.append(ItemError(str(p.cand.path), error))
+
+    def is_duplicate(self, p: _Prepared) -> bool:
+        assert p.item is not None
+        if p.existing is not None:  # a changed file replaces itself, even if it now equals another
+            return False
+        key = (p.item.sha256, p.item.modality)
+        if key in self.seen_content or any(
+            it.error is None and it.modality == p.item.modality
+            for it in self.coll.find_by_sha256(p.item.sha256)
+        ):
+            log.debug("skipping %s: same content as an item already stored", p.cand.path)
+            return True
+        self.seen_content.add(key)
+        return False
+
+    def run(self, batch: list[_Prepared]) -> None:
+        ready: list[_Prepared] = []
+        for p in batch:
+            self.report.seen += 1
+            if p.status == "skip":
+                self.report.skipped += 1
+            elif p.status == "meta":
+                assert p.existing is not None
+                self.coll.update_metadata(p.existing.id, **p.meta)
+                changed = bool(set(p.meta) - {"mtime", "size"})
+                self.report.updated += changed
+                self.report.skipped += not changed
+            elif p.status == "error":
+                self.fail(p, p.error)
+            elif self.is_duplicate(p):
+                self.report.skipped += 1
+            else:
+                ready.append(p)
+        by_modality: dict[str, list[_Prepared]] = collections.defaultdict(list)
+        for p in ready:
+            by_modality[p.cand.modality].append(p)
+        done: list[tuple[_Prepared, np.ndarray]] = []
+        for modality, group in by_modality.items():
+            done += self.encode_group(modality, group)
+        if done:
+            items = [p.item for p, _ in done]
+            self.coll.upsert(np.stack([v for _, v in done]), items)  # type: ignore[arg-type]
+            for p, _ in done:
+                if p.existing is None:
+                    self.report.added += 1
+                else:
+                    self.report.updated += 1
+
+    def encode_group(self, modality: str, group: list[_Prepared]) -> list[tuple[_Prepared, np.ndarray]]:
+        try:
+            vecs = _encode(self.embedder, modality, [p.payload for p in group])
+            return list(zip(group, vecs, strict=True))
+        except Exception as e:
+            if len(group) == 1:
+                self.fail(group[0], f"cannot encode {modality}: {e}")
+                return []
+            log.info(
+                "batch of %d %s items failed to encode (%s); retrying one by one", len(group), modality, e
+            )
+        out: list[tuple[_Prepared, np.ndarray]] = []
+        for p in group:
+            out += self.encode_group(modality, [p])
+        return out
+
+
+def ingest(
+    collection: Collection,
+    embedder: Embedder,
+    paths: Sequence[str | Path],
+    *,
+    batch_size: int = 32,
+    workers: int = 2,
+    progress: bool = True,
+    tags: list[str] | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    retry_failed: bool = False,
+) -> IngestReport:
+    """Index files and folders (recursively). Unchanged files are skipped, so an interrupted run resumes.
+
+    ``on_progress(done, total)`` is called after each batch; ``should_stop()`` is polled before each batch.
+    Failed files are retried only when changed, or with ``retry_failed``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    _check_embedder(collection, embedder)
+    t0 = time.perf_counter()
+    cands, errors = discover(paths)
+    report = IngestReport(errors=list(errors), failed=len(errors), seen=len(errors))
+    batches = [cands[i : i + batch_size] for i in range(0, len(cands), batch_size)]
+    batcher = _Batcher(collection, embedder, report)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(cands), disable=not progress, unit="file", desc="ingest")
+    done = 0
+    last_save = time.monotonic()
+    pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="ingest")
+    try:
+        with collection.bulk():
+            queue: collections.deque[list[Future[_Prepared]]] = collections.deque()
+            todo = iter(batches)
+
+            def submit_next() -> None:
+                nxt = next(todo, None)
+                if nxt is not None:
+                    queue.append([pool.submit(_prepare, collection, c, tags, retry_failed) for c in nxt])
+
+            submit_next()
+            submit_next()  # two in flight: workers decode the next batch while this one encodes
+            while queue:
+                if should_stop is not None and should_stop():
+                    log.info("ingest stopped after %d of %d files; re-run to resume", done, len(cands))
+                    break
+                futures = queue.popleft()
+                submit_next()
+                batch = [f.result() for f in futures]
+                batcher.run(batch)
+                done += len(batch)
+                bar.update(len(batch))
+                if on_progress is not None:
+                    on_progress(done, len(cands))
+                if time.monotonic() - last_save > SAVE_EVERY_S:
+                    collection.save()
+                    last_save = time.monotonic()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        bar.close()
+    report.seconds = time.perf_counter() - t0
+    log.info(
+        "ingest: %d added, %d updated, %d skipped, %d failed in %.1fs",
+        report.added,
+        report.updated,
+        report.skipped,
+        report.failed,
+        report.seconds,
+    )
+    return report
+
+
+def ingest_one(
+    collection: Collection,
+    embedder: Embedder,
+    path: str | Path,
+    *,
+    caption: str | None = None,
+    tags: list[str] | None = None,
+) -> Item:
+    """Index one file and return its item. Bad media raise ``ValueError`` and store nothing.
+
+    Content already stored (same sha256 and modality) returns the stored item.
+    """
+    _check_embedder(collection, embedder)
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ValueError(f"{p} is not a file")
+    modality = modality_of(p)
+    if modality is None:
+        raise ValueError(f"unsupported file type {p.suffix or '(none)'!r} for {p.name}")
+    p = p.resolve()
+    cap_path = p.with_suffix(CAPTION_EXT) if modality != "text" else None
+    cand = _Candidate(p, modality, cap_path if cap_path is not None and cap_path.is_file() else None)
+    prep = _prepare(collection, cand, tags, retry_failed=True, caption=caption)
+    if prep.status == "error":
+        raise ValueError(f"{p.name}: {prep.error}")
+    if prep.status in ("skip", "meta"):
+        assert prep.existing is not None
+        if prep.meta:
+            collection.update_metadata(prep.existing.id, **prep.meta)
+        return collection.get(prep.existing.id) or prep.existing
+    assert prep.item is not None
+    if prep.existing is None:
+        for it in collection.find_by_sha256(prep.item.sha256):
+            if it.error is None and it.modality == modality:
+                return it
+    vec = _encode(embedder, modality, [prep.payload])  # the embedder's ValueError propagates
+    (id_,) = collection.upsert(vec, [prep.item])
+    item = collection.get(id_)
+    assert item is not None
+    return item
+
+
+def add_text(
+    collection: Collection, embedder: Embedder, text: str, *, tags: list[str] | None = None, uri: str = ""
+) -> Item:
+    """Index a piece of text (its own caption). Identical text already stored returns the stored item."""
+    _check_embedder(collection, embedder)
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("text is empty: pass some words to index")
+    data = text.encode("utf-8")
+    sha = hashlib.sha256(data).hexdigest()
+    if not uri:
+        for it in collection.find_by_sha256(sha):
+            if it.error is None and it.modality == "text":
+                return it
+    vec = _encode(embedder, "text", [text])
+    now = time.time()
+    item = Item(
+        id=0,
+        modality="text",
+        uri=uri,
+        sha256=sha,
+        mime="text/plain",
+        caption=text,
+        tags=list(tags or []),
+        size=len(data),
+        mtime=now,
+    )
+    (id_,) = collection.upsert(vec, [item]) if uri else collection.add(vec, [item])
+    stored = collection.get(id_)
+    assert stored is not None
+    return stored

@@ -1,0 +1,412 @@
+"""Adaptive Attention Mechanism (AAM): local sliding-window attention fused with global sparse attention.
+
+Index letters: b batch, t tokens, d model width, h heads, e head width (d = h * e), g global tokens.
+
+Two sparse paths share one set of ``q_proj``/``k_proj``/``v_proj``/``o_proj`` projections:
+
+- local: token i attends to the real tokens j with ``|i - j| <= window // 2`` (Longformer's sliding
+  window, Beltagy et al. 2020; BigBird's window attention, Zaheer et al. 2020).
+- global: ``n_global`` learned tokens (BigBird-ITC's extra global tokens) first attend to every real
+  token, which makes them a summary of the sequence; then every token attends to the updated global
+  tokens and to itself. Both steps cost O(T * n_global).
+
+A small gate (:class:`ComplexityGate`) reads pooled statistics of the input (masked mean and std, log
+length) and sets the weight ``g`` of the local path per sequence or per token:
+``output = o_proj(g * local + (1 - g) * global)``. Neither path materialises the T x T matrix.
+
+The local path has two kernels: ``flex`` (``torch.nn.attention.flex_attention`` with a BlockMask
+built directly from the band, compiled once per process) and ``chunked`` (query blocks of ~window
+tokens, each attending to its key band with fused SDPA; memory O(T * window)). ``auto`` uses flex on
+CUDA for long sequences and chunked on CPU, where chunked measured faster (see
+``benchmarks/bench_attention.py``) and needs no compile.
+
+Padding positions (``pad_mask`` False) are never attended to, and their outputs are zero.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import time
+from typing import Any, Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mm.config import AttentionConfig
+
+log = logging.getLogger(__name__)
+
+FLEX_BLOCK = 128  # FlexAttention's default block size; the BlockMask is built at this granularity
+FLEX_MIN_TOKENS = 2048  # below this the chunked kernel is as fast and needs no compile
+GATE_HIDDEN = 64  # width of the complexity gate's hidden layer
+
+
+class AttentionOutput(NamedTuple):
+    output: Tensor  # (B, T, D)
+    gate: Tensor  # weight of the local path: (B,) for gate="sequence", (B, T) for gate="token"
+
+
+# ----------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _check_inputs(x: Tensor, pad_mask: Tensor | None, dim: int) -> Tensor:
+    """Validate ``x`` (B, T, D) and return the boolean mask of real tokens (B, T)."""
+    if x.dim() != 3 or x.shape[-1] != dim:
+        raise ValueError(f"expected x of shape (B, T, {dim}), got {tuple(x.shape)}")
+    if x.shape[1] == 0:
+        raise ValueError("x has no tokens (T = 0); pass at least one token per sequence")
+    if pad_mask is None:
+        return torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+    if pad_mask.shape != x.shape[:2]:
+        raise ValueError(f"pad_mask must have shape (B, T) = {tuple(x.shape[:2])}, got {tuple(pad_mask.shape)}")
+    return pad_mask.to(device=x.device, dtype=torch.bool)
+
+
+def _check_mix(mix: float | None) -> None:
+    if mix is not None and not 0.0 <= float(mix) <= 1.0:
+        raise ValueError(f"mix must be in [0, 1] (1.0 = local path only, 0.0 = global only), got {mix}")
+
+
+def _nonempty_keys(valid: Tensor) -> Tensor:
+    """Key mask (B, T) where a sequence with no real token may attend to all (its outputs are zeroed)."""
+    return valid | ~valid.any(dim=1, keepdim=True)
+
+
+def _split_heads(x: Tensor, n_heads: int) -> Tensor:
+    b, t, d = x.shape
+    return x.view(b, t, n_heads, d // n_heads).transpose(1, 2)  # (B, H, T, E)
+
+
+def _merge_heads(x: Tensor) -> Tensor:
+    b, h, t, e = x.shape
+    return x.transpose(1, 2).reshape(b, t, h * e)  # (B, T, D)
+
+
+# ----------------------------------------------------------------------------------------------------
+# local path: chunked kernel
+
+
+def _band_bias(valid: Tensor, w2: int, c: int, n_blocks: int, dtype: torch.dtype) -> Tensor:
+    """Additive mask (B, N, C, C + 2 w2) of every query block against its key band, built once.
+
+    Band column col of block i is key i * C - w2 + col. Query r sees it iff 0 <= col - r <= 2 * w2 and the key is real or is the
+    query itself (col == r + w2), which keeps padding rows finite. Float, so SDPA uses it as is.
+    """
+    span = c + 2 * w2
+    validp = F.pad(valid, (w2, n_blocks * c - valid.shape[1] + w2), value=False)  # (B, N * C + 2 w2)
+    key_ok = validp.unfold(1, span, c)  # (B, N, S)
+    r = torch.arange(c, device=valid.device)[:, None]
+    col = torch.arange(span, device=valid.device)[None, :]
+    band = (col - r >= 0) & (col - r <= 2 * w2)  # (C, S)
+    ok = band & (key_ok[:, :, None, :] | (col - r == w2))  # (B, N, C, S)
+    return torch.zeros(ok.shape, dtype=dtype, device=valid.device).masked_fill_(~ok, float("-inf"))
+
+
+def local_chunked(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, half_window: int, block: int) -> Tensor:
+    """Sliding-window attention in query blocks; each block attends only to its key band.
+
+    q, k, v (B, H, T, E); valid (B, T) bool. Query i sees key j iff ``|i - j| <= half_window`` and
+    (``valid[j]`` or ``j == i``; self keeps padding rows finite). Returns (B, H, T, E).
+    Memory is O(T * E + block * (block + 2 * half_window)) per head.
+    """
+    b, h, t, e = q.shape
+    w2 = min(half_window, t - 1)  # a wider band changes nothing
+    c = max(1, min(block, t))
+    n_blocks = -(-t // c)
+    bias = _band_bias(valid, w2, c, n_blocks, q.dtype)  # (B, N, C, S)
+    outs = []
+    for i in range(n_blocks):
+        s = i * c
+        n = min(c, t - s)  # the last block may be shorter
+        lo, hi = max(0, s - w2), min(t, s + n + w2)  # key band clipped to the sequence
+        off = lo - (s - w2)  # band column of key lo
+        mask = bias[:, i, None, :n, off : off + hi - lo]  # (B, 1, C', K)
+        o = F.scaled_dot_product_attention(q[:, :, s : s + n], k[:, :, lo:hi], v[:, :, lo:hi], attn_mask=mask)
+        outs.append(o.transpose(1, 2))  # (B, C', H, E)
+    out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0].contiguous()  # (B, T, H, E)
+    return out.transpose(1, 2)  # (B, H, T, E), a view of a (B, T, H, E) buffer
+
+
+# ----------------------------------------------------------------------------------------------------
+# local path: FlexAttention kernel
+
+
+@functools.cache
+def _compiled_flex() -> Callable[..., Tensor]:
+    """torch.compile(flex_attention), built once per process (without compile flex is dense)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+@functools.cache
+def flex_available(device_type: str) -> bool:
+    """Whether compiled FlexAttention runs on this device type; the first call compiles (tens of s on CPU)."""
+    try:
+        q = torch.randn(1, 1, 2 * FLEX_BLOCK, 16, device=device_type)
+        valid = torch.ones(1, 2 * FLEX_BLOCK, dtype=torch.bool, device=device_type)
+        start = time.perf_counter()
+        local_flex(q, q, q, valid, 8)
+        log.info("flex_attention compiled on %s in %.1f s", device_type, time.perf_counter() - start)
+        return True
+    except Exception as exc:  # any backend failure means "use the chunked kernel"
+        log.warning("flex_attention unavailable on %s (%s); using the chunked kernel", device_type, exc)
+        return False
+
+
+def band_block_mask(valid: Tensor, half_window: int) -> Any:
+    """BlockMask of the sliding window + padding, built from block-level arithmetic.
+
+    ``create_block_mask`` evaluates the mask on every (i, j) pair (seconds at 8k tokens on CPU); the
+    band's block structure is known in closed form, so only the O(T / 128)^2 block grid is computed.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    b, t = valid.shape
+    w2 = half_window
+    nb = -(-t // FLEX_BLOCK)
+    start = torch.arange(nb, device=valid.device) * FLEX_BLOCK
+    end = torch.clamp(start + FLEX_BLOCK, max=t) - 1  # last index in each block
+    qs, qe, ks, ke = start[:, None], end[:, None], start[None, :], end[None, :]
+    any_pair = (ks - qe <= w2) & (qs - ke <= w2)  # (Nq, Nk): some pair within the band
+    all_pairs = (ke - qs <= w2) & (qe - ks <= w2)  # (Nq, Nk): every pair within the band
+    vp = F.pad(valid, (0, nb * FLEX_BLOCK - t), value=True).view(b, nb, FLEX_BLOCK)
+    kv_all_valid = vp.all(-1)  # (B, Nk)
+    full = all_pairs[None] & kv_all_valid[:, None, :]  # (B, Nq, Nk)
+    partial = any_pair[None] & ~full
+
+    def ordered(dense: Tensor) -> tuple[Tensor, Tensor]:
+        counts = dense.sum(-1, dtype=torch.int32)[:, None]  # (B, 1, Nq)
+        idx = torch.argsort((~dense).to(torch.int8), dim=-1, stable=True).to(torch.int32)[:, None]
+        return counts, idx  # selected blocks first, in ascending order
+
+    def mask_mod(bi: Tensor, hi: Tensor, qi: Tensor, ki: Tensor) -> Tensor:
+        return ((qi - ki).abs() <= w2) & (valid[bi, ki] | (qi == ki))
+
+    kv_n, kv_i = ordered(partial)
+    full_n, full_i = ordered(full)
+    return BlockMask.from_kv_blocks(
+        kv_n, kv_i, full_n, full_i, BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod, seq_lengths=(t, t)
+    )
+
+
+def local_flex(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, half_window: int) -> Tensor:
+    """Same contract as :func:`local_chunked`, computed by compiled FlexAttention. (B, H, T, E)."""
+    block_mask = band_block_mask(valid, half_window)
+    return _compiled_flex()(q, k, v, block_mask=block_mask)
+
+
+# ----------------------------------------------------------------------------------------------------
+# modules
+
+
+class ComplexityGate(nn.Module):
+    """Local-path weight from pooled input statistics: masked mean, masked std and log length.
+
+    gate="sequence": one weight per sequence (B,); gate="token": per token (B, T), from the token's
+    own features added to the pooled ones.
+    """
+
+    def __init__(self, dim: int, mode: str, hidden: int = GATE_HIDDEN):
+        super().__init__()
+        self.mode = mode
+        self.pooled = nn.Linear(2 * dim + 1, hidden)
+        self.token = nn.Linear(dim, hidden, bias=False) if mode == "token" else None
+        self.out = nn.Linear(hidden, 1)
+
+    def forward(self, x: Tensor, valid: Tensor | None) -> Tensor:
+        """x (B, T, D); valid (B, T) bool, None = no padding. Returns (B,) or (B, T)."""
+        if valid is None:
+            var, mean = torch.var_mean(x, dim=1, correction=0)  # (B, D)
+            n = torch.full((x.shape[0], 1), float(x.shape[1]), dtype=x.dtype, device=x.device)
+        else:
+            m = valid.to(x.dtype)[..., None]  # (B, T, 1)
+            n = m.sum(1).clamp(min=1.0)  # (B, 1)
+            mean = (x * m).sum(1) / n  # (B, D)
+            var = ((x - mean[:, None]) ** 2 * m).sum(1) / n
+        feats = torch.cat([mean, (var + 1e-6).sqrt(), n.log()], dim=-1)  # (B, 2D + 1)
+        hid = self.pooled(feats)  # (B, Hg)
+        if self.token is not None:
+            hid = hid[:, None] + self.token(x)  # (B, T, Hg)
+        return torch.sigmoid(self.out(F.gelu(hid))).squeeze(-1)  # (B,) or (B, T)
+
+
+def _validate_cfg(cfg: AttentionConfig) -> None:
+    if cfg.dim % cfg.n_heads:
+        raise ValueError(f"attention dim {cfg.dim} must be divisible by n_heads {cfg.n_heads}")
+    if cfg.window < 1:
+        raise ValueError(f"attention window must be >= 1, got {cfg.window}")
+    if cfg.n_global < 0:
+        raise ValueError(f"n_global must be >= 0, got {cfg.n_global}")
+    if cfg.gate not in ("sequence", "token"):
+        raise ValueError(f"gate must be 'sequence' or 'token', got {cfg.gate!r}")
+    if cfg.impl not in ("auto", "flex", "chunked"):
+        raise ValueError(f"impl must be 'auto', 'flex' or 'chunked', got {cfg.impl!r}")
+
+
+class AdaptiveAttention(nn.Module):
+    """AAM: gated mix of sliding-window (local) and global-token attention. See the module docstring."""
+
+    def __init__(self, cfg: AttentionConfig):
+        super().__init__()
+        _validate_cfg(cfg)
+        self.cfg = cfg
+        self.n_heads = cfg.n_heads
+        self.half_window = cfg.window // 2
+        self.block = max(cfg.window, 16)  # queries per chunk; the key band is block + window wide
+        self.q_proj = nn.Linear(cfg.dim, cfg.dim)
+        self.k_proj = nn.Linear(cfg.dim, cfg.dim)
+        self.v_proj = nn.Linear(cfg.dim, cfg.dim)
+        self.o_proj = nn.Linear(cfg.dim, cfg.dim)
+        self.global_tokens = nn.Parameter(torch.randn(cfg.n_global, cfg.dim) * 0.02)  # (G, D)
+        self.gate = ComplexityGate(cfg.dim, cfg.gate)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def kernel_for(self, x: Tensor) -> str:
+        """The local kernel this input will use: 'flex' or 'chunked'."""
+        if self.cfg.impl != "auto":
+            return self.cfg.impl
+        # On CPU the chunked kernel measured faster than compiled flex at every length (bench_attention).
+        long_enough = x.shape[1] >= FLEX_MIN_TOKENS
+        return "flex" if x.is_cuda and long_enough and flex_available(x.device.type) else "chunked"
+
+    def local(self, q: Tensor, k: Tensor, v: Tensor, valid: Tensor, kernel: str) -> Tensor:
+        """Sliding-window path. q, k, v (B, H, T, E) -> (B, H, T, E)."""
+        if kernel == "flex":
+            return local_flex(q, k, v, valid, self.half_window)
+        return local_chunked(q, k, v, valid, self.half_window, self.block)
+
+    def global_path(self, q: Tensor, k: Tensor, v: Tensor, valid: Tensor) -> Tensor:
+        """Global tokens read the whole sequence, then every token reads them and itself. (B, H, T, E)."""
+        b, h, t, e = q.shape
+        if self.cfg.n_global == 0:
+            return v  # attending to itself alone
+        scale = 1.0 / math.sqrt(e)
+        g = self.global_tokens.to(q.dtype).expand(b, -1, -1)  # (B, G, D)
+        qg = _split_heads(self.q_proj(g), h)  # (B, H, G, E)
+        kg = _split_heads(self.k_proj(g), h)
+        vg = _split_heads(self.v_proj(g), h)
+        # step 1: global tokens attend to all real tokens and to the global tokens
+        n_g = g.shape[1]
+        s_gg = qg @ kg.transpose(-1, -2) * scale  # (B, H, G, G)
+        s_gx = (qg @ k.transpose(-1, -2) * scale).masked_fill(~valid[:, None, None, :], float("-inf"))
+        p = torch.cat([s_gg, s_gx], dim=-1).softmax(dim=-1)  # (B, H, G, G + T)
+        summary = p[..., :n_g] @ vg + p[..., n_g:] @ v  # (B, H, G, E)
+        g = g + self.o_proj(_merge_heads(summary))  # (B, G, D): residual update of the global tokens
+        kg = _split_heads(self.k_proj(g), h)  # (B, H, G, E)
+        vg = _split_heads(self.v_proj(g), h)
+        # step 2: every token attends to the G updated global tokens and to itself
+        self_score = (q * k).sum(-1, keepdim=True) * scale  # (B, H, T, 1)
+        scores = torch.cat([q @ kg.transpose(-1, -2) * scale, self_score], dim=-1)  # (B, H, T, G + 1)
+        p = scores.softmax(dim=-1)
+        return p[..., :-1] @ vg + p[..., -1:] * v  # (B, H, T, E)
+
+    def forward(self, x: Tensor, pad_mask: Tensor | None = None, mix: float | None = None) -> AttentionOutput:
+        """x (B, T, D); pad_mask (B, T) bool, True = real token; mix overrides the gate (1.0 = local only)."""
+        valid = _check_inputs(x, pad_mask, self.cfg.dim)
+        _check_mix(mix)
+        b, t, _ = x.shape
+        gate = self.gate(x, None if pad_mask is None else valid)  # (B,) or (B, T)
+        q = _split_heads(self.q_proj(x), self.n_heads)  # (B, H, T, E)
+        k = _split_heads(self.k_proj(x), self.n_heads)
+        v = _split_heads(self.v_proj(x), self.n_heads)
+        w = gate if mix is None else torch.full_like(gate, float(mix))
+        w = w[:, None, None] if w.dim() == 1 else w[:, :, None]  # (B, 1, 1) or (B, T, 1)
+        keys_ok = _nonempty_keys(valid)
+        if mix == 1.0:
+            mixed = _merge_heads(self.local(q, k, v, keys_ok, self.kernel_for(x)))  # (B, T, D)
+        elif mix == 0.0:
+            mixed = _merge_heads(self.global_path(q, k, v, keys_ok))
+        else:
+            local = _merge_heads(self.local(q, k, v, keys_ok, self.kernel_for(x)))
+            mixed = torch.lerp(_merge_heads(self.global_path(q, k, v, keys_ok)), local, w)  # g*loc + (1-g)*glob
+        out = self.o_proj(self.dropout(mixed))  # (B, T, D)
+        if pad_mask is not None:
+            out = out * valid[..., None].to(out.dtype)
+        return AttentionOutput(out, gate)
+
+
+class FullAttention(nn.Module):
+    """Ablation baseline: dense multi-head attention (fused SDPA) with the padding mask; gate = ones."""
+
+    def __init__(self, cfg: AttentionConfig):
+        super().__init__()
+        _validate_cfg(cfg)
+        self.cfg = cfg
+        self.n_heads = cfg.n_heads
+        self.q_proj = nn.Linear(cfg.dim, cfg.dim)
+        self.k_proj = nn.Linear(cfg.dim, cfg.dim)
+        self.v_proj = nn.Linear(cfg.dim, cfg.dim)
+        self.o_proj = nn.Linear(cfg.dim, cfg.dim)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, pad_mask: Tensor | None = None, mix: float | None = None) -> AttentionOutput:
+        """x (B, T, D); pad_mask (B, T) bool, True = real token; mix is accepted and ignored."""
+        valid = _check_inputs(x, pad_mask, self.cfg.dim)
+        _check_mix(mix)
+        q = _split_heads(self.q_proj(x), self.n_heads)  # (B, H, T, E)
+        k = _split_heads(self.k_proj(x), self.n_heads)
+        v = _split_heads(self.v_proj(x), self.n_heads)
+        mask = None if pad_mask is None else _nonempty_keys(valid)[:, None, None, :]  # (B, 1, 1, T)
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = self.o_proj(self.dropout(_merge_heads(att))) * valid[..., None].to(x.dtype)  # (B, T, D)
+        gate = torch.ones(x.shape[0], dtype=x.dtype, device=x.device)
+        return AttentionOutput(out, gate)
+
+
+# ----------------------------------------------------------------------------------------------------
+# dense reference (the spec, O(T^2); for tests and benchmarks only)
+
+
+def dense_reference(
+    attn: AdaptiveAttention,
+    x: Tensor,
+    pad_mask: Tensor | None = None,
+    mix: float | None = None,
+    rows: Tensor | None = None,
+) -> Tensor:
+    """AAM's output computed with explicit band + global masks, for query rows ``rows`` (default all).
+
+    x (B, T, D) -> (B, R, D). Eval mode only (no dropout). Uses the module's weights but none of its
+    kernels: the local path is a masked softmax over the explicit band, the global path a masked
+    softmax over [global tokens, all tokens].
+    """
+    valid = _check_inputs(x, pad_mask, attn.cfg.dim)
+    b, t, d = x.shape
+    h, w2 = attn.n_heads, attn.half_window
+    e = d // h
+    rows = torch.arange(t, device=x.device) if rows is None else rows.to(x.device)
+    keys_ok = _nonempty_keys(valid)
+    q = _split_heads(attn.q_proj(x), h)[:, :, rows]  # (B, H, R, E)
+    k = _split_heads(attn.k_proj(x), h)  # (B, H, T, E)
+    v = _split_heads(attn.v_proj(x), h)
+    j = torch.arange(t, device=x.device)
+    is_self = rows[:, None] == j[None, :]  # (R, T)
+    band = (rows[:, None] - j[None, :]).abs() <= w2
+    local_mask = band[None] & (keys_ok[:, None, :] | is_self[None])  # (B, R, T)
+    s = q @ k.transpose(-1, -2) / math.sqrt(e)  # (B, H, R, T)
+    local = s.masked_fill(~local_mask[:, None], float("-inf")).softmax(-1) @ v  # (B, H, R, E)
+
+    n_g = attn.cfg.n_global
+    g = attn.global_tokens.to(x.dtype).expand(b, -1, -1)  # (B, G, D)
+    xs = torch.cat([g, x], dim=1)  # (B, G + T, D): global tokens first
+    qa, ka, va = (_split_heads(p(xs), h) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+    ok = torch.cat([torch.ones(b, n_g, dtype=torch.bool, device=x.device), keys_ok], dim=1)  # (B, G + T)
+    sg = qa[:, :, :n_g] @ ka.transpose(-1, -2) / math.sqrt(e)  # (B, H, G, G + T)
+    summary = sg.masked_fill(~ok[:, None, None], float("-inf")).softmax(-1) @ va  # (B, H, G, E)
+    g2 = g + attn.o_proj(_merge_heads(summary))  # (B, G, D)
+    k2 = torch.cat([_split_heads(attn.k_proj(g2), h), k], dim=2)  # (B, H, G + T, E)
+    v2 = torch.cat([_split_heads(attn.v_proj(g2), h), v], dim=2)
+    glob_mask = torch.cat([torch.ones(len(rows), n_g, dtype=torch.bool, device=x.device), is_self], dim=1)
+    s2 = q @ k2.transpose(-1, -2) / math.sqrt(e)  # (B, H, R, G + T)
+    glob = s2.masked_fill(~glob_mask, float("-inf")).softmax(-1) @ v2  # (B, H, R, E)
+
+    gate = attn.gate(x, valid)
+    w = gate if mix is None else torch.full_like(gate, float(mix))
+    w = w[:, None, None] if w.dim() == 1 else w[:, rows, None]  # (B, 1, 1) or (B, R, 1)
+    mixed = w * _merge_heads(local) + (1.0 - w) * _merge_heads(glob)  # (B, R, D)
+    return attn.o_proj(mixed) * valid[:, rows, None].to(x.dtype)

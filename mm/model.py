@@ -1,0 +1,222 @@
+"""The multimodal model, its numpy-facing embedder, and the one factory ``create_model``.
+
+Data flow (per modality m): raw media -> ``encoders[m].prepare`` (CPU decode) -> ``encoders[m]`` ->
+tokens (B, T, C_m) -> ``in_proj[m]`` + sinusoidal positions -> shared ``Backbone`` -> masked mean pool
+-> ``out_proj`` (+ a linear map of the encoder's pooled features, which keeps the frozen encoders'
+semantics reachable from step one) -> L2-normalised (B, E) vector in the shared space.
+
+Index letters: b batch, t tokens, c encoder width, d backbone width, e embedding width.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from mm.backbone import Backbone, BackboneOutput, l2_normalize, masked_mean, sinusoidal_positions
+from mm.config import ModelConfig
+from mm.encoders import EncoderOutput, build_audio_encoder, build_image_encoder, build_text_encoder
+from mm.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+class MultimodalModel(nn.Module):
+    """Encoders + shared D-MoE/AAM backbone + projection into one embedding space."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, e = cfg.backbone.dim, cfg.embed_dim
+        builders = {
+            "text": lambda: build_text_encoder(cfg.text, cfg.text.pretrained),
+            "image": lambda: build_image_encoder(cfg.image, cfg.image.pretrained),
+            "audio": lambda: build_audio_encoder(cfg.audio),
+        }
+        self.encoders = nn.ModuleDict({m: builders[m]() for m in cfg.modalities})
+        self.in_proj = nn.ModuleDict({m: nn.Linear(enc.out_dim, d) for m, enc in self.encoders.items()})
+        self.backbone = Backbone(cfg.backbone)
+        self.out_proj = nn.Linear(d, e, bias=False)
+        if cfg.residual_pooled:
+            self.pooled_proj = nn.ModuleDict(
+                {m: nn.Linear(enc.out_dim, e, bias=False) for m, enc in self.encoders.items()}
+            )
+        self.logit_scale = nn.Parameter(torch.tensor(float(np.log(1.0 / cfg.init_temperature))))
+
+    def embed(self, modality: str, feats: EncoderOutput) -> tuple[Tensor, BackboneOutput]:
+        """Encoder outputs -> (B, E) normalised embeddings (and the backbone's output for its stats)."""
+        tokens, mask = feats.tokens, feats.mask  # (B, T, C), (B, T)
+        limit = self.cfg.backbone.max_tokens
+        if tokens.shape[1] > limit:
+            tokens, mask = tokens[:, :limit], mask[:, :limit]
+        x = self.in_proj[modality](tokens.float())  # (B, T, D)
+        x = x + sinusoidal_positions(x.shape[1], x.shape[2], x.device)
+        out = self.backbone(x, mask, modality)
+        z = self.out_proj(masked_mean(out.hidden, mask))  # (B, E)
+        if self.cfg.residual_pooled:
+            z = z + self.pooled_proj[modality](feats.pooled.float())
+        return l2_normalize(z), out
+
+    def encode_batch(self, modality: str, batch: dict[str, Tensor]) -> Tensor:
+        """A prepared batch (from ``encoders[modality].prepare``) -> (B, E) normalised embeddings."""
+        return self.embed(modality, self.encoders[modality](batch))[0]
+
+
+class MultimodalEmbedder:
+    """The numpy-facing embedder the index and service use (``index.protocol.Embedder``)."""
+
+    def __init__(self, model: MultimodalModel, name: str = "custom", batch_size: int = 32):
+        self.model = model.eval()
+        self.name = name
+        self.batch_size = batch_size
+        self._model_id: str | None = None
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.cfg
+
+    @property
+    def dim(self) -> int:
+        return self.model.cfg.embed_dim
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(self.model.cfg.modalities)
+
+    @property
+    def model_id(self) -> str:
+        """Name plus a digest of the weights: collections refuse vectors from a different model."""
+        if self._model_id is None:
+            h = hashlib.sha256()
+            for k, v in sorted(trainable_state_dict(self.model).items()):
+                h.update(k.encode())
+                h.update(v.detach().float().contiguous().numpy().tobytes())
+            self._model_id = f"{self.name}:{h.hexdigest()[:12]}"
+        return self._model_id
+
+    def encode_text(self, texts: Sequence[str]) -> np.ndarray:
+        if isinstance(texts, str):
+            raise TypeError("encode_text takes a list of strings, not a single string")
+        return self._encode("text", list(texts))
+
+    def encode_image(self, images: Sequence[Any]) -> np.ndarray:
+        return self._encode("image", list(images))
+
+    def encode_audio(self, clips: Sequence[Any]) -> np.ndarray:
+        return self._encode("audio", list(clips))
+
+    def encode(self, modality: str, inputs: Sequence[Any]) -> np.ndarray:
+        return self._encode(modality, list(inputs))
+
+    @torch.inference_mode()
+    def _encode(self, modality: str, inputs: list[Any]) -> np.ndarray:
+        if modality not in self.model.encoders:
+            raise ValueError(f"this model does not encode {modality!r}; it encodes {list(self.modalities)}")
+        out = np.zeros((len(inputs), self.dim), dtype=np.float32)
+        enc = self.model.encoders[modality]
+        for start in range(0, len(inputs), self.batch_size):
+            chunk = inputs[start : start + self.batch_size]
+            z = self.model.encode_batch(modality, enc.prepare(chunk))
+            out[start : start + len(chunk)] = z.float().numpy()
+        return out
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """State dict without frozen pretrained encoders (they load from their packages, not our checkpoint)."""
+    frozen = [f"encoders.{m}." for m, enc in model.encoders.items() if getattr(enc, "frozen", False)]
+    return {k: v for k, v in model.state_dict().items() if not any(k.startswith(p) for p in frozen)}
+
+
+def save_model(model: MultimodalModel, out_dir: str | Path) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` (frozen packaged encoders excluded) atomically."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().clone() for k, v in trainable_state_dict(model).items()}
+    tmp = out / (WEIGHTS_FILE + ".tmp")
+    save_file(state, str(tmp), metadata={"format": "pt", "name": model.cfg.name})
+    tmp.replace(out / WEIGHTS_FILE)
+    model.cfg.to_json(out / CONFIG_FILE)
+    return out
+
+
+def load_weights(model: MultimodalModel, path: str | Path) -> None:
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / WEIGHTS_FILE
+    if not path.exists():
+        raise ConfigError(f"no weights at {path}; expected a directory holding {WEIGHTS_FILE}")
+    state = load_file(str(path))
+    expected = trainable_state_dict(model)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ConfigError(
+            f"checkpoint {path} does not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    model.load_state_dict(state, strict=False)
+
+
+def available_configs() -> list[str]:
+    names = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+    names += sorted(p.name for p in CHECKPOINT_DIR.glob("*") if (p / CONFIG_FILE).exists())
+    return names
+
+
+def resolve(name_or_path: str | Path) -> tuple[ModelConfig, Path | None]:
+    """A config name, a shipped checkpoint name, a checkpoint directory or a config JSON file."""
+    p = Path(name_or_path)
+    if p.is_dir():
+        if not (p / CONFIG_FILE).exists():
+            raise ConfigError(f"{p} holds no {CONFIG_FILE}; a checkpoint directory needs it and {WEIGHTS_FILE}")
+        return ModelConfig.from_json(p / CONFIG_FILE), p if (p / WEIGHTS_FILE).exists() else None
+    if p.suffix == ".json" and p.exists():
+        return ModelConfig.from_json(p), None
+    name = str(name_or_path)
+    ckpt = CHECKPOINT_DIR / name
+    if (ckpt / CONFIG_FILE).exists():
+        return ModelConfig.from_json(ckpt / CONFIG_FILE), ckpt
+    cfg_file = CONFIG_DIR / f"{name}.json"
+    if cfg_file.exists():
+        return ModelConfig.from_json(cfg_file), None
+    raise ConfigError(f"unknown model {name!r}: use one of {available_configs()} or a checkpoint directory")
+
+
+def create_model(
+    name_or_path: str | Path = "default",
+    pretrained: str | Path | bool | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> MultimodalEmbedder:
+    """Build the embedder for a named config/checkpoint or a path.
+
+    ``pretrained``: ``None`` loads the checkpoint's weights when there is one; ``False`` keeps random
+    weights; a path loads weights from that checkpoint directory or safetensors file.
+    """
+    cfg, ckpt = resolve(name_or_path)
+    cfg = cfg.with_overrides(overrides)
+    model = MultimodalModel(cfg)
+    weights = ckpt if pretrained is None else (None if pretrained is False else Path(str(pretrained)))
+    if weights is not None:
+        load_weights(model, weights)
+    name = Path(str(name_or_path)).name if Path(str(name_or_path)).exists() else str(name_or_path)
+    return MultimodalEmbedder(model, name=name)
+
+
+def default_model_name() -> str:
+    """The shipped trained default when present, else the untrained ``small`` config."""
+    return "default" if (CHECKPOINT_DIR / "default" / WEIGHTS_FILE).exists() else "small"

@@ -1,0 +1,259 @@
+"""Contrastive training of the shared space from a JSONL manifest of groups.
+
+Each row carries any two or three of ``text``/``image``/``audio`` (see docs/manifest.md). The loss is
+symmetric InfoNCE over every modality pair present in a batch (``mm.losses``), with a learnable
+temperature, the MoE's small sequence-wise balance loss, and DeepSeek-V3's aux-loss-free bias update
+after every optimizer step. bf16 autocast on CPU, gradient accumulation, frozen-encoder features cached
+once, checkpoints + resume, a progress bar and JSONL metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mm.config import MODALITIES
+from mm.evaluate import evaluate_rows
+from mm.features import FeatureCache
+from mm.losses import multi_pair_loss
+from mm.model import MultimodalEmbedder, MultimodalModel, create_model, save_model
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "trainer_state.pt"
+LOG_FILE = "train_log.jsonl"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    manifest: str  # JSONL manifest of groups
+    out_dir: str  # checkpoint directory (config.json, model.safetensors, train_log.jsonl, trainer state)
+    model: str = "small"  # config name, checkpoint name or directory to start from
+    overrides: dict[str, Any] = field(default_factory=dict)  # nested ModelConfig overrides
+    epochs: int = 10
+    max_steps: int | None = None  # stop after this many optimizer steps (overrides epochs when smaller)
+    batch_size: int = 128  # rows per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 50
+    bf16: bool = True  # autocast the backbone in bfloat16 on CPU
+    seed: int = 0
+    train_split: str = "train"
+    val_split: str = "val"
+    eval_every: int = 0  # optimizer steps between validation runs (0: once per epoch)
+    ckpt_every: int = 100  # optimizer steps between checkpoints
+    max_rows: int | None = None  # cap on training rows (quick runs)
+    num_threads: int | None = None
+    progress: bool = True
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    epochs: float
+    final_loss: float
+    val: dict[str, dict[str, float]]
+    seconds: float
+    out_dir: str
+
+
+def load_rows(manifest: str | Path, split: str | None) -> list[dict]:
+    from mm.data import read_manifest
+
+    rows = read_manifest(manifest)
+    return [r for r in rows if split is None or r.get("split") == split]
+
+
+def _keys(rows: Sequence[dict], m: str) -> list[str]:
+    return [str(r[m]) for r in rows if r.get(m) is not None]
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.out = Path(cfg.out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        _seed(cfg.seed)
+        self.rows = load_rows(cfg.manifest, cfg.train_split)
+        if cfg.max_rows:
+            self.rows = self.rows[: cfg.max_rows]
+        if len(self.rows) < 2:
+            raise ValueError(f"{cfg.manifest} has {len(self.rows)} rows in split {cfg.train_split!r}; need >= 2")
+        self.val_rows = load_rows(cfg.manifest, cfg.val_split) if cfg.val_split else []
+        resume = (self.out / STATE_FILE).exists()
+        start = str(self.out) if resume else cfg.model
+        self.embedder = create_model(start, overrides=None if resume else cfg.overrides)
+        self.model: MultimodalModel = self.embedder.model
+        mods = [m for m in MODALITIES if m in self.model.encoders and _keys(self.rows, m)]
+        self.caches = {
+            m: FeatureCache(self.model.encoders[m], m, sample_rate=self.model.cfg.audio.sample_rate)
+            for m in mods
+        }
+        labels = [r.get("label") or r.get("id") or str(i) for i, r in enumerate(self.rows)]
+        lookup = {lab: i for i, lab in enumerate(dict.fromkeys(labels))}
+        self.labels = torch.tensor([lookup[lab] for lab in labels])
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        self.opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr,
+        )
+        self.steps_per_epoch = max(1, len(self.rows) // (cfg.batch_size * cfg.grad_accum))
+        total = cfg.epochs * self.steps_per_epoch
+        self.total_steps = min(total, cfg.max_steps) if cfg.max_steps else total
+        self.step = 0
+        if resume:
+            state = torch.load(self.out / STATE_FILE, weights_only=False)
+            self.opt.load_state_dict(state["optimizer"])
+            self.step = state["step"]
+            _set_rng(state["rng"])
+            log.info("resumed from %s at step %d", self.out, self.step)
+
+    def _lr(self, step: int) -> float:
+        c = self.cfg
+        if step < c.warmup_steps:
+            return c.lr * (step + 1) / c.warmup_steps
+        frac = (step - c.warmup_steps) / max(1, self.total_steps - c.warmup_steps)
+        return c.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+
+    def _micro_batch(self, idx: Sequence[int]) -> tuple[torch.Tensor, dict[str, float]]:
+        rows = [self.rows[i] for i in idx]
+        emb: dict[str, torch.Tensor] = {}
+        present: dict[str, torch.Tensor] = {}
+        aux = torch.zeros(())
+        for m, cache in self.caches.items():
+            has = torch.tensor([r.get(m) is not None and str(r[m]) in cache.items for r in rows])
+            if int(has.sum()) == 0:
+                continue
+            keys = [str(r[m]) for r, h in zip(rows, has, strict=True) if h]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.bf16):
+                z, out = self.model.embed(m, cache.batch(keys))  # (n_m, E)
+            full = torch.zeros(len(rows), z.shape[1])
+            full[has] = z.float()
+            emb[m], present[m] = full, has
+            aux = aux + out.aux_loss.float()
+        loss, logs = multi_pair_loss(emb, present, self.model.logit_scale, self.labels[list(idx)])
+        return loss + aux, {**logs, "aux": float(aux.detach())}
+
+    def fill_caches(self) -> None:
+        for m, cache in self.caches.items():
+            cache.fill(_keys(self.rows, m) + _keys(self.val_rows, m), progress=self.cfg.progress)
+
+    def train(self) -> TrainResult:
+        from tqdm.auto import tqdm
+
+        c = self.cfg
+        t0 = time.perf_counter()
+        self.fill_caches()
+        rng = np.random.default_rng(c.seed + self.step)
+        self.model.train()
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=not c.progress)
+        loss_val = float("nan")
+        val: dict[str, dict[str, float]] = {}
+        logf = (self.out / LOG_FILE).open("a")
+        order = rng.permutation(len(self.rows))
+        pos = 0
+        while self.step < self.total_steps:
+            self.opt.zero_grad(set_to_none=True)
+            logs: dict[str, float] = {}
+            for _ in range(c.grad_accum):
+                if pos + c.batch_size > len(order):
+                    order, pos = rng.permutation(len(self.rows)), 0
+                idx = order[pos : pos + c.batch_size].tolist()
+                pos += c.batch_size
+                loss, logs = self._micro_batch(idx)
+                (loss / c.grad_accum).backward()
+            for g in self.opt.param_groups:
+                g["lr"] = self._lr(self.step)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            self.opt.step()
+            with torch.no_grad():
+                self.model.logit_scale.clamp_(0, math.log(100.0))
+            self.model.backbone.update_moe_biases()
+            self.step += 1
+            loss_val = float(loss.detach())
+            rec = {"step": self.step, "loss": loss_val, "lr": self._lr(self.step - 1),
+                   "temperature": float(1 / self.model.logit_scale.exp()), **logs}
+            every = c.eval_every or self.steps_per_epoch
+            if self.val_rows and (self.step % every == 0 or self.step == self.total_steps):
+                val = self.evaluate(self.val_rows)
+                rec["val"] = val
+                self.model.train()
+            logf.write(json.dumps(rec) + "\n")
+            logf.flush()
+            bar.set_postfix(loss=f"{loss_val:.3f}")
+            bar.update(1)
+            if self.step % c.ckpt_every == 0 or self.step == self.total_steps:
+                self.save()
+        bar.close()
+        logf.close()
+        self.save()
+        return TrainResult(self.step, self.step / self.steps_per_epoch, loss_val, val,
+                           time.perf_counter() - t0, str(self.out))
+
+    @torch.inference_mode()
+    def evaluate(self, rows: Sequence[dict]) -> dict[str, dict[str, float]]:
+        self.model.eval()
+
+        def encode(m: str, keys: list[str]) -> np.ndarray:
+            cache = self.caches.get(m)
+            if cache is None:
+                return self.embedder.encode(m, keys)
+            cache.fill(keys)
+            out = np.zeros((len(keys), self.model.cfg.embed_dim), dtype=np.float32)
+            for s in range(0, len(keys), 64):
+                ks = keys[s : s + 64]
+                ok = [k for k in ks if k in cache.items]
+                if ok:
+                    z = self.model.embed(m, cache.batch(ok))[0].float().numpy()
+                    for k, v in zip(ok, z, strict=True):
+                        out[s + ks.index(k)] = v
+            return out
+
+        return evaluate_rows(rows, encode)
+
+    def save(self) -> None:
+        save_model(self.model, self.out)
+        state = {"optimizer": self.opt.state_dict(), "step": self.step, "rng": _get_rng(),
+                 "train_config": asdict(self.cfg)}
+        tmp = self.out / (STATE_FILE + ".tmp")
+        torch.save(state, tmp)
+        tmp.replace(self.out / STATE_FILE)
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    return Trainer(cfg).train()
+
+
+def load_trained(out_dir: str | Path) -> MultimodalEmbedder:
+    return create_model(str(out_dir))
+
+
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _get_rng() -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def _set_rng(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])

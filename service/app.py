@@ -1,0 +1,80 @@
+"""The FastAPI application: ``create_app(settings)``; run it with ``mm serve`` (uvicorn).
+
+The lifespan loads the embedder and opens (or creates) the collection into ``app.state``; routes get
+them through ``service.deps``. Every route but ``/health`` needs an API key when ``MM_API_KEYS`` is set.
+Request bodies larger than ``MM_MAX_UPLOAD_MB`` are refused with 413 while they are read.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
+
+from fastapi import Depends, FastAPI
+
+from service.auth import require_api_key
+from service.errors import install_error_handlers
+from service.jobs import JobManager
+from service.metrics import Metrics, MetricsMiddleware
+from service.settings import Settings
+
+if TYPE_CHECKING:
+    from index.protocol import Embedder
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None, *, embedder: Embedder | None = None) -> FastAPI:
+    """Build the app. ``embedder`` overrides ``settings.model`` (tests, or an embedder already loaded)."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        from service.embedding import load_embedder
+        from service.store import open_collection
+
+        emb = embedder if embedder is not None else load_embedder(settings.model)
+        collection = open_collection(
+            settings.collection, emb, create=True, memory_budget_mb=settings.memory_budget_mb
+        )
+        settings.media_path.mkdir(parents=True, exist_ok=True)
+        app.state.embedder, app.state.collection, app.state.jobs = emb, collection, JobManager()
+        log.info("serving collection %s (%d items)", settings.collection, collection.count())
+        try:
+            yield
+        finally:
+            app.state.jobs.shutdown()
+            collection.save()
+            collection.close()
+
+    from service.routers import health, ingest, items, metrics, search
+
+    app = FastAPI(
+        title="mm",
+        summary="Multimodal retrieval: any-to-any search over text, images and audio",
+        version="0.1.0",
+        lifespan=lifespan,
+        max_body_size=settings.max_upload_bytes,
+    )
+    app.state.settings = settings
+    app.state.metrics = Metrics()
+    install_error_handlers(app)
+
+    auth = [Depends(require_api_key)]
+    app.include_router(health.router)
+    for module in (search, items, ingest, metrics):
+        app.include_router(module.router, dependencies=auth)
+
+    if settings.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["*"],
+            allow_headers=["Authorization", "X-API-Key", "Content-Type", "Range"],
+        )
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    return app

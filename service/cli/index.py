@@ -1,0 +1,72 @@
+"""``mm index PATH... --collection DIR``: add files and folders (recursively) to a collection.
+
+``--json`` prints one object: ``{"collection", "count", "added", "updated", "skipped", "failed",
+"seen", "seconds", "errors": [{"path", "error"}]}``. Per-file errors never stop the run (exit 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from service.cli.common import UsageError, add_collection, add_model, load_embedder, split_csv
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("index", help="add files/folders to a collection (created if missing)")
+    p.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="files or folders")
+    add_collection(p)
+    add_model(p)
+    p.add_argument("--tags", default="", help="comma-separated tags for every item added")
+    p.add_argument("--workers", type=int, default=2, help="decode threads (default 2)")
+    p.add_argument("--batch-size", type=int, default=32, help="encode batch size (default 32)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from index.ingest import ingest
+    from service.store import open_collection
+
+    if args.workers < 1 or args.batch_size < 1:
+        raise UsageError("--workers and --batch-size must be >= 1")
+    missing = [str(p) for p in args.paths if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"no such file or folder: {missing[0]}")
+    embedder = load_embedder(args.model)
+    with open_collection(args.collection, embedder, create=True) as coll:
+        report = ingest(
+            coll,
+            embedder,
+            [p.resolve() for p in args.paths],
+            batch_size=args.batch_size,
+            workers=args.workers,
+            progress=not (args.quiet or args.json) and sys.stderr.isatty(),
+            tags=split_csv(args.tags) or None,
+        )
+        coll.save()
+        count = coll.count()
+    out = {
+        "collection": str(args.collection),
+        "count": count,
+        "added": report.added,
+        "updated": report.updated,
+        "skipped": report.skipped,
+        "failed": report.failed,
+        "seen": report.seen,
+        "seconds": round(report.seconds, 3),
+        "errors": [{"path": e.path, "error": e.error} for e in report.errors],
+    }
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    print(
+        f"added {report.added}, updated {report.updated}, skipped {report.skipped}, failed {report.failed} "
+        f"in {report.seconds:.1f}s; {count} items in {args.collection}"
+    )
+    for err in report.errors:
+        print(f"  failed: {err.path}: {err.error}")
+    return 0

@@ -1,0 +1,33 @@
+"""Loading the embedder (``mm`` is imported lazily: importing the service costs no model load)."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from index.protocol import Embedder
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "default"
+FALLBACK_MODEL = "small"  # used when no shipped "default" checkpoint/config exists
+
+
+def load_embedder(name_or_path: str = DEFAULT_MODEL) -> Embedder:
+    """Build the embedder named ``name_or_path`` (a config name in ``mm/configs`` or a checkpoint path).
+
+    ``"default"`` falls back to ``"small"`` when the package ships no default checkpoint.
+    """
+    from mm.errors import ConfigError
+    from mm.model import create_model
+
+    try:
+        model = create_model(name_or_path)
+    except (ConfigError, FileNotFoundError) as exc:
+        if name_or_path != DEFAULT_MODEL:
+            raise
+        log.info("no %r model shipped (%s); using %r", DEFAULT_MODEL, exc, FALLBACK_MODEL)
+        model = create_model(FALLBACK_MODEL)
+    log.info("loaded embedder %s (dim %d)", getattr(model, "model_id", name_or_path), model.dim)
+    return model

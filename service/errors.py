@@ -1,0 +1,82 @@
+"""HTTP errors: every error answer is JSON ``{"error": {"code": ..., "message": ...}}``.
+
+``code`` is a short stable slug (``not_found``, ``unauthorized``, ``payload_too_large``,
+``unsupported_media``, ``invalid_media``, ``forbidden``, ``validation_error``, ...). Validation errors
+(422) also carry ``"details"``: FastAPI's list of field errors.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from mm.errors import MediaError
+
+log = logging.getLogger(__name__)
+
+_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media",
+    422: "validation_error",
+    500: "internal_error",
+}
+
+MEDIA_STATUS = {"unsupported": 415, "corrupt": 422, "empty": 422, "too_large": 413}
+
+
+class APIError(StarletteHTTPException):
+    """An HTTP error with a stable ``code`` slug; raise it from routes and dependencies."""
+
+    def __init__(self, status_code: int, message: str, code: str | None = None, headers: dict | None = None):
+        super().__init__(status_code=status_code, detail=message, headers=headers)
+        self.code = code or _CODES.get(status_code, "error")
+
+
+def media_error(exc: MediaError) -> APIError:
+    """Map a ``MediaError`` to 415 (unsupported), 422 (corrupt, empty) or 413 (too large)."""
+    kind = getattr(exc, "kind", "corrupt")
+    status = MEDIA_STATUS.get(kind, 422)
+    code = {415: "unsupported_media", 413: "payload_too_large"}.get(status, "invalid_media")
+    return APIError(status, str(exc), code=code)
+
+
+def error_body(status: int, message: str, code: str | None = None, **extra: Any) -> dict[str, Any]:
+    return {"error": {"code": code or _CODES.get(status, "error"), "message": message, **extra}}
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = getattr(exc, "code", None)
+        message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        return JSONResponse(error_body(exc.status_code, message, code), exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        details = jsonable_encoder(exc.errors(), exclude={"input", "ctx", "url"})
+        first = details[0] if details else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        message = f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid")
+        return JSONResponse(error_body(422, message, "validation_error", details=details), 422)
+
+    @app.exception_handler(MediaError)
+    async def _media(request: Request, exc: MediaError) -> JSONResponse:
+        err = media_error(exc)
+        return JSONResponse(error_body(err.status_code, err.detail, err.code), err.status_code)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse(error_body(500, "internal server error"), 500)

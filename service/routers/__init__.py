@@ -1,0 +1,1 @@
+"""One router per resource: search, items, ingest (+ jobs), health, metrics (+ stats)."""

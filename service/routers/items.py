@@ -1,0 +1,143 @@
+"""Items: add (upload or text), list, get, original media (HTTP Range), thumbnail, delete.
+
+Uploads are stored content-addressed in the media dir (``<collection>/media`` by default) and indexed
+at once. A failed upload leaves neither a file nor a row behind. Thumbnails exist for images only
+(a cached JPEG); audio and text items answer 404 there.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Query, UploadFile
+from fastapi.responses import FileResponse
+
+from mm.errors import MediaError
+from service.deps import CollectionDep, EmbedderDep, SettingsDep
+from service.errors import APIError
+from service.schemas import Deleted, ItemList, ItemOut, Modality, TextItemIn, error_responses
+from service.search import item_to_dict
+from service.store import modality_of, remove_owned_files, safe_suffix, save_upload, thumbnail
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/items", tags=["items"])
+
+
+def _tags(value: str | None) -> list[str]:
+    return [t.strip() for t in (value or "").split(",") if t.strip()]
+
+
+def _get(collection, item_id: int):
+    item = collection.get(item_id)
+    if item is None:
+        raise APIError(404, f"item {item_id} not found")
+    return item
+
+
+def _add_text(collection, embedder, text: str, tags: list[str]) -> ItemOut:
+    from index.ingest import add_text
+
+    if not text.strip():
+        raise APIError(422, "text is empty", "validation_error")
+    item = add_text(collection, embedder, text, tags=tags)
+    return ItemOut.model_validate(item_to_dict(item))
+
+
+@router.post("", response_model=ItemOut, status_code=201, responses=error_responses(401, 413, 415, 422))
+def add_item(
+    collection: CollectionDep,
+    embedder: EmbedderDep,
+    settings: SettingsDep,
+    file: Annotated[UploadFile | None, File(description="an image or audio file")] = None,
+    text: Annotated[str | None, Form(description="a text item instead of a file", max_length=100_000)] = None,
+    caption: Annotated[str | None, Form(description="caption stored with a media file")] = None,
+    tags: Annotated[str | None, Form(description="comma-separated tags")] = None,
+) -> ItemOut:
+    """Add one item: a media ``file`` (with optional ``caption``) or a ``text``, as multipart form fields."""
+    if (file is None) == (text is None):
+        raise APIError(422, "send exactly one of 'file' or 'text'", "validation_error")
+    if text is not None:
+        return _add_text(collection, embedder, text, _tags(tags))
+    from index.ingest import ingest_one
+
+    modality_of(file.filename, file.content_type)  # 415 before anything is written
+    suffix = safe_suffix(file.filename, file.content_type)
+    path, created = save_upload(file.file, settings.media_path, suffix, settings.max_upload_bytes)
+    try:
+        item = ingest_one(collection, embedder, path, caption=caption, tags=_tags(tags))
+    except BaseException as exc:
+        if created:
+            Path(path).unlink(missing_ok=True)
+        if isinstance(exc, ValueError | OSError) and not isinstance(exc, MediaError):
+            raise APIError(422, f"cannot use {file.filename}: {exc}", "invalid_media") from exc
+        raise
+    log.info("stored upload as item %d (%s)", item.id, item.modality)
+    return ItemOut.model_validate(item_to_dict(item))
+
+
+@router.post("/text", response_model=ItemOut, status_code=201, responses=error_responses(401, 422))
+def add_text_item(body: TextItemIn, collection: CollectionDep, embedder: EmbedderDep) -> ItemOut:
+    """Add a text item from JSON ``{"text": ..., "tags": [...]}``."""
+    return _add_text(collection, embedder, body.text, body.tags)
+
+
+@router.get("", response_model=ItemList, responses=error_responses(401, 422))
+def list_items(
+    collection: CollectionDep,
+    modality: Modality | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> ItemList:
+    items = collection.items(modality=modality, limit=limit, offset=offset)
+    return ItemList(
+        items=[ItemOut.model_validate(item_to_dict(i)) for i in items],
+        total=collection.count(modality),
+        limit=limit,
+        offset=offset,
+    )
+
+
+@router.get("/{item_id}", response_model=ItemOut, responses=error_responses(401, 404))
+def get_item(item_id: int, collection: CollectionDep) -> ItemOut:
+    return ItemOut.model_validate(item_to_dict(_get(collection, item_id)))
+
+
+@router.get(
+    "/{item_id}/media",
+    response_class=FileResponse,
+    responses={200: {"content": {"image/*": {}, "audio/*": {}}}, 206: {"description": "a byte range"}}
+    | error_responses(401, 404),
+)
+def get_media(item_id: int, collection: CollectionDep) -> FileResponse:
+    """The original file; honours ``Range`` requests (206 + ``Content-Range``) so audio can seek."""
+    item = _get(collection, item_id)
+    if item.modality == "text" or not item.uri or not Path(item.uri).is_file():
+        raise APIError(404, f"item {item_id} has no media file")
+    return FileResponse(item.uri, media_type=item.mime or None, filename=Path(item.uri).name)
+
+
+@router.get(
+    "/{item_id}/thumbnail",
+    response_class=FileResponse,
+    responses={200: {"content": {"image/jpeg": {}}}} | error_responses(401, 404, 422),
+)
+def get_thumbnail(item_id: int, collection: CollectionDep, settings: SettingsDep) -> FileResponse:
+    """A JPEG thumbnail of an image item (cached on disk); 404 for audio and text items."""
+    item = _get(collection, item_id)
+    if item.modality != "image" or not item.uri or not Path(item.uri).is_file():
+        raise APIError(404, f"item {item_id} has no thumbnail (only images have one)")
+    path = thumbnail(item, settings.thumbnail_path, settings.thumbnail_size)
+    return FileResponse(path, media_type="image/jpeg", headers={"Cache-Control": "max-age=86400"})
+
+
+@router.delete("/{item_id}", response_model=Deleted, responses=error_responses(401, 404))
+def delete_item(item_id: int, collection: CollectionDep, settings: SettingsDep) -> Deleted:
+    """Remove the item from the index; an uploaded file (in the media dir) and its thumbnail go too."""
+    item = _get(collection, item_id)
+    if collection.delete([item_id]) == 0:
+        raise APIError(404, f"item {item_id} not found")
+    if item.uri and collection.find_by_uri(item.uri) is None:
+        remove_owned_files(item, settings.media_path, settings.thumbnail_path)
+    return Deleted(deleted=item_id)

@@ -1,0 +1,105 @@
+"""``POST /search`` (text, more-like-this or vector query as JSON) and ``POST /search/upload`` (a file)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, UploadFile
+
+from mm.errors import MediaError
+from service.deps import CollectionDep, EmbedderDep, SettingsDep
+from service.errors import APIError
+from service.schemas import SearchRequest, SearchResponse, error_responses
+from service.search import NotFound, build_filter, embed_query, hit_to_dict, search
+from service.store import copy_limited, modality_of, safe_suffix
+
+router = APIRouter(tags=["search"])
+
+
+def _split(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def _respond(collection, vector, query, *, k, offset, **filter_kw) -> SearchResponse:
+    try:
+        flt = build_filter(**filter_kw)
+        hits, took_ms = search(collection, vector, k=k, filter=flt, offset=offset)
+    except ValueError as exc:
+        raise APIError(422, str(exc), "validation_error") from exc
+    return SearchResponse.model_validate(
+        {"results": [hit_to_dict(h) for h in hits], "took_ms": round(took_ms, 3), "query": query.to_dict()}
+    )
+
+
+@router.post("/search", response_model=SearchResponse, responses=error_responses(401, 404, 422))
+def search_json(req: SearchRequest, collection: CollectionDep, embedder: EmbedderDep) -> SearchResponse:
+    """Search by text, by an existing item (more-like-this, the item excluded) or by a raw vector."""
+    try:
+        vector, query = embed_query(
+            collection, embedder, text=req.query, item_id=req.item_id, vector=req.vector
+        )
+    except NotFound as exc:
+        raise APIError(404, str(exc)) from exc
+    except ValueError as exc:  # MediaError is handled by the app's handler before reaching here
+        raise APIError(422, str(exc), "validation_error") from exc
+    f = req.filters
+    return _respond(
+        collection,
+        vector,
+        query,
+        k=req.k,
+        offset=req.offset,
+        modalities=req.modalities,
+        tags=f.tags if f else None,
+        path_prefix=f.path_prefix if f else None,
+        since=f.since if f else None,
+        until=f.until if f else None,
+        exclude_ids=[req.item_id] if req.item_id is not None else None,
+    )
+
+
+@router.post("/search/upload", response_model=SearchResponse, responses=error_responses(401, 413, 415, 422))
+def search_upload(
+    file: Annotated[UploadFile, File(description="an image or audio file to search with")],
+    collection: CollectionDep,
+    embedder: EmbedderDep,
+    settings: SettingsDep,
+    modalities: Annotated[str | None, Form(description="comma-separated: text,image,audio")] = None,
+    k: Annotated[int, Form(ge=1, le=100)] = 10,
+    offset: Annotated[int, Form(ge=0, le=10_000)] = 0,
+    tags: Annotated[str | None, Form(description="comma-separated; items must carry all")] = None,
+    path_prefix: Annotated[str | None, Form()] = None,
+    since: Annotated[str | None, Form(description="ISO 8601 or unix seconds")] = None,
+    until: Annotated[str | None, Form(description="ISO 8601 or unix seconds")] = None,
+) -> SearchResponse:
+    """Search with an uploaded image or audio clip; the file is only used for the query, never stored."""
+    modality = modality_of(file.filename, file.content_type)
+    fd, tmp = tempfile.mkstemp(prefix="mm-query-", suffix=safe_suffix(file.filename, file.content_type))
+    try:
+        with os.fdopen(fd, "wb") as dst:
+            copy_limited(file.file, dst, settings.max_upload_bytes)
+        try:
+            vector, query = embed_query(collection, embedder, **{modality: tmp})
+        except MediaError:
+            raise
+        except (ValueError, OSError) as exc:  # a decoder error the model did not wrap: still bad input
+            raise APIError(422, f"cannot read {file.filename}: {exc}", "invalid_media") from exc
+        query.value = file.filename or query.value
+    finally:
+        os.unlink(tmp)
+    return _respond(
+        collection,
+        vector,
+        query,
+        k=k,
+        offset=offset,
+        modalities=_split(modalities),
+        tags=_split(tags),
+        path_prefix=path_prefix,
+        since=since,
+        until=until,
+    )

@@ -1,0 +1,52 @@
+"""Service settings, read from ``MM_``-prefixed environment variables (pydantic-settings).
+
+Lists may be given as JSON (``MM_API_KEYS='["a","b"]'``) or comma-separated (``MM_API_KEYS=a,b``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MM_", extra="ignore")
+
+    collection: Path = Path("collection")  # collection directory (created on first start if missing)
+    model: str = "default"  # model name (mm/configs) or checkpoint path, see service.embedding
+    allowed_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)  # dirs POST /ingest may read
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)  # empty: no authentication
+    max_upload_mb: float = Field(100.0, gt=0)  # request bodies above this answer 413 (checked while reading)
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)  # empty: no CORS headers
+    media_dir: Path | None = None  # where uploads are stored; None: <collection>/media
+    thumbnail_size: int = Field(256, ge=16, le=2048)  # longest side of image thumbnails, pixels
+    ingest_workers: int = Field(2, ge=1, le=64)  # decode threads of background ingest jobs
+    batch_size: int = Field(32, ge=1, le=4096)  # encode batch of background ingest jobs
+    memory_budget_mb: int = Field(1024, ge=16)  # FAISS index budget when the collection is created
+
+    @field_validator("allowed_roots", "api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _split_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                import json
+
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def media_path(self) -> Path:
+        return self.media_dir if self.media_dir is not None else self.collection / "media"
+
+    @property
+    def thumbnail_path(self) -> Path:
+        return self.collection / "thumbnails"

@@ -1,0 +1,189 @@
+"""Files the service owns: opening the collection, stored uploads, thumbnails, allowed ingest roots."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import IO, TYPE_CHECKING
+
+from mm.errors import MediaError
+
+if TYPE_CHECKING:
+    from index.collection import Collection
+    from index.protocol import Embedder
+    from index.types import Item
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
+AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3", ".aif", ".aiff"}
+_MIME_SUFFIX = {
+    "image/png": ".png",
+    "image/jpeg": ".jpg",
+    "image/gif": ".gif",
+    "image/bmp": ".bmp",
+    "image/webp": ".webp",
+    "image/tiff": ".tif",
+    "audio/wav": ".wav",
+    "audio/x-wav": ".wav",
+    "audio/wave": ".wav",
+    "audio/flac": ".flac",
+    "audio/x-flac": ".flac",
+    "audio/ogg": ".ogg",
+    "audio/mpeg": ".mp3",
+}
+_CHUNK = 1 << 20
+
+
+def open_collection(
+    path: str | Path,
+    embedder: Embedder | None = None,
+    *,
+    create: bool = False,
+    readonly: bool = False,
+    memory_budget_mb: int = 1024,
+) -> Collection:
+    """Open the collection at ``path``; with ``create`` make it for ``embedder`` if it does not exist.
+
+    Raises ValueError when there is no collection (and ``create`` is off) or when it was built with
+    another embedder (vectors of two models must never be mixed).
+    """
+    from index.collection import Collection
+
+    path = Path(path).expanduser()
+    if create:
+        if embedder is None:
+            raise ValueError("creating a collection needs an embedder")
+        coll = Collection.open_or_create(
+            path, dim=embedder.dim, embedder_id=embedder.model_id, memory_budget_mb=memory_budget_mb
+        )
+    else:
+        if not path.exists():
+            raise ValueError(f"no collection at {path}: create one with `mm index PATH --collection {path}`")
+        coll = Collection.open(path, readonly=readonly)
+    if embedder is not None and (coll.embedder_id != embedder.model_id or coll.dim != embedder.dim):
+        coll.close()
+        raise ValueError(
+            f"collection {path} was built with model {coll.embedder_id!r} (dim {coll.dim}), not "
+            f"{embedder.model_id!r} (dim {embedder.dim}): pass the same --model / MM_MODEL"
+        )
+    return coll
+
+
+def modality_of(filename: str | None, content_type: str | None = None) -> str:
+    """``"image"`` or ``"audio"`` from a file's suffix, else from its content type; MediaError otherwise."""
+    suffix = Path(filename or "").suffix.lower()
+    if suffix in IMAGE_SUFFIXES:
+        return "image"
+    if suffix in AUDIO_SUFFIXES:
+        return "audio"
+    major = (content_type or "").split("/", 1)[0]
+    if not suffix and major in ("image", "audio"):
+        return major
+    raise MediaError(
+        f"unsupported file type {suffix or content_type or '(none)'!r}: send an image "
+        f"({', '.join(sorted(IMAGE_SUFFIXES))}) or audio ({', '.join(sorted(AUDIO_SUFFIXES))})",
+        kind="unsupported",
+        path=filename,
+    )
+
+
+def safe_suffix(filename: str | None, content_type: str | None = None) -> str:
+    suffix = Path(filename or "").suffix.lower()
+    if re.fullmatch(r"\.[a-z0-9]{1,8}", suffix):
+        return suffix
+    return _MIME_SUFFIX.get((content_type or "").split(";")[0].strip().lower(), "")
+
+
+def copy_limited(src: IO[bytes], dst: IO[bytes], max_bytes: int) -> tuple[int, str]:
+    """Copy in chunks, stopping with a MediaError(kind="too_large") past ``max_bytes``; (size, sha256)."""
+    digest, size = hashlib.sha256(), 0
+    while chunk := src.read(_CHUNK):
+        size += len(chunk)
+        if size > max_bytes:
+            raise MediaError(f"file is larger than the {max_bytes // (1 << 20)} MB limit", kind="too_large")
+        digest.update(chunk)
+        dst.write(chunk)
+    if size == 0:
+        raise MediaError("the uploaded file is empty", kind="empty")
+    return size, digest.hexdigest()
+
+
+def save_upload(src: IO[bytes], media_dir: Path, suffix: str, max_bytes: int) -> tuple[Path, bool]:
+    """Store an upload content-addressed as ``<media_dir>/<sha256[:24]><suffix>``.
+
+    Returns the path and whether this call created it (a caller that fails later removes only what it
+    created). Nothing is left behind when the copy fails.
+    """
+    media_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=media_dir, prefix=".upload-", suffix=suffix)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as dst:
+            _, sha = copy_limited(src, dst, max_bytes)
+        final = media_dir / f"{sha[:24]}{suffix}"
+        if final.exists():
+            tmp.unlink()
+            return final, False
+        os.replace(tmp, final)
+        return final, True
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def is_inside(path: Path, root: Path) -> bool:
+    """Whether ``path`` is ``root`` or below it, after resolving symlinks and ``..`` in both."""
+    p, r = path.resolve(), root.resolve()
+    return p == r or r in p.parents
+
+
+def resolve_allowed(path: str, roots: list[Path]) -> Path:
+    """The resolved ``path`` if it lies under one of ``roots``; PermissionError otherwise."""
+    p = Path(path).expanduser()
+    if not p.is_absolute():
+        raise ValueError(f"path must be absolute, got {path!r}")
+    if not roots:
+        raise PermissionError("server-side ingest is off: no allowed roots are configured (MM_ALLOWED_ROOTS)")
+    if not any(is_inside(p, root) for root in roots):
+        raise PermissionError(f"{path} is outside the allowed roots")
+    resolved = p.resolve()
+    if not resolved.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    return resolved
+
+
+def thumbnail(item: Item, thumb_dir: Path, size: int = 256) -> Path:
+    """A JPEG thumbnail of an image item (longest side ``size``), made once and cached in ``thumb_dir``."""
+    if item.modality != "image" or not item.uri:
+        raise MediaError(f"item {item.id} is not an image: no thumbnail", kind="unsupported")
+    out = thumb_dir / f"{item.id}-{item.sha256[:12]}-{size}.jpg"
+    if out.exists():
+        return out
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(item.uri) as img:
+            img = ImageOps.exif_transpose(img)
+            img.thumbnail((size, size))
+            rgb = img.convert("RGB")
+    except (OSError, ValueError) as exc:
+        raise MediaError(f"cannot read image of item {item.id}: {exc}", kind="corrupt") from exc
+    thumb_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=thumb_dir, prefix=".thumb-", suffix=".jpg")
+    with os.fdopen(fd, "wb") as fh:
+        rgb.save(fh, format="JPEG", quality=85)
+    os.replace(tmp, out)
+    return out
+
+
+def remove_owned_files(item: Item, media_dir: Path, thumb_dir: Path) -> None:
+    """Delete an item's thumbnails, and its media file when the service stored it (an upload)."""
+    for thumb in thumb_dir.glob(f"{item.id}-*.jpg"):
+        thumb.unlink(missing_ok=True)
+    if item.uri and is_inside(Path(item.uri), media_dir):
+        Path(item.uri).unlink(missing_ok=True)

@@ -1,0 +1,340 @@
+"""Collections: FAISS + SQLite together, ids, filters, repair, index types, concurrency (no model needed)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+
+import numpy as np
+import pytest
+
+from index.collection import SIDECAR_FILE, VECTORS_FILE, Collection
+from index.types import Filter, Item
+from index.vectors import IndexPolicy, build_index, choose_spec
+
+DIM = 16
+
+
+def unit(n: int, seed: int = 0, dim: int = DIM, clusters: int = 0) -> np.ndarray:
+    """(n, dim) L2-normalised float32 vectors; with ``clusters`` grouped like real embeddings."""
+    rng = np.random.default_rng(seed)
+    if clusters:
+        centres = rng.standard_normal((clusters, dim))
+        x = centres[rng.integers(0, clusters, n)] + 0.35 * rng.standard_normal((n, dim))
+    else:
+        x = rng.standard_normal((n, dim))
+    x = x.astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def items(n: int, start: int = 0, **kw) -> list[Item]:
+    modalities = ("image", "audio", "text")
+    return [
+        Item(
+            id=-1,
+            modality=kw.get("modality") or modalities[(start + i) % 3],
+            uri=f"/data/{'a' if (start + i) % 2 else 'b'}/f{start + i}",
+            sha256=f"sha{start + i}",
+            tags=kw.get("tags", ["even"] if (start + i) % 2 == 0 else ["odd"]),
+            created_at=1000.0 + start + i,
+        )
+        for i in range(n)
+    ]
+
+
+def exact_top(x: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
+    return np.argsort(-(q @ x.T), axis=1, kind="stable")[:, :k]
+
+
+@pytest.fixture
+def coll(tmp_path):
+    c = Collection.create(tmp_path / "c", dim=DIM, embedder_id="fake:1")
+    yield c
+    c.close()
+
+
+def test_add_search_get_delete(coll):
+    x = unit(30)
+    ids = coll.add(x, items(30))
+    assert ids == sorted(ids) and len(set(ids)) == 30
+    hits = coll.search(x[5], k=3)[0]
+    assert hits[0].id == ids[5] and hits[0].score == pytest.approx(1.0, abs=1e-5)
+    assert hits[0].item.uri == "/data/a/f5" and hits[0].item.tags == ["odd"]
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    two = coll.search(x[:2], k=4)
+    assert len(two) == 2 and two[1][0].id == ids[1]
+    np.testing.assert_allclose(coll.vector(ids[7]), x[7], rtol=1e-6)
+    assert coll.get(ids[3]).sha256 == "sha3" and coll.find_by_uri("/data/b/f4").id == ids[4]
+    assert [it.id for it in coll.find_by_sha256("sha9")] == [ids[9]]
+    assert coll.delete([ids[5], ids[6], 10**9]) == 2
+    assert coll.get(ids[5]) is None and coll.vector(ids[5]) is None and coll.count() == 28
+    assert all(h.id != ids[5] for h in coll.search(x[5], k=10)[0])
+    assert [it.id for it in coll.items(limit=3)] == ids[:3]
+    assert coll.count("image") == sum(1 for i in range(30) if i % 3 == 0 and i not in (5, 6))
+    offset = coll.search(x[0], k=3, offset=2)[0]
+    assert [h.id for h in offset] == [h.id for h in coll.search(x[0], k=5)[0]][2:5]
+    with pytest.raises(ValueError, match="shape"):
+        coll.add(unit(2, dim=DIM + 1), items(2))
+    with pytest.raises(ValueError, match="queries"):
+        coll.search(np.zeros(DIM + 1, np.float32))
+
+
+def test_ids_stable_across_reopen_and_never_reused(tmp_path):
+    path = tmp_path / "c"
+    with Collection.create(path, dim=DIM, embedder_id="fake:1") as c:
+        ids = c.add(unit(5), items(5))
+        c.delete([ids[-1]])  # the highest id: AUTOINCREMENT must still not hand it out again
+    with Collection.open(path) as c:
+        assert c.get(ids[2]).uri == "/data/b/f2"
+        new = c.add(unit(2, seed=1), items(2, start=10))
+        assert min(new) > max(ids)
+        assert c.search(unit(5)[3], k=1)[0][0].id == ids[3]
+
+
+@pytest.mark.parametrize("spec", ["Flat", "HNSW32", "IVF16,SQ8"])
+def test_filters_return_k_after_filtering(tmp_path, spec):
+    x = unit(800, seed=2, clusters=8)
+    # exact_max=0 makes every filtered search go through the FAISS IDSelector
+    c = Collection.create(tmp_path / "c", dim=DIM, embedder_id="f", index_spec=spec, policy=IndexPolicy(exact_max=0))
+    its = items(800)
+    for i in range(0, 800, 100):  # 8 of 800 (1%) carry a rare tag
+        its[i].tags = ["rare", "even"]
+    ids = c.add(x, its)
+    assert c.stats()["index"] == spec
+    q = unit(3, seed=3)
+
+    rare = c.search(q, k=5, filter=Filter(tags=["rare"]))
+    assert all(len(r) == 5 and all("rare" in h.item.tags for h in r) for r in rare)
+    exact = Filter(tags=["rare", "even"])
+    assert {h.id for h in c.search(q[0], k=50, filter=exact)[0]} == {ids[i] for i in range(0, 800, 100)}
+
+    audio = c.search(q, k=10, filter=Filter(modalities=["audio"]))
+    assert all(len(r) == 10 and all(h.item.modality == "audio" for h in r) for r in audio)
+    prefix = c.search(q[0], k=10, filter=Filter(path_prefix="/data/a/"))[0]
+    assert len(prefix) == 10 and all(h.item.uri.startswith("/data/a/") for h in prefix)
+    window = c.search(q[0], k=10, filter=Filter(since=1100.0, until=1119.0))[0]
+    assert len(window) == 10 and all(1100 <= h.item.created_at <= 1119 for h in window)
+    combo = c.search(q[0], k=5, filter=Filter(modalities=["text"], tags=["odd"], path_prefix="/data/a"))[0]
+    assert len(combo) == 5 and all(h.item.modality == "text" and "odd" in h.item.tags for h in combo)
+    top = c.search(x[7], k=3)[0]
+    assert top[0].id == ids[7]
+    no_self = c.search(x[7], k=3, filter=Filter(exclude_ids=[ids[7]]))[0]
+    assert ids[7] not in {h.id for h in no_self} and len(no_self) == 3
+    assert c.search(q[0], k=5, filter=Filter(tags=["nope"]))[0] == []
+    with pytest.raises(ValueError, match="since"):
+        c.search(q[0], filter=Filter(since=5.0, until=1.0))
+    c.close()
+
+
+def test_small_filtered_set_is_scored_exactly(tmp_path):
+    x = unit(600, seed=4, clusters=6)
+    c = Collection.create(tmp_path / "c", dim=DIM, embedder_id="f", index_spec="HNSW32")
+    its = items(600)
+    its[123].tags = ["only"]
+    ids = c.add(x, its)
+    hits = c.search(unit(1, seed=9), k=5, filter=Filter(tags=["only"]))[0]
+    assert [h.id for h in hits] == [ids[123]]
+    assert hits[0].score == pytest.approx(float(unit(1, seed=9)[0] @ x[123]), abs=1e-5)
+    c.close()
+
+
+@pytest.mark.parametrize("spec", ["Flat", "HNSW32"])
+def test_upsert_keeps_id_and_replaces_vector(tmp_path, spec):
+    c = Collection.create(tmp_path / "c", dim=DIM, embedder_id="f", index_spec=spec)
+    x = unit(20, seed=5)
+    ids = c.add(x, items(20))
+    new_vec = unit(1, seed=77)
+    replacement = Item(id=0, modality="image", uri="/data/a/f3", sha256="new", caption="changed")
+    created = c.get(ids[3]).created_at
+    assert c.upsert(new_vec, [replacement]) == [ids[3]]
+    got = c.get(ids[3])
+    assert got.sha256 == "new" and got.caption == "changed" and got.created_at == created
+    assert c.count() == 20
+    np.testing.assert_allclose(c.vector(ids[3]), new_vec[0], rtol=1e-6)
+    assert c.search(new_vec, k=1)[0][0].id == ids[3]
+    # the old vector is gone: querying it does not return ids[3] with score ~1
+    assert all(not (h.id == ids[3] and h.score > 0.999) for h in c.search(x[3], k=20)[0])
+    assert len({h.id for h in c.search(x[3], k=20)[0]}) == 20
+    fresh = c.upsert(unit(1, seed=8), [Item(id=0, modality="text", uri="/new", sha256="n")])
+    assert fresh[0] > max(ids)
+    c.close()
+    with Collection.open(tmp_path / "c") as c2:
+        assert c2.search(new_vec, k=1)[0][0].id == ids[3] and c2.count() == 21
+
+
+def test_restart_keeps_everything(tmp_path, caplog):
+    path = tmp_path / "c"
+    x = unit(40, seed=6)
+    with Collection.create(path, dim=DIM, embedder_id="fake:1") as c:
+        c.add(x, items(40))
+        c.record_error("/data/bad.png", "cannot decode image", "image")
+        c.set_meta("adapter", {"name": "lora-a", "rank": 8})
+        before = [[h.id for h in r] for r in c.search(x[:5], k=5)]
+        gen = c.generation
+    with caplog.at_level(logging.WARNING, logger="index"):
+        c = Collection.open(path)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert c.generation == gen and c.count() == 40
+    assert [[h.id for h in r] for r in c.search(x[:5], k=5)] == before
+    assert c.get_meta("adapter") == {"name": "lora-a", "rank": 8} and c.get_meta("missing", 3) == 3
+    stats = c.stats()
+    assert stats["errors"] == 1 and stats["items"] == 40 and stats["ntotal"] == 40 and stats["bytes"] > 0
+    assert stats["embedder_id"] == "fake:1" and stats["dim"] == DIM and sum(stats["by_modality"].values()) == 40
+    assert [e.uri for e in c.errors()] == ["/data/bad.png"] and c.count("image") == 14
+    assert len(c.items(limit=100, include_errors=True)) == 41
+    ids, vecs = c.all_vectors()
+    assert len(ids) == 40 and np.allclose(vecs, x, atol=1e-6)
+    c.close()
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "missing", "stale"])
+def test_mismatch_is_repaired_from_sqlite_with_warning(tmp_path, caplog, damage):
+    path = tmp_path / "c"
+    x = unit(60, seed=7)
+    with Collection.create(path, dim=DIM, embedder_id="f", index_spec="HNSW32") as c:
+        ids = c.add(x[:30], items(30))
+        shutil.copy(path / VECTORS_FILE, tmp_path / "old.faiss")
+        shutil.copy(path / SIDECAR_FILE, tmp_path / "old.json")
+        ids += c.add(x[30:], items(30, start=30))
+        c.delete([ids[0]])
+    if damage == "corrupt":
+        (path / VECTORS_FILE).write_bytes(b"garbage" * 100)
+    elif damage == "missing":
+        (path / VECTORS_FILE).unlink()
+    else:  # as if the process died after the SQLite commit, before the FAISS write
+        shutil.copy(tmp_path / "old.faiss", path / VECTORS_FILE)
+        shutil.copy(tmp_path / "old.json", path / SIDECAR_FILE)
+    with caplog.at_level(logging.WARNING, logger="index"):
+        c = Collection.open(path)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings and "rebuilding the FAISS index" in warnings[0]
+    assert c.count() == 59 and c.stats()["ntotal"] == 59 and c.stats()["index"] == "HNSW32"
+    assert c.search(x[45], k=1)[0][0].id == ids[45]
+    assert all(h.id != ids[0] for h in c.search(x[0], k=10)[0])
+    c.close()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="index"), Collection.open(path) as c:
+        assert c.count() == 59  # the repair was saved: no second warning
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_readonly_repair_stays_in_memory(tmp_path, caplog):
+    path = tmp_path / "c"
+    with Collection.create(path, dim=DIM, embedder_id="f") as c:
+        c.add(unit(10), items(10))
+    (path / SIDECAR_FILE).unlink()
+    with caplog.at_level(logging.WARNING, logger="index"), Collection.open(path, readonly=True) as c:
+        assert c.search(unit(10)[4], k=1)[0][0].item.uri == "/data/b/f4"
+        with pytest.raises(ValueError, match="read-only"):
+            c.add(unit(1), items(1))
+    assert any("rebuilding" in r.getMessage() for r in caplog.records)
+    assert not (path / SIDECAR_FILE).exists()
+
+
+def test_auto_index_switches_flat_to_hnsw_and_keeps_results(tmp_path):
+    x = unit(300, seed=8, clusters=10)
+    path = tmp_path / "c"
+    c = Collection.create(path, dim=DIM, embedder_id="f", policy=IndexPolicy(flat_max=200))
+    ids = c.add(x[:150], items(150))
+    assert c.stats()["index"] == "Flat"
+    q = unit(20, seed=9)
+    flat_top = [r[0].id for r in c.search(q, k=1)]
+    ids += c.add(x[150:], items(150, start=150))
+    assert c.stats()["index"] == "HNSW32" and c.stats()["ntotal"] == 300
+    truth = exact_top(x, q, 10)
+    got = c.search(q, k=10)
+    recall = np.mean([len({h.id for h in r} & {ids[j] for j in t}) / 10 for r, t in zip(got, truth)])
+    assert recall >= 0.95
+    assert all(r[0].id in {h.id for h in g} for r, g in zip(c.search(q, k=1), got))
+    assert set(flat_top) <= {h.id for r in got for h in r} | set(ids[150:])
+    c.close()
+    with Collection.open(path) as c:
+        assert c.stats()["index"] == "HNSW32" and c.count() == 300
+
+
+@pytest.mark.parametrize("spec,min_recall", [("HNSW32", 0.95), ("IVF16,SQ8", 0.9), ("IVF16,PQ8", 0.5)])
+def test_forced_factory_specs_recall_vs_flat(tmp_path, spec, min_recall):
+    x = unit(1500, seed=10, dim=32, clusters=24)
+    q = unit(50, seed=11, dim=32, clusters=24)
+    c = Collection.create(tmp_path / "c", dim=32, embedder_id="f", index_spec=spec)
+    ids = np.asarray(c.add(x[:100], items(100)) + c.add(x[100:], items(1400, start=100)))
+    assert c.stats()["index"] == spec  # IVF waited for enough vectors to train, then switched
+    truth = ids[exact_top(x, q, 10)]
+    got = c.search(q, k=10)
+    recall = np.mean([len({h.id for h in r} & set(t)) / 10 for r, t in zip(got, truth)])
+    assert recall >= min_recall, recall
+    c.delete(ids[:10].tolist())
+    assert c.count() == 1490 and all(h.id not in set(ids[:10]) for r in c.search(x[:10], k=5) for h in r)
+    c.close()
+
+
+def test_choose_spec_and_build_index():
+    assert choose_spec(1000, 384, 1024) == "Flat"
+    assert choose_spec(100_000, 384, 1024) == "HNSW32"
+    assert choose_spec(2_000_000, 384, 1024).endswith(",SQ8")
+    assert "PQ" in choose_spec(20_000_000, 384, 1024)
+    idx = build_index("IVF16,SQ8", 8, unit(400, dim=8))
+    assert idx.is_trained and idx.ntotal == 0
+    with pytest.raises(ValueError, match="train"):
+        build_index("IVF16,PQ4", 8, None)
+    with pytest.raises(ValueError, match="factory"):
+        build_index("NotAnIndex", 8)
+
+
+def test_create_open_errors(tmp_path):
+    with pytest.raises(ValueError, match="no collection"):
+        Collection.open(tmp_path / "nothing")
+    Collection.create(tmp_path / "c", dim=DIM, embedder_id="a").close()
+    with pytest.raises(ValueError, match="already exists"):
+        Collection.create(tmp_path / "c", dim=DIM, embedder_id="a")
+    with pytest.raises(ValueError, match="holds vectors of"):
+        Collection.open_or_create(tmp_path / "c", dim=DIM, embedder_id="b")
+    Collection.open_or_create(tmp_path / "c", dim=DIM, embedder_id="a").close()
+    with pytest.raises(ValueError, match="spec"):
+        Collection.create(tmp_path / "d", dim=DIM, embedder_id="a", index_spec="Bogus99")
+
+
+def test_two_writers_on_one_directory_see_each_other(tmp_path):
+    """Two handles stand in for two processes: each write first catches up with the other's commits."""
+    path = tmp_path / "c"
+    a = Collection.create(path, dim=DIM, embedder_id="f")
+    b = Collection.open(path)
+    ids_a = a.add(unit(5, seed=1), items(5))
+    ids_b = b.add(unit(5, seed=2), items(5, start=5))
+    assert not set(ids_a) & set(ids_b) and b.count() == 10
+    assert b.search(unit(5, seed=1)[2], k=1)[0][0].id == ids_a[2]
+    assert a.refresh() and a.search(unit(5, seed=2)[1], k=1)[0][0].id == ids_b[1]
+    a.close()
+    b.close()
+
+
+@pytest.mark.parametrize("spec", ["Flat", "HNSW32"])
+def test_concurrent_readers_while_writing(tmp_path, spec):
+    c = Collection.create(tmp_path / "c", dim=DIM, embedder_id="f", index_spec=spec)
+    first = c.add(unit(50, seed=1), items(50))
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def reader(seed: int) -> None:
+        q = unit(4, seed=seed)
+        try:
+            while not stop.is_set():
+                for r in c.search(q, k=5, filter=Filter(modalities=["image", "text"]) if seed % 2 else None):
+                    assert len(r) == 5
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=reader, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    with c.bulk():
+        for i in range(15):
+            c.add(unit(10, seed=100 + i), items(10, start=100 + 10 * i))
+            c.delete([first[i]])
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+    assert c.count() == 50 + 150 - 15
+    c.close()
