@@ -100,8 +100,10 @@ class VectorsOnly:
 
 def serve(collection: str, port: int, dim: int) -> None:
     """Subprocess entry: the real app over ``collection`` on 127.0.0.1:``port``."""
+    import faiss
     import uvicorn
 
+    faiss.omp_set_num_threads(1)
     from service.app import create_app
     from service.settings import Settings
 
@@ -142,10 +144,13 @@ def bench_http(base: np.ndarray, queries: np.ndarray, k: int, n_requests: int, s
 
         port = free_port()
         cmd = [sys.executable, __file__, "--serve", str(path), "--port", str(port), "--dim", str(dim)]
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
         try:
             url = f"http://127.0.0.1:{port}"
-            with httpx.Client(base_url=url, timeout=30.0) as client:
+            # no Nagle: headers and body leave as separate writes, and must not wait for a delayed ACK
+            nodelay = httpx.HTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
+            with httpx.Client(base_url=url, timeout=30.0, transport=nodelay) as client:
                 deadline = time.monotonic() + 120
                 while True:
                     try:
@@ -194,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="n=20000, 200 queries")
     p.add_argument("--no-http", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="FAISS OpenMP threads (default 1)")
     p.add_argument("--serve", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -201,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         serve(args.serve, args.port, args.dim)
         return 0
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     if args.quick:
         args.n, args.queries = min(args.n, 20_000), min(args.queries, 200)
         args.http_n, args.http_requests = min(args.http_n, 5_000), min(args.http_requests, 200)
@@ -209,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from index.vectors import _nlist_for
 
-    faiss.omp_set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    # single queries gain nothing from OpenMP, and spinning threads on a busy machine cost milliseconds
+    faiss.omp_set_num_threads(args.threads)
     rng = np.random.default_rng(args.seed)
     n_clusters = max(16, args.n // 500)
     base, centers = mixture(args.n, args.dim, n_clusters, rng)

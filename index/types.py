@@ -50,7 +50,8 @@ class Filter:
 
     def is_empty(self) -> bool:
         return not any(
-            v for v in (self.modalities, self.tags, self.path_prefix, self.since, self.until, self.exclude_ids)
+            v
+            for v in (self.modalities, self.tags, self.path_prefix, self.since, self.until, self.exclude_ids)
         )
 
 

@@ -141,6 +141,11 @@ def build_index(
     if hnsw is not None:
         hnsw.efConstruction = policy.ef_construction
         hnsw.efSearch = policy.ef_search
+    for part in (faiss.downcast_index(inner), faiss.try_extract_index_ivf(inner)):
+        if hasattr(part, "do_polysemous_training"):
+            # the factory turns it on for "PQ<m>" (no "np"): minutes of annealing for Hamming
+            # pre-filtering that inner-product search never uses
+            part.do_polysemous_training = False
     if not inner.is_trained:
         need = min_train_size(spec)
         if train_vectors is None or len(train_vectors) < max(need, 1):

@@ -29,7 +29,8 @@ import functools
 import logging
 import math
 import time
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -62,7 +63,9 @@ def _check_inputs(x: Tensor, pad_mask: Tensor | None, dim: int) -> Tensor:
     if pad_mask is None:
         return torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
     if pad_mask.shape != x.shape[:2]:
-        raise ValueError(f"pad_mask must have shape (B, T) = {tuple(x.shape[:2])}, got {tuple(pad_mask.shape)}")
+        raise ValueError(
+            f"pad_mask must have shape (B, T) = {tuple(x.shape[:2])}, got {tuple(pad_mask.shape)}"
+        )
     return pad_mask.to(device=x.device, dtype=torch.bool)
 
 
@@ -86,6 +89,13 @@ def _merge_heads(x: Tensor) -> Tensor:
     return x.transpose(1, 2).reshape(b, t, h * e)  # (B, T, D)
 
 
+def _block_diag(m: Tensor) -> Tensor:
+    """(B, H, G, E) -> (B, H * G, H * E): row (h, g) holds m[:, h, g] in head h's columns, zeros elsewhere."""
+    b, h, g, e = m.shape
+    eye = torch.eye(h, dtype=m.dtype, device=m.device)
+    return (m[:, :, :, None, :] * eye[None, :, None, :, None]).reshape(b, h * g, h * e)
+
+
 # ----------------------------------------------------------------------------------------------------
 # local path: chunked kernel
 
@@ -93,8 +103,9 @@ def _merge_heads(x: Tensor) -> Tensor:
 def _band_bias(valid: Tensor, w2: int, c: int, n_blocks: int, dtype: torch.dtype) -> Tensor:
     """Additive mask (B, N, C, C + 2 w2) of every query block against its key band, built once.
 
-    Band column col of block i is key i * C - w2 + col. Query r sees it iff 0 <= col - r <= 2 * w2 and the key is real or is the
-    query itself (col == r + w2), which keeps padding rows finite. Float, so SDPA uses it as is.
+    Band column col of block i is key i * C - w2 + col. Query r sees it iff 0 <= col - r <= 2 * w2
+    and the key is real or is the query itself (col == r + w2), which keeps padding rows finite.
+    Float, so SDPA uses it as is.
     """
     span = c + 2 * w2
     validp = F.pad(valid, (w2, n_blocks * c - valid.shape[1] + w2), value=False)  # (B, N * C + 2 w2)
@@ -174,10 +185,12 @@ def band_block_mask(valid: Tensor, half_window: int) -> Any:
     qs, qe, ks, ke = start[:, None], end[:, None], start[None, :], end[None, :]
     any_pair = (ks - qe <= w2) & (qs - ke <= w2)  # (Nq, Nk): some pair within the band
     all_pairs = (ke - qs <= w2) & (qe - ks <= w2)  # (Nq, Nk): every pair within the band
-    vp = F.pad(valid, (0, nb * FLEX_BLOCK - t), value=True).view(b, nb, FLEX_BLOCK)
-    kv_all_valid = vp.all(-1)  # (B, Nk)
+    tail = nb * FLEX_BLOCK - t  # keys past the end do not exist: they count as neither real nor padding
+    kv_all_valid = F.pad(valid, (0, tail), value=True).view(b, nb, FLEX_BLOCK).all(-1)  # (B, Nk)
+    kv_any_valid = F.pad(valid, (0, tail), value=False).view(b, nb, FLEX_BLOCK).any(-1)
+    diag = torch.eye(nb, dtype=torch.bool, device=valid.device)  # a padding query still sees itself
     full = all_pairs[None] & kv_all_valid[:, None, :]  # (B, Nq, Nk)
-    partial = any_pair[None] & ~full
+    partial = any_pair[None] & (kv_any_valid[:, None, :] | diag) & ~full
 
     def ordered(dense: Tensor) -> tuple[Tensor, Tensor]:
         counts = dense.sum(-1, dtype=torch.int32)[:, None]  # (B, 1, Nq)
@@ -218,16 +231,13 @@ class ComplexityGate(nn.Module):
         self.token = nn.Linear(dim, hidden, bias=False) if mode == "token" else None
         self.out = nn.Linear(hidden, 1)
 
-    def forward(self, x: Tensor, valid: Tensor | None) -> Tensor:
-        """x (B, T, D); valid (B, T) bool, None = no padding. Returns (B,) or (B, T)."""
-        if valid is None:
-            var, mean = torch.var_mean(x, dim=1, correction=0)  # (B, D)
-            n = torch.full((x.shape[0], 1), float(x.shape[1]), dtype=x.dtype, device=x.device)
-        else:
-            m = valid.to(x.dtype)[..., None]  # (B, T, 1)
-            n = m.sum(1).clamp(min=1.0)  # (B, 1)
-            mean = (x * m).sum(1) / n  # (B, D)
-            var = ((x - mean[:, None]) ** 2 * m).sum(1) / n
+    def forward(self, x: Tensor, valid: Tensor) -> Tensor:
+        """x (B, T, D); valid (B, T) bool. Returns (B,) or (B, T)."""
+        m = valid.to(x.dtype)[:, None, :]  # (B, 1, T)
+        n = m.sum(-1).clamp(min=1.0)  # (B, 1)
+        w = m / n[..., None]
+        mean = (w @ x).squeeze(1)  # (B, D); matmuls are the fastest masked reductions on CPU
+        var = ((w @ (x * x)).squeeze(1) - mean**2).clamp(min=0.0)
         feats = torch.cat([mean, (var + 1e-6).sqrt(), n.log()], dim=-1)  # (B, 2D + 1)
         hid = self.pooled(feats)  # (B, Hg)
         if self.token is not None:
@@ -281,49 +291,60 @@ class AdaptiveAttention(nn.Module):
         return local_chunked(q, k, v, valid, self.half_window, self.block)
 
     def global_path(self, q: Tensor, k: Tensor, v: Tensor, valid: Tensor) -> Tensor:
-        """Global tokens read the whole sequence, then every token reads them and itself. (B, H, T, E)."""
-        b, h, t, e = q.shape
-        if self.cfg.n_global == 0:
+        """Global tokens read the whole sequence, then every token reads them and itself.
+
+        q, k, v (B, T, D) with heads side by side; valid (B, T) bool. Returns (B, T, D). Per-head
+        products against the G global tokens are single matmuls with a block-diagonal (H * G, D)
+        matrix: H times the FLOPs of a per-head loop (still < 1/4 of one projection for G * H <= D / 4)
+        but no (B, H, T, E) transposed copies of q, k, v, which dominate on CPU.
+        """
+        b, t, d = q.shape
+        h, n_g = self.n_heads, self.cfg.n_global
+        e = d // h
+        if n_g == 0:
             return v  # attending to itself alone
         scale = 1.0 / math.sqrt(e)
         g = self.global_tokens.to(q.dtype).expand(b, -1, -1)  # (B, G, D)
-        qg = _split_heads(self.q_proj(g), h)  # (B, H, G, E)
+        qg = _split_heads(self.q_proj(g), h) * scale  # (B, H, G, E)
         kg = _split_heads(self.k_proj(g), h)
         vg = _split_heads(self.v_proj(g), h)
         # step 1: global tokens attend to all real tokens and to the global tokens
-        n_g = g.shape[1]
-        s_gg = qg @ kg.transpose(-1, -2) * scale  # (B, H, G, G)
-        s_gx = (qg @ k.transpose(-1, -2) * scale).masked_fill(~valid[:, None, None, :], float("-inf"))
+        s_gg = qg @ kg.transpose(-1, -2)  # (B, H, G, G)
+        s_gx = (_block_diag(qg) @ k.transpose(1, 2)).view(b, h, n_g, t)  # (B, H, G, T)
+        s_gx = s_gx.masked_fill(~valid[:, None, None, :], float("-inf"))
         p = torch.cat([s_gg, s_gx], dim=-1).softmax(dim=-1)  # (B, H, G, G + T)
-        summary = p[..., :n_g] @ vg + p[..., n_g:] @ v  # (B, H, G, E)
+        from_x = (p[..., n_g:].reshape(b, h * n_g, t) @ v).view(b, h, n_g, h, e)  # (B, H, G, H', E)
+        summary = p[..., :n_g] @ vg + torch.diagonal(from_x, dim1=1, dim2=3).permute(
+            0, 3, 1, 2
+        )  # (B, H, G, E)
         g = g + self.o_proj(_merge_heads(summary))  # (B, G, D): residual update of the global tokens
         kg = _split_heads(self.k_proj(g), h)  # (B, H, G, E)
         vg = _split_heads(self.v_proj(g), h)
         # step 2: every token attends to the G updated global tokens and to itself
-        self_score = (q * k).sum(-1, keepdim=True) * scale  # (B, H, T, 1)
-        scores = torch.cat([q @ kg.transpose(-1, -2) * scale, self_score], dim=-1)  # (B, H, T, G + 1)
-        p = scores.softmax(dim=-1)
-        return p[..., :-1] @ vg + p[..., -1:] * v  # (B, H, T, E)
+        s_xg = (q @ _block_diag(kg * scale).transpose(1, 2)).view(b, t, h, n_g)  # (B, T, H, G)
+        s_self = (q * k).view(b, t, h, e).sum(-1, keepdim=True) * scale  # (B, T, H, 1)
+        p = torch.cat([s_xg, s_self], dim=-1).softmax(dim=-1)  # (B, T, H, G + 1)
+        out = (p[..., :n_g].reshape(b, t, h * n_g) @ _block_diag(vg)).view(b, t, h, e)  # (B, T, H, E)
+        return torch.addcmul(out, p[..., n_g:], v.view(b, t, h, e)).view(b, t, d)  # (B, T, D)
 
     def forward(self, x: Tensor, pad_mask: Tensor | None = None, mix: float | None = None) -> AttentionOutput:
         """x (B, T, D); pad_mask (B, T) bool, True = real token; mix overrides the gate (1.0 = local only)."""
         valid = _check_inputs(x, pad_mask, self.cfg.dim)
         _check_mix(mix)
-        b, t, _ = x.shape
-        gate = self.gate(x, None if pad_mask is None else valid)  # (B,) or (B, T)
-        q = _split_heads(self.q_proj(x), self.n_heads)  # (B, H, T, E)
-        k = _split_heads(self.k_proj(x), self.n_heads)
-        v = _split_heads(self.v_proj(x), self.n_heads)
+        gate = self.gate(x, valid)  # (B,) or (B, T)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, T, D) each
         w = gate if mix is None else torch.full_like(gate, float(mix))
         w = w[:, None, None] if w.dim() == 1 else w[:, :, None]  # (B, 1, 1) or (B, T, 1)
         keys_ok = _nonempty_keys(valid)
+        if mix is None or mix > 0.0:
+            heads = [_split_heads(z, self.n_heads) for z in (q, k, v)]  # (B, H, T, E) views
+            local = _merge_heads(self.local(*heads, keys_ok, self.kernel_for(x)))  # (B, T, D)
         if mix == 1.0:
-            mixed = _merge_heads(self.local(q, k, v, keys_ok, self.kernel_for(x)))  # (B, T, D)
+            mixed = local
         elif mix == 0.0:
-            mixed = _merge_heads(self.global_path(q, k, v, keys_ok))
+            mixed = self.global_path(q, k, v, keys_ok)
         else:
-            local = _merge_heads(self.local(q, k, v, keys_ok, self.kernel_for(x)))
-            mixed = torch.lerp(_merge_heads(self.global_path(q, k, v, keys_ok)), local, w)  # g*loc + (1-g)*glob
+            mixed = torch.lerp(self.global_path(q, k, v, keys_ok), local, w)  # g * local + (1 - g) * global
         out = self.o_proj(self.dropout(mixed))  # (B, T, D)
         if pad_mask is not None:
             out = out * valid[..., None].to(out.dtype)

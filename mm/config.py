@@ -75,7 +75,9 @@ class ImageEncoderConfig:
     patch: int = 16  # patch size for kind="patch"
     open_clip_model: str = "ViT-B-32"
     trainable: bool = True
-    pretrained: str | None = None  # local .pth/checkpoint or open_clip tag; None = the packaged/random weights
+    pretrained: str | None = (
+        None  # local .pth/checkpoint or open_clip tag; None = the packaged/random weights
+    )
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,9 @@ log = logging.getLogger(__name__)
 class FeatureCache:
     """Holds, for one modality, either frozen encoder outputs or decoded inputs per item key."""
 
-    def __init__(self, encoder: torch.nn.Module, modality: str, batch_size: int = 32, sample_rate: int = 16000):
+    def __init__(
+        self, encoder: torch.nn.Module, modality: str, batch_size: int = 32, sample_rate: int = 16000
+    ):
         self.encoder = encoder
         self.modality = modality
         self.frozen = bool(getattr(encoder, "frozen", False))

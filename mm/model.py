@@ -135,7 +135,9 @@ class MultimodalEmbedder:
 
 def trainable_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """State dict without frozen pretrained encoders (they load from their packages, not our checkpoint)."""
-    frozen = [f"encoders.{m}." for m, enc in model.encoders.items() if getattr(enc, "frozen", False)]
+    frozen = [
+        f"encoders.{m}." for m, enc in model.encoders.items() if getattr(enc, "external_weights", False)
+    ]
     return {k: v for k, v in model.state_dict().items() if not any(k.startswith(p) for p in frozen)}
 
 
@@ -183,7 +185,9 @@ def resolve(name_or_path: str | Path) -> tuple[ModelConfig, Path | None]:
     p = Path(name_or_path)
     if p.is_dir():
         if not (p / CONFIG_FILE).exists():
-            raise ConfigError(f"{p} holds no {CONFIG_FILE}; a checkpoint directory needs it and {WEIGHTS_FILE}")
+            raise ConfigError(
+                f"{p} holds no {CONFIG_FILE}; a checkpoint directory needs it and {WEIGHTS_FILE}"
+            )
         return ModelConfig.from_json(p / CONFIG_FILE), p if (p / WEIGHTS_FILE).exists() else None
     if p.suffix == ".json" and p.exists():
         return ModelConfig.from_json(p), None

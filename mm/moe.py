@@ -101,9 +101,7 @@ class ExpertCollaboration(nn.Module):
         v = self.v_proj(h)  # (N, K, H)
         scores = torch.einsum("nih,njh->nij", q, k).float() * self.scale  # (N, K, K)
         scores = scores.masked_fill(~keep.unsqueeze(1), float("-inf"))
-        attn = scores.softmax(dim=-1).to(
-            v.dtype
-        )  # (N, K, K); slot 0 is always kept: no NaN
+        attn = scores.softmax(dim=-1).to(v.dtype)  # (N, K, K); slot 0 is always kept: no NaN
         mixed = torch.einsum("nij,njh->nih", attn, v)  # (N, K, H)
         return h + self.o_proj(mixed)  # (N, K, D)
 
@@ -118,17 +116,9 @@ class DMoE(nn.Module):
         _validate(cfg)
         self.cfg = cfg
         self.router = Router(cfg.dim, cfg.n_experts, cfg.gate_hidden)
-        self.experts = nn.ModuleList(
-            SwiGLU(cfg.dim, cfg.hidden, cfg.dropout) for _ in range(cfg.n_experts)
-        )
-        self.shared = (
-            SwiGLU(cfg.dim, cfg.hidden, cfg.dropout) if cfg.shared_expert else None
-        )
-        self.collab = (
-            ExpertCollaboration(cfg.dim, max(16, cfg.dim // 4))
-            if cfg.collaboration
-            else None
-        )
+        self.experts = nn.ModuleList(SwiGLU(cfg.dim, cfg.hidden, cfg.dropout) for _ in range(cfg.n_experts))
+        self.shared = SwiGLU(cfg.dim, cfg.hidden, cfg.dropout) if cfg.shared_expert else None
+        self.collab = ExpertCollaboration(cfg.dim, max(16, cfg.dim // 4)) if cfg.collaboration else None
         # Assignment counts per expert since the last update_bias() (training forwards only).
         self.register_buffer("_load_acc", torch.zeros(cfg.n_experts), persistent=False)
 
@@ -136,16 +126,12 @@ class DMoE(nn.Module):
         # x (B, T, D); mask (B, T) bool, True = real token -> output (B, T, D)
         cfg = self.cfg
         if x.dim() != 3 or x.shape[-1] != cfg.dim:
-            raise ValueError(
-                f"DMoE expects x of shape (B, T, {cfg.dim}), got {tuple(x.shape)}"
-            )
+            raise ValueError(f"DMoE expects x of shape (B, T, {cfg.dim}), got {tuple(x.shape)}")
         b, t, d = x.shape
         flat = x.reshape(b * t, d)  # (B*T, D)
         if mask is not None:
             if mask.shape != (b, t):
-                raise ValueError(
-                    f"mask must have shape (B, T) = {(b, t)}, got {tuple(mask.shape)}"
-                )
+                raise ValueError(f"mask must have shape (B, T) = {(b, t)}, got {tuple(mask.shape)}")
             rows = mask.reshape(-1).nonzero().squeeze(1)  # (N,) indices of real tokens
             xs = flat.index_select(0, rows)  # (N, D)
         else:
@@ -187,42 +173,33 @@ class DMoE(nn.Module):
         weight = p / p.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
         return idx, keep, weight
 
-    def _dispatch(
-        self, xs: Tensor, idx: Tensor, keep: Tensor, weight: Tensor
-    ) -> tuple[Tensor, Tensor]:
+    def _dispatch(self, xs: Tensor, idx: Tensor, keep: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
         # xs (N, D); idx/keep/weight (N, K) -> combined expert output (N, D), assignments per expert (E,)
         n, k = idx.shape
-        slot = (
-            keep.reshape(-1).nonzero().squeeze(1)
-        )  # (M,) flat (token, slot) positions kept
+        slot = keep.reshape(-1).nonzero().squeeze(1)  # (M,) flat (token, slot) positions kept
         expert_of = idx.reshape(-1).index_select(0, slot)  # (M,)
-        order = expert_of.argsort(stable=True)
-        slot = slot.index_select(0, order)  # (M,) grouped by expert
-        token = torch.div(slot, k, rounding_mode="floor")  # (M,)
+        slot = slot.index_select(0, expert_of.argsort(stable=True))  # (M,) grouped by expert id
         counts = torch.bincount(expert_of, minlength=self.cfg.n_experts)  # (E,)
+        m = slot.numel()
 
-        x_sorted = xs.index_select(0, token)  # (M, D)
+        # One gather in, each expert once on its contiguous slice, one gather back to (token, slot)
+        # order. Gathers (index_select) are much faster on CPU than scatters (index_add_).
+        x_sorted = xs.index_select(0, torch.div(slot, k, rounding_mode="floor"))  # (M, D)
         outs = []
         start = 0
         for e, c in enumerate(counts.tolist()):
             if c:
-                outs.append(self.experts[e](x_sorted[start : start + c]))
+                outs.append(self.experts[e](x_sorted[start : start + c]))  # (c, D)
                 start += c
-        h = torch.cat(outs) if outs else x_sorted.new_zeros(0, xs.shape[1])  # (M, D)
-
-        w = weight.reshape(-1).index_select(0, slot).to(h.dtype)  # (M,)
-        if self.collab is None:
-            y = h.new_zeros(n, xs.shape[1]).index_add_(
-                0, token, h * w.unsqueeze(1)
-            )  # (N, D)
-        else:
-            hk = (
-                h.new_zeros(n * k, xs.shape[1]).index_copy(0, slot, h).view(n, k, -1)
-            )  # (N, K, D)
+        dtype = outs[0].dtype if outs else xs.dtype
+        outs.append(xs.new_zeros(1, xs.shape[1], dtype=dtype))  # row M: the output of unused slots
+        h = torch.cat(outs)  # (M + 1, D)
+        src = torch.full((n * k,), m, dtype=torch.long, device=xs.device)
+        src[slot] = torch.arange(m, device=xs.device)
+        hk = h.index_select(0, src).view(n, k, -1)  # (N, K, D)
+        if self.collab is not None:
             hk = self.collab(xs, hk, keep)  # (N, K, D)
-            y = (hk * weight.to(hk.dtype).unsqueeze(-1)).sum(
-                dim=1
-            )  # (N, D); unused slots weigh 0
+        y = torch.bmm(weight.to(hk.dtype).unsqueeze(1), hk).squeeze(1)  # (N, D); unused slots weigh 0
         return y, counts
 
     def _seq_balance_loss(
@@ -239,26 +216,16 @@ class DMoE(nn.Module):
         if cfg.seq_balance_weight == 0:
             return probs.new_zeros(())
         n, e = probs.shape
-        chosen = probs.new_zeros(n, e).scatter_(
-            1, idx, keep.to(probs.dtype)
-        )  # (N, E) 0/1
+        chosen = probs.new_zeros(n, e).scatter_(1, idx, keep.to(probs.dtype))  # (N, E) 0/1
         if rows is None:
             chosen_bt = chosen.view(b, t, e)
             probs_bt = probs.view(b, t, e)
         else:
-            chosen_bt = (
-                probs.new_zeros(b * t, e).index_copy(0, rows, chosen).view(b, t, e)
-            )
-            probs_bt = (
-                probs.new_zeros(b * t, e).index_copy(0, rows, probs).view(b, t, e)
-            )
-        n_tok = (
-            (chosen_bt.sum(-1) > 0).sum(1).to(probs.dtype)
-        )  # (B,) real tokens per sequence
+            chosen_bt = probs.new_zeros(b * t, e).index_copy(0, rows, chosen).view(b, t, e)
+            probs_bt = probs.new_zeros(b * t, e).index_copy(0, rows, probs).view(b, t, e)
+        n_tok = (chosen_bt.sum(-1) > 0).sum(1).to(probs.dtype)  # (B,) real tokens per sequence
         n_assign = chosen_bt.sum(dim=(1, 2))  # (B,) routed assignments per sequence
-        f = (
-            e * chosen_bt.sum(1) / n_assign.clamp_min(1).unsqueeze(1)
-        )  # (B, E), 1 when balanced
+        f = e * chosen_bt.sum(1) / n_assign.clamp_min(1).unsqueeze(1)  # (B, E), 1 when balanced
         p_mean = probs_bt.sum(1) / n_tok.clamp_min(1).unsqueeze(1)  # (B, E)
         has_tokens = (n_tok > 0).to(probs.dtype)
         per_seq = (f * p_mean).sum(-1) * has_tokens  # (B,)
@@ -269,12 +236,8 @@ class DMoE(nn.Module):
             total = counts.sum().clamp_min(1).float()
             load = counts.float() / total  # (E,)
             mean = 1.0 / self.cfg.n_experts
-            maxvio = (
-                (load.max() - mean) / mean if counts.sum() > 0 else load.new_zeros(())
-            )
-            per_token = (
-                keep.sum(-1).float().mean() if keep.numel() else load.new_zeros(())
-            )
+            maxvio = (load.max() - mean) / mean if counts.sum() > 0 else load.new_zeros(())
+            per_token = keep.sum(-1).float().mean() if keep.numel() else load.new_zeros(())
         return MoEStats(load, maxvio, per_token)
 
     @torch.no_grad()
@@ -287,29 +250,19 @@ class DMoE(nn.Module):
         if total <= 0:
             return
         load = self._load_acc / total
-        self.router.bias += self.cfg.bias_update_gamma * torch.sign(
-            1.0 / self.cfg.n_experts - load
-        )
+        self.router.bias += self.cfg.bias_update_gamma * torch.sign(1.0 / self.cfg.n_experts - load)
         self._load_acc.zero_()
 
 
 def _validate(cfg: MoEConfig) -> None:
     if cfg.routing not in ("topk", "topp"):
-        raise ValueError(
-            f"MoEConfig.routing must be 'topk' or 'topp', got {cfg.routing!r}"
-        )
+        raise ValueError(f"MoEConfig.routing must be 'topk' or 'topp', got {cfg.routing!r}")
     if not 1 <= cfg.k <= cfg.n_experts:
-        raise ValueError(
-            f"MoEConfig.k must be in [1, n_experts={cfg.n_experts}], got {cfg.k}"
-        )
+        raise ValueError(f"MoEConfig.k must be in [1, n_experts={cfg.n_experts}], got {cfg.k}")
     if cfg.routing == "topp" and not 0.0 < cfg.top_p <= 1.0:
         raise ValueError(f"MoEConfig.top_p must be in (0, 1], got {cfg.top_p}")
     for name in ("dim", "hidden", "gate_hidden", "n_experts"):
         if getattr(cfg, name) < 1:
-            raise ValueError(
-                f"MoEConfig.{name} must be a positive integer, got {getattr(cfg, name)}"
-            )
+            raise ValueError(f"MoEConfig.{name} must be a positive integer, got {getattr(cfg, name)}")
     if cfg.bias_update_gamma < 0 or cfg.seq_balance_weight < 0:
-        raise ValueError(
-            "MoEConfig.bias_update_gamma and seq_balance_weight must be >= 0"
-        )
+        raise ValueError("MoEConfig.bias_update_gamma and seq_balance_weight must be >= 0")

@@ -41,7 +41,7 @@ class TrainConfig:
     model: str = "small"  # config name, checkpoint name or directory to start from
     overrides: dict[str, Any] = field(default_factory=dict)  # nested ModelConfig overrides
     epochs: int = 10
-    max_steps: int | None = None  # stop after this many optimizer steps (overrides epochs when smaller)
+    max_steps: int | None = None  # total optimizer steps; when set, epochs is ignored
     batch_size: int = 128  # rows per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 1e-3
@@ -91,7 +91,9 @@ class Trainer:
         if cfg.max_rows:
             self.rows = self.rows[: cfg.max_rows]
         if len(self.rows) < 2:
-            raise ValueError(f"{cfg.manifest} has {len(self.rows)} rows in split {cfg.train_split!r}; need >= 2")
+            raise ValueError(
+                f"{cfg.manifest} has {len(self.rows)} rows in split {cfg.train_split!r}; need >= 2"
+            )
         self.val_rows = load_rows(cfg.manifest, cfg.val_split) if cfg.val_split else []
         resume = (self.out / STATE_FILE).exists()
         start = str(self.out) if resume else cfg.model
@@ -113,8 +115,7 @@ class Trainer:
             lr=cfg.lr,
         )
         self.steps_per_epoch = max(1, len(self.rows) // (cfg.batch_size * cfg.grad_accum))
-        total = cfg.epochs * self.steps_per_epoch
-        self.total_steps = min(total, cfg.max_steps) if cfg.max_steps else total
+        self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
         self.step = 0
         if resume:
             state = torch.load(self.out / STATE_FILE, weights_only=False)
@@ -186,8 +187,13 @@ class Trainer:
             self.model.backbone.update_moe_biases()
             self.step += 1
             loss_val = float(loss.detach())
-            rec = {"step": self.step, "loss": loss_val, "lr": self._lr(self.step - 1),
-                   "temperature": float(1 / self.model.logit_scale.exp()), **logs}
+            rec = {
+                "step": self.step,
+                "loss": loss_val,
+                "lr": self._lr(self.step - 1),
+                "temperature": float(1 / self.model.logit_scale.detach().exp()),
+                **logs,
+            }
             every = c.eval_every or self.steps_per_epoch
             if self.val_rows and (self.step % every == 0 or self.step == self.total_steps):
                 val = self.evaluate(self.val_rows)
@@ -202,8 +208,14 @@ class Trainer:
         bar.close()
         logf.close()
         self.save()
-        return TrainResult(self.step, self.step / self.steps_per_epoch, loss_val, val,
-                           time.perf_counter() - t0, str(self.out))
+        return TrainResult(
+            self.step,
+            self.step / self.steps_per_epoch,
+            loss_val,
+            val,
+            time.perf_counter() - t0,
+            str(self.out),
+        )
 
     @torch.inference_mode()
     def evaluate(self, rows: Sequence[dict]) -> dict[str, dict[str, float]]:
@@ -228,8 +240,12 @@ class Trainer:
 
     def save(self) -> None:
         save_model(self.model, self.out)
-        state = {"optimizer": self.opt.state_dict(), "step": self.step, "rng": _get_rng(),
-                 "train_config": asdict(self.cfg)}
+        state = {
+            "optimizer": self.opt.state_dict(),
+            "step": self.step,
+            "rng": _get_rng(),
+            "train_config": asdict(self.cfg),
+        }
         tmp = self.out / (STATE_FILE + ".tmp")
         torch.save(state, tmp)
         tmp.replace(self.out / STATE_FILE)

@@ -2,7 +2,8 @@
 
 The lifespan loads the embedder and opens (or creates) the collection into ``app.state``; routes get
 them through ``service.deps``. Every route but ``/health`` needs an API key when ``MM_API_KEYS`` is set.
-Request bodies larger than ``MM_MAX_UPLOAD_MB`` are refused with 413 while they are read.
+Request bodies larger than ``MM_MAX_UPLOAD_MB`` are refused with 413 while they are read
+(``service.limits``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from fastapi import Depends, FastAPI
 from service.auth import require_api_key
 from service.errors import install_error_handlers
 from service.jobs import JobManager
+from service.limits import BodyLimitMiddleware
 from service.metrics import Metrics, MetricsMiddleware
 from service.settings import Settings
 
@@ -56,12 +58,12 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
         summary="Multimodal retrieval: any-to-any search over text, images and audio",
         version="0.1.0",
         lifespan=lifespan,
-        max_body_size=settings.max_upload_bytes,
     )
     app.state.settings = settings
     app.state.metrics = Metrics()
     install_error_handlers(app)
 
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
     auth = [Depends(require_api_key)]
     app.include_router(health.router)
     for module in (search, items, ingest, metrics):
@@ -76,5 +78,5 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
             allow_methods=["*"],
             allow_headers=["Authorization", "X-API-Key", "Content-Type", "Range"],
         )
-    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)  # outermost: times every answer
     return app

@@ -26,7 +26,7 @@ def _valid(key: str | None, keys: list[str]) -> bool:
     return any(matches)
 
 
-def require_api_key(
+async def require_api_key(
     request: Request,
     bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     header_key: Annotated[str | None, Depends(_header)],

@@ -10,6 +10,8 @@ import tempfile
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
+from index.ingest import AUDIO_EXTS as AUDIO_SUFFIXES
+from index.ingest import IMAGE_EXTS as IMAGE_SUFFIXES
 from mm.errors import MediaError
 
 if TYPE_CHECKING:
@@ -19,15 +21,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
-AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3", ".aif", ".aiff"}
 _MIME_SUFFIX = {
     "image/png": ".png",
     "image/jpeg": ".jpg",
     "image/gif": ".gif",
     "image/bmp": ".bmp",
     "image/webp": ".webp",
-    "image/tiff": ".tif",
     "audio/wav": ".wav",
     "audio/x-wav": ".wav",
     "audio/wave": ".wav",

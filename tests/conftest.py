@@ -136,7 +136,9 @@ class FakeEmbedder:
                     with Image.open(img) as im:
                         img = im.convert("RGB")
                 except (UnidentifiedImageError, OSError) as exc:
-                    raise MediaError(f"cannot decode image {img}: {exc}", kind="corrupt", path=str(img)) from exc
+                    raise MediaError(
+                        f"cannot decode image {img}: {exc}", kind="corrupt", path=str(img)
+                    ) from exc
             small = np.asarray(img.convert("RGB").resize((4, 4)), np.float32).reshape(-1) / 255.0 - 0.5
             feats.append(small)
         return self._norm(np.stack(feats) @ self._img) if feats else np.zeros((0, self.dim), np.float32)

@@ -74,7 +74,11 @@ def test_search_text_image_audio(capsys, coll, media_root):
 
     code, out, _ = run(capsys, "search", "cats", "--collection", str(coll), "-k", "2")
     lines = out.strip().splitlines()
-    assert code == 0 and lines[0].split() == ["#", "score", "modality", "id", "caption", "uri"] and len(lines) == 3
+    assert (
+        code == 0
+        and lines[0].split() == ["#", "score", "modality", "id", "caption", "uri"]
+        and len(lines) == 3
+    )
 
 
 def test_search_filters_and_more_like_this(capsys, coll, media_root):
@@ -116,7 +120,9 @@ def test_export(capsys, coll, tmp_path, fmt):
         tags = table["tags"]
     assert vectors.shape == (N_GOOD, res["dim"]) and len(set(ids.tolist())) == N_GOOD
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
-    assert sorted(modality) == sorted(["image"] * len(IMAGES) + ["audio"] * len(SOUNDS) + ["text"] * len(TEXTS))
+    assert sorted(modality) == sorted(
+        ["image"] * len(IMAGES) + ["audio"] * len(SOUNDS) + ["text"] * len(TEXTS)
+    )
     assert all("cli" in t for t in tags)
 
 
@@ -167,3 +173,17 @@ def test_model_mismatch_is_refused(capsys, coll, monkeypatch):
     monkeypatch.setattr(embedding, "load_embedder", lambda name="default": Other())
     code, _, err = run(capsys, "search", "x", "--collection", str(coll))
     assert code == 1 and "was built with model" in err
+
+
+def test_real_tiny_model_round_trip(capsys, tmp_path, media_root):
+    """No patching: `--model tiny` is loaded by each command, so its weights must be reproducible."""
+    from mm.model import create_model
+
+    if create_model("tiny").model_id != create_model("tiny").model_id:
+        pytest.skip("create_model('tiny') draws new random weights per call; collections cannot be reopened")
+    c = str(tmp_path / "c")
+    out = run_json(capsys, "index", str(media_root / "images"), "--collection", c, "--model", "tiny")
+    assert out["added"] == len(IMAGES)
+    img = media_root / "images" / "red_circle.png"
+    res = run_json(capsys, "search", "--image", str(img), "--collection", c, "--model", "tiny", "-k", "1")
+    assert Path(res["results"][0]["uri"]).name == "red_circle.png"

@@ -96,7 +96,9 @@ def test_ids_stable_across_reopen_and_never_reused(tmp_path):
 def test_filters_return_k_after_filtering(tmp_path, spec):
     x = unit(800, seed=2, clusters=8)
     # exact_max=0 makes every filtered search go through the FAISS IDSelector
-    c = Collection.create(tmp_path / "c", dim=DIM, embedder_id="f", index_spec=spec, policy=IndexPolicy(exact_max=0))
+    c = Collection.create(
+        tmp_path / "c", dim=DIM, embedder_id="f", index_spec=spec, policy=IndexPolicy(exact_max=0)
+    )
     its = items(800)
     for i in range(0, 800, 100):  # 8 of 800 (1%) carry a rare tag
         its[i].tags = ["rare", "even"]
@@ -180,7 +182,9 @@ def test_restart_keeps_everything(tmp_path, caplog):
     assert c.get_meta("adapter") == {"name": "lora-a", "rank": 8} and c.get_meta("missing", 3) == 3
     stats = c.stats()
     assert stats["errors"] == 1 and stats["items"] == 40 and stats["ntotal"] == 40 and stats["bytes"] > 0
-    assert stats["embedder_id"] == "fake:1" and stats["dim"] == DIM and sum(stats["by_modality"].values()) == 40
+    assert (
+        stats["embedder_id"] == "fake:1" and stats["dim"] == DIM and sum(stats["by_modality"].values()) == 40
+    )
     assert [e.uri for e in c.errors()] == ["/data/bad.png"] and c.count("image") == 14
     assert len(c.items(limit=100, include_errors=True)) == 41
     ids, vecs = c.all_vectors()
@@ -239,21 +243,23 @@ def test_auto_index_switches_flat_to_hnsw_and_keeps_results(tmp_path):
     ids = c.add(x[:150], items(150))
     assert c.stats()["index"] == "Flat"
     q = unit(20, seed=9)
-    flat_top = [r[0].id for r in c.search(q, k=1)]
+    assert [r[0].id for r in c.search(q, k=1)] == [ids[j] for j in exact_top(x[:150], q, 1)[:, 0]]
     ids += c.add(x[150:], items(150, start=150))
     assert c.stats()["index"] == "HNSW32" and c.stats()["ntotal"] == 300
     truth = exact_top(x, q, 10)
     got = c.search(q, k=10)
-    recall = np.mean([len({h.id for h in r} & {ids[j] for j in t}) / 10 for r, t in zip(got, truth)])
+    recall = np.mean(
+        [len({h.id for h in r} & {ids[j] for j in t}) / 10 for r, t in zip(got, truth, strict=True)]
+    )
     assert recall >= 0.95
-    assert all(r[0].id in {h.id for h in g} for r, g in zip(c.search(q, k=1), got))
-    assert set(flat_top) <= {h.id for r in got for h in r} | set(ids[150:])
+    top1 = [r[0].id for r in c.search(q, k=1)]
+    assert np.mean([a == ids[j] for a, j in zip(top1, truth[:, 0], strict=True)]) >= 0.95
     c.close()
     with Collection.open(path) as c:
         assert c.stats()["index"] == "HNSW32" and c.count() == 300
 
 
-@pytest.mark.parametrize("spec,min_recall", [("HNSW32", 0.95), ("IVF16,SQ8", 0.9), ("IVF16,PQ8", 0.5)])
+@pytest.mark.parametrize("spec,min_recall", [("HNSW32", 0.95), ("IVF16,SQ8", 0.9), ("IVF16,PQ8", 0.6)])
 def test_forced_factory_specs_recall_vs_flat(tmp_path, spec, min_recall):
     x = unit(1500, seed=10, dim=32, clusters=24)
     q = unit(50, seed=11, dim=32, clusters=24)
@@ -262,7 +268,7 @@ def test_forced_factory_specs_recall_vs_flat(tmp_path, spec, min_recall):
     assert c.stats()["index"] == spec  # IVF waited for enough vectors to train, then switched
     truth = ids[exact_top(x, q, 10)]
     got = c.search(q, k=10)
-    recall = np.mean([len({h.id for h in r} & set(t)) / 10 for r, t in zip(got, truth)])
+    recall = np.mean([len({h.id for h in r} & set(t)) / 10 for r, t in zip(got, truth, strict=True)])
     assert recall >= min_recall, recall
     c.delete(ids[:10].tolist())
     assert c.count() == 1490 and all(h.id not in set(ids[:10]) for r in c.search(x[:10], k=5) for h in r)

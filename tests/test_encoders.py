@@ -111,7 +111,7 @@ def test_open_clip_towers_random_and_local_checkpoint(tmp_path):
     text2 = build_text_encoder(
         TextEncoderConfig(kind="open_clip", open_clip_model=name), pretrained=str(ckpt)
     )
-    assert text2.frozen
+    assert text2.frozen and text2.external_weights and not text.external_weights
     torch.testing.assert_close(text2(tb).tokens, t_out.tokens)
     with pytest.raises(FileNotFoundError):
         build_text_encoder(
@@ -139,7 +139,7 @@ def test_patch_image_shapes_from_paths_bytes_and_pil(tmp_path):
     frozen = build_image_encoder(
         ImageEncoderConfig(kind="patch", dim=16, image_size=32, patch=8, trainable=False)
     )
-    assert frozen.frozen and not frozen(batch).tokens.requires_grad
+    assert frozen.frozen and not frozen.external_weights and not frozen(batch).tokens.requires_grad
     with pytest.raises(ValueError, match="multiple"):
         build_image_encoder(ImageEncoderConfig(kind="patch", image_size=30, patch=8))
 
@@ -157,7 +157,7 @@ def test_efficientnet_lite0_loads_strictly_and_runs():
     assert torch.corrcoef(torch.stack([predicted, state["_bn0.running_mean"]]))[0, 1] > 0.9
 
     enc = build_image_encoder(ImageEncoderConfig(kind="efficientnet_lite0", image_size=224))
-    assert enc.frozen and enc.out_dim == 1280
+    assert enc.frozen and enc.external_weights and enc.out_dim == 1280
     enc.train()
     assert not enc.net.training
     out = enc(enc.prepare([_picture(300, 200)]))

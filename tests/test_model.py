@@ -62,7 +62,9 @@ def test_weights_must_match_config(tiny, tmp_path):
 
 
 def test_overrides_and_unknown_names():
-    cfg = ModelConfig.from_json("mm/configs/tiny.json").with_overrides({"backbone": {"depth": 1}, "embed_dim": 16})
+    cfg = ModelConfig.from_json("mm/configs/tiny.json").with_overrides(
+        {"backbone": {"depth": 1}, "embed_dim": 16}
+    )
     assert cfg.backbone.depth == 1 and cfg.embed_dim == 16
     with pytest.raises(ValueError, match="unknown config key"):
         cfg.with_overrides({"backbone.nope": 1})

@@ -13,6 +13,16 @@ from mm.moe import DMoE, MoEOutput, SwiGLU
 D, E = 16, 8
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny tensors gain nothing from intra-op threads, and on a busy machine thread barriers
+    # make a loop of small forwards ~20x slower.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def make(seed: int = 0, **overrides) -> DMoE:
     base = dict(
         dim=D,
@@ -77,21 +87,22 @@ def test_topp_experts_per_token_within_bounds():
 
 
 def test_bias_update_drives_skewed_router_maxvio_down():
-    moe = make(k=2, bias_update_gamma=5e-3).train()
+    moe = make(k=2, bias_update_gamma=4e-3).train()
     with torch.no_grad():
-        moe.router.proj.bias[:2] += 3.0  # experts 0 and 1 win almost every token
+        moe.router.proj.weight.mul_(4.0)  # spread the gate scores so the load reacts smoothly to the bias
+        moe.router.proj.bias[:2] += 2.0  # experts 0 and 1 win almost every token
     gen = torch.Generator().manual_seed(1)
-    probe = torch.randn(8, 64, D, generator=gen)
+    probe = torch.randn(8, 128, D, generator=gen)
     start = moe.eval()(probe).stats.maxvio.item()
     moe.train()
     with torch.no_grad():
         for _ in range(150):
-            moe(torch.randn(4, 32, D, generator=gen))
+            moe(torch.randn(4, 64, D, generator=gen))
             moe.update_bias()
     end = moe.eval()(probe).stats.maxvio.item()
-    assert start > 1.5
-    assert end < 0.5 * start and end < 0.6
-    assert moe.router.bias[:2].max() < 0 < moe.router.bias[2:].max()
+    assert start > 2.5  # experts 0 and 1 hold ~all of the load: MaxVio near E / k - 1 = 3
+    assert end < 0.5
+    assert moe.router.bias[:2].max() < moe.router.bias[2:].min()
 
 
 def test_update_bias_uses_only_training_forwards_and_resets():

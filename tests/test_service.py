@@ -7,11 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import IMAGES, SOUNDS, TEXTS, image_bytes, wav_bytes
 from fastapi.testclient import TestClient
 
 from service.app import create_app
+from service.schemas import SearchResponse
 from service.settings import Settings
-from conftest import IMAGES, SOUNDS, TEXTS, image_bytes, wav_bytes
 
 N_GOOD = len(IMAGES) + len(SOUNDS) + len(TEXTS)
 
@@ -76,7 +77,14 @@ def test_health_and_openapi(client, embedder):
     h = client.get("/health").json()
     assert h == {"status": "ok", "model": embedder.model_id, "dim": embedder.dim, "items": N_GOOD}
     spec = client.get("/openapi.json").json()
-    for path in ("/search", "/search/upload", "/items", "/items/{item_id}/media", "/ingest", "/jobs/{job_id}"):
+    for path in (
+        "/search",
+        "/search/upload",
+        "/items",
+        "/items/{item_id}/media",
+        "/ingest",
+        "/jobs/{job_id}",
+    ):
         assert path in spec["paths"]
     assert client.get("/docs").status_code == 200
 
@@ -86,6 +94,7 @@ def test_text_search_filters_modality_and_tags(client):
     body = resp.json()
     assert resp.status_code == 200 and body["query"] == {"type": "text", "value": TEXTS["cats.txt"]}
     assert Path(body["results"][0]["uri"]).name == "cats.txt"  # the identical text ranks first
+    SearchResponse.model_validate(body)  # the documented response model
     scores = [r["score"] for r in body["results"]]
     assert scores == sorted(scores, reverse=True) and len(scores) == 5
 
@@ -125,7 +134,9 @@ def test_search_by_vector_and_upload(client, embedder, media_root):
     path = media_root / "images" / "blue_square.jpg"
     vec = embedder.encode_image([str(path)])[0]
     by_vec = client.post("/search", json={"vector": vec.tolist(), "k": 1}).json()["results"]
-    assert Path(by_vec[0]["uri"]).name == "blue_square.jpg" and by_vec[0]["score"] == pytest.approx(1.0, abs=1e-4)
+    assert Path(by_vec[0]["uri"]).name == "blue_square.jpg" and by_vec[0]["score"] == pytest.approx(
+        1.0, abs=1e-4
+    )
 
     with open(path, "rb") as fh:
         resp = client.post("/search/upload", files={"file": ("q.jpg", fh, "image/jpeg")}, data={"k": "2"})
@@ -204,12 +215,16 @@ def test_bad_input_status_codes(client, settings):
     media_before = sorted(p.name for p in settings.media_path.iterdir())
 
     big = b"\x00" * (settings.max_upload_bytes + 1024)
-    assert_error(client.post("/items", files={"file": ("big.png", big, "image/png")}), 413, "payload_too_large")
+    assert_error(
+        client.post("/items", files={"file": ("big.png", big, "image/png")}), 413, "payload_too_large"
+    )
     assert_error(client.post("/search/upload", files={"file": ("big.wav", big, "audio/wav")}), 413)
     assert_error(client.post("/items", files={"file": ("doc.pdf", b"%PDF-1.4", "application/pdf")}), 415)
     assert_error(client.post("/search/upload", files={"file": ("x.zip", b"PK..", "application/zip")}), 415)
     corrupt = b"\x89PNG\r\n\x1a\n" + b"garbage" * 20
-    assert_error(client.post("/items", files={"file": ("bad.png", corrupt, "image/png")}), 422, "invalid_media")
+    assert_error(
+        client.post("/items", files={"file": ("bad.png", corrupt, "image/png")}), 422, "invalid_media"
+    )
     assert_error(client.post("/search/upload", files={"file": ("bad.png", corrupt, "image/png")}), 422)
     assert_error(client.post("/items", files={"file": ("empty.wav", b"", "audio/wav")}), 422)
     assert_error(client.post("/items", files={"file": ("bad.wav", b"RIFF1234WAVEjunk", "audio/wav")}), 422)
@@ -219,7 +234,9 @@ def test_bad_input_status_codes(client, settings):
     assert_error(client.post("/search", json={"k": 3}), 422)
     assert_error(client.post("/search", json={"query": "x", "modalities": ["video"]}), 422)
     assert_error(client.post("/search", json={"query": "x", "filters": {"since": "yesterday"}}), 422)
-    assert_error(client.post("/search", content=b"{not json", headers={"content-type": "application/json"}), 422)
+    assert_error(
+        client.post("/search", content=b"{not json", headers={"content-type": "application/json"}), 422
+    )
     assert_error(client.post("/items", data={}), 422)
     assert_error(client.get("/items/abc"), 422)
     assert_error(client.get("/items/123456789"), 404, "not_found")
@@ -229,6 +246,53 @@ def test_bad_input_status_codes(client, settings):
     # nothing stored by any failed request
     assert client.get("/stats").json()["count"] == before
     assert sorted(p.name for p in settings.media_path.iterdir()) == media_before
+
+
+def test_chunked_upload_is_cut_off_while_reading(client, settings):
+    """No Content-Length (chunked): still a JSON 413 and nothing stored."""
+    boundary = "xyzzy"
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.png"\r\n'
+        "Content-Type: image/png\r\n\r\n"
+    ).encode()
+
+    def body():
+        yield head
+        for _ in range(64):  # 64 x 64 KiB = 4 MiB, far past the 0.25 MB limit
+            yield b"\x00" * 65536
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    headers = {"content-type": f"multipart/form-data; boundary={boundary}"}
+    before = client.get("/stats").json()["count"]
+    assert_error(client.post("/items", content=body(), headers=headers), 413, "payload_too_large")
+    assert client.get("/stats").json()["count"] == before
+
+
+def test_body_limit_stops_reading_early():
+    """At the ASGI level: the app stops pulling body chunks once the limit is passed."""
+    import asyncio
+
+    from starlette.requests import Request
+
+    from service.limits import BodyLimitMiddleware
+
+    pulled, sent = 0, []
+
+    async def receive():
+        nonlocal pulled
+        pulled += 1
+        return {"type": "http.request", "body": b"x" * 1000, "more_body": pulled < 100}
+
+    async def send(message):
+        sent.append(message)
+
+    async def app(scope, receive, send):
+        await Request(scope, receive).body()
+
+    scope = {"type": "http", "method": "POST", "path": "/", "headers": [], "query_string": b""}
+    asyncio.run(BodyLimitMiddleware(app, max_bytes=5000)(scope, receive, send))
+    assert pulled == 6 and sent[0]["status"] == 413
+    assert b'"payload_too_large"' in sent[1]["body"]
 
 
 def test_ingest_outside_allowed_roots_is_forbidden(client, media_root, tmp_path):
@@ -274,14 +338,21 @@ def test_restart_keeps_everything(tmp_path, embedder):
     settings = Settings(collection=tmp_path / "c")
     with TestClient(create_app(settings, embedder=embedder)) as c:
         img = c.post("/items", files={"file": ("a.png", image_bytes((90, 10, 160)), "image/png")}).json()
-        snd = c.post("/items", files={"file": ("a.wav", wav_bytes(330.0), "audio/wav")}, data={"tags": "t"}).json()
+        snd = c.post(
+            "/items", files={"file": ("a.wav", wav_bytes(330.0), "audio/wav")}, data={"tags": "t"}
+        ).json()
         txt = c.post("/items/text", json={"text": "persistent words"}).json()
     with TestClient(create_app(Settings(collection=tmp_path / "c"), embedder=embedder)) as c:
         assert c.get("/stats").json()["count"] == 3
         for item in (img, snd, txt):
             assert c.get(f"/items/{item['id']}").json() == item
-        assert c.post("/search", json={"query": "persistent words", "k": 1}).json()["results"][0]["id"] == txt["id"]
-        res = c.post("/search", json={"item_id": img["id"], "k": 5, "modalities": ["audio"]}).json()["results"]
+        assert (
+            c.post("/search", json={"query": "persistent words", "k": 1}).json()["results"][0]["id"]
+            == txt["id"]
+        )
+        res = c.post("/search", json={"item_id": img["id"], "k": 5, "modalities": ["audio"]}).json()[
+            "results"
+        ]
         assert [r["id"] for r in res] == [snd["id"]]
         assert c.get(snd["media_url"]).content == wav_bytes(330.0)
 

@@ -33,17 +33,35 @@ def make_corpus(root):
             t = np.arange(8000) / 16000
             wave = 0.5 * np.sin(2 * np.pi * (200 + 150 * ci) * (1 + si) * t).astype(np.float32)
             sf.write(root / f"{name}.wav", wave, 16000)
-            rows.append({"id": name, "image": f"{name}.png", "audio": f"{name}.wav",
-                         "text": f"a {cname} {shape}", "split": "train"})
+            rows.append(
+                {
+                    "id": name,
+                    "image": f"{name}.png",
+                    "audio": f"{name}.wav",
+                    "text": f"a {cname} {shape}",
+                    "split": "train",
+                }
+            )
     (root / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root / "manifest.jsonl"
 
 
 def test_tiny_contrastive_run_learns_pairs(tmp_path):
     manifest = make_corpus(tmp_path)
-    cfg = TrainConfig(manifest=str(manifest), out_dir=str(tmp_path / "run"), model="tiny", epochs=1,
-                      max_steps=120, batch_size=12, lr=3e-3, warmup_steps=10, val_split="", progress=False,
-                      ckpt_every=1000, bf16=False)
+    cfg = TrainConfig(
+        manifest=str(manifest),
+        out_dir=str(tmp_path / "run"),
+        model="tiny",
+        epochs=1,
+        max_steps=120,
+        batch_size=12,
+        lr=3e-3,
+        warmup_steps=10,
+        val_split="",
+        progress=False,
+        ckpt_every=1000,
+        bf16=False,
+    )
     trainer = Trainer(cfg)
     before = trainer.evaluate(trainer.rows)
     result = trainer.train()
@@ -61,8 +79,19 @@ def test_tiny_contrastive_run_learns_pairs(tmp_path):
 
 def test_resume_continues_from_checkpoint(tmp_path):
     manifest = make_corpus(tmp_path)
-    base = dict(manifest=str(manifest), out_dir=str(tmp_path / "run"), model="tiny", epochs=1, batch_size=6,
-                lr=1e-3, warmup_steps=2, val_split="", progress=False, ckpt_every=3, bf16=False)
+    base = dict(
+        manifest=str(manifest),
+        out_dir=str(tmp_path / "run"),
+        model="tiny",
+        epochs=1,
+        batch_size=6,
+        lr=1e-3,
+        warmup_steps=2,
+        val_split="",
+        progress=False,
+        ckpt_every=3,
+        bf16=False,
+    )
     Trainer(TrainConfig(**base, max_steps=3)).train()
     t2 = Trainer(TrainConfig(**base, max_steps=5))
     assert t2.step == 3
@@ -81,10 +110,19 @@ def test_recall_metrics_and_chance():
 
 
 def test_label_relevance_counts_class_matches():
-    rows = [{"image": "a.png", "text": "cat one", "label": "cat"}, {"image": "b.png", "text": "cat two", "label": "cat"},
-            {"image": "c.png", "text": "dog", "label": "dog"}]
-    vec = {"a.png": [1, 0], "b.png": [1, 0], "c.png": [0, 1], "cat one": [0.9, 0.1], "cat two": [0.8, 0.2],
-           "dog": [0, 1]}
+    rows = [
+        {"image": "a.png", "text": "cat one", "label": "cat"},
+        {"image": "b.png", "text": "cat two", "label": "cat"},
+        {"image": "c.png", "text": "dog", "label": "dog"},
+    ]
+    vec = {
+        "a.png": [1, 0],
+        "b.png": [1, 0],
+        "c.png": [0, 1],
+        "cat one": [0.9, 0.1],
+        "cat two": [0.8, 0.2],
+        "dog": [0, 1],
+    }
 
     def enc(m, keys):
         z = np.array([vec[k] for k in keys], dtype=np.float32)

@@ -61,6 +61,10 @@ class Encoder(nn.Module):
 
     out_dim: int
     frozen: bool = False
+    # True when the weights come from outside the model checkpoint (an installed package, a local
+    # folder or an open_clip checkpoint) and are reloaded from there; a frozen from-scratch encoder
+    # (trainable=False) is False here and its random weights must be saved with the model.
+    external_weights: bool = False
 
     def prepare(self, raw: list[Any]) -> dict[str, Tensor]:
         raise NotImplementedError

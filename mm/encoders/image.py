@@ -70,6 +70,7 @@ class EfficientNetLiteEncoder(Encoder):
         self.mean, self.std = LITE_MEAN, LITE_STD
         self.net = efficientnet_lite0(pretrained if pretrained is not None else "default")
         self.out_dim = self.net.head_dim
+        self.external_weights = True
         self.freeze()
 
     def prepare(self, raw: list[Any]) -> dict[str, Tensor]:
@@ -136,6 +137,7 @@ class OpenCLIPImageEncoder(Encoder):
         mean = getattr(self.visual, "image_mean", None) or CLIP_MEAN
         std = getattr(self.visual, "image_std", None) or CLIP_STD
         self.mean, self.std = tuple(mean), tuple(std)
+        self.external_weights = pretrained is not None
         if pretrained is not None or not cfg.trainable:
             self.freeze()
 

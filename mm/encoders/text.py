@@ -96,6 +96,7 @@ class MiniLMTextEncoder(Encoder):
         self.tokenizer.enable_truncation(max_length=self.max_len)
         self.tokenizer.enable_padding(pad_id=0)
         self.out_dim = self.model.config.hidden_size
+        self.external_weights = True
         self.freeze()
 
     def prepare(self, raw: list[str]) -> dict[str, Tensor]:
@@ -177,6 +178,7 @@ class OpenCLIPTextEncoder(Encoder):
         self.out_dim = int(self.tower.width)
         self.pad_id = int(getattr(self.tower, "pad_id", 0))
         self._tokenizer = open_clip.get_tokenizer(cfg.open_clip_model)
+        self.external_weights = pretrained is not None
         if pretrained is not None or not cfg.trainable:
             self.freeze()
 

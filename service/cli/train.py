@@ -20,13 +20,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--no-bf16", action="store_true", help="train in float32")
-    p.add_argument("--override", action="append", default=[], metavar="KEY=JSON",
-                   help="model config override, e.g. backbone.depth=2 (repeatable)")
+    p.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="model config override, e.g. backbone.depth=2 (repeatable)",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from mm.recipes import recipe_config
+
     from mm.train import TrainConfig, train
 
     kw: dict = recipe_config(args.recipe) if args.recipe else {"model": args.model}
@@ -48,6 +54,16 @@ def run(args: argparse.Namespace) -> int:
         kw["model"] = args.model
     cfg = TrainConfig(manifest=args.manifest, out_dir=args.out, overrides=overrides, **kw)
     result = train(cfg)
-    print(json.dumps({"steps": result.steps, "final_loss": result.final_loss, "seconds": round(result.seconds, 1),
-                      "out": result.out_dir, "val": result.val}), file=sys.stdout)
+    print(
+        json.dumps(
+            {
+                "steps": result.steps,
+                "final_loss": result.final_loss,
+                "seconds": round(result.seconds, 1),
+                "out": result.out_dir,
+                "val": result.val,
+            }
+        ),
+        file=sys.stdout,
+    )
     return 0

@@ -73,6 +73,8 @@ def add_item(
         if isinstance(exc, ValueError | OSError) and not isinstance(exc, MediaError):
             raise APIError(422, f"cannot use {file.filename}: {exc}", "invalid_media") from exc
         raise
+    if created and Path(item.uri) != path:  # the same content was already indexed from elsewhere
+        path.unlink(missing_ok=True)
     log.info("stored upload as item %d (%s)", item.id, item.modality)
     return ItemOut.model_validate(item_to_dict(item))
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, UploadFile
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from mm.errors import MediaError
 from service.deps import CollectionDep, EmbedderDep, SettingsDep
@@ -24,24 +27,28 @@ def _split(value: str | None) -> list[str] | None:
     return [part.strip() for part in value.split(",") if part.strip()]
 
 
-def _respond(collection, vector, query, *, k, offset, **filter_kw) -> SearchResponse:
+def _respond(collection, vector, query, *, k, offset, **filter_kw) -> JSONResponse:
     try:
         flt = build_filter(**filter_kw)
         hits, took_ms = search(collection, vector, k=k, filter=flt, offset=offset)
     except ValueError as exc:
         raise APIError(422, str(exc), "validation_error") from exc
-    return SearchResponse.model_validate(
-        {"results": [hit_to_dict(h) for h in hits], "took_ms": round(took_ms, 3), "query": query.to_dict()}
-    )
+    # The dicts already have the SearchResponse shape (hit_to_dict); answering them directly skips a
+    # second validation pass per result, which is a measurable share of a sub-millisecond search.
+    body = {"results": [hit_to_dict(h) for h in hits], "took_ms": round(took_ms, 3), "query": query.to_dict()}
+    return JSONResponse(body)
 
 
 @router.post("/search", response_model=SearchResponse, responses=error_responses(401, 404, 422))
-def search_json(req: SearchRequest, collection: CollectionDep, embedder: EmbedderDep) -> SearchResponse:
+async def search_json(req: SearchRequest, collection: CollectionDep, embedder: EmbedderDep) -> JSONResponse:
     """Search by text, by an existing item (more-like-this, the item excluded) or by a raw vector."""
+    # Only the model runs in the thread pool; a FAISS search takes well under a millisecond, less than
+    # the two thread hand-offs it would cost, so it runs on the event loop.
+    embed = functools.partial(
+        embed_query, collection, embedder, text=req.query, item_id=req.item_id, vector=req.vector
+    )
     try:
-        vector, query = embed_query(
-            collection, embedder, text=req.query, item_id=req.item_id, vector=req.vector
-        )
+        vector, query = await run_in_threadpool(embed) if req.query is not None else embed()
     except NotFound as exc:
         raise APIError(404, str(exc)) from exc
     except ValueError as exc:  # MediaError is handled by the app's handler before reaching here
@@ -75,7 +82,7 @@ def search_upload(
     path_prefix: Annotated[str | None, Form()] = None,
     since: Annotated[str | None, Form(description="ISO 8601 or unix seconds")] = None,
     until: Annotated[str | None, Form(description="ISO 8601 or unix seconds")] = None,
-) -> SearchResponse:
+) -> JSONResponse:
     """Search with an uploaded image or audio clip; the file is only used for the query, never stored."""
     modality = modality_of(file.filename, file.content_type)
     fd, tmp = tempfile.mkstemp(prefix="mm-query-", suffix=safe_suffix(file.filename, file.content_type))

@@ -1,0 +1,265 @@
+"""Ingest: folders of images / audio / text with sidecar captions and bad files, resume, single files."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from index.collection import Collection
+from index.ingest import add_text, ingest, ingest_one
+from index.types import Filter
+
+RATE = 8000
+
+
+class FakeEmbedder:
+    """Deterministic features (pixels / spectrum / word hashes) through a fixed projection; no model.
+
+    An all-magenta image is "media the model rejects": a decodable file that makes the batch fail.
+    """
+
+    dim = 16
+    modalities = ("text", "image", "audio")
+    model_id = "fake-embedder:1"
+
+    def __init__(self) -> None:
+        rng = np.random.default_rng(0)
+        self._img = rng.standard_normal((48, self.dim)).astype(np.float32)
+        self._aud = rng.standard_normal((8, self.dim)).astype(np.float32)
+        self.calls = 0
+
+    @staticmethod
+    def _norm(x: np.ndarray) -> np.ndarray:
+        return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-8)).astype(np.float32)
+
+    def encode_text(self, texts: Sequence[str]) -> np.ndarray:
+        self.calls += 1
+        out = np.full((len(texts), self.dim), 1e-3, np.float32)
+        for i, t in enumerate(texts):
+            for word in t.lower().split():
+                out[i, hashlib.sha256(word.encode()).digest()[0] % self.dim] += 1.0
+        return self._norm(out)
+
+    def encode_image(self, images: Sequence[Any]) -> np.ndarray:
+        self.calls += 1
+        feats = []
+        for im in images:
+            px = np.asarray(im.convert("RGB").resize((4, 4)), np.float32)
+            if (px == [255, 0, 255]).all():
+                raise ValueError("image rejected by the model")
+            feats.append(px.reshape(-1) / 255.0 - 0.5)
+        return self._norm(np.stack(feats) @ self._img)
+
+    def encode_audio(self, clips: Sequence[Any]) -> np.ndarray:
+        self.calls += 1
+        feats = []
+        for wave, rate in clips:
+            assert wave.ndim == 1 and rate == RATE
+            spec = np.abs(np.fft.rfft(wave[:1024], n=1024))[:512]
+            feats.append(np.log1p(spec.reshape(8, -1).sum(axis=1)))
+        return self._norm(np.stack(feats) @ self._aud)
+
+
+def _png(path: Path, colour: tuple[int, int, int], fmt: str | None = None) -> None:
+    from PIL import Image, ImageDraw
+
+    im = Image.new("RGB", (40, 30), colour)
+    ImageDraw.Draw(im).rectangle((5, 5, 20, 20), fill=(colour[2], colour[0], colour[1]))
+    im.save(path, format=fmt)
+
+
+def _tone(path: Path, freq: float) -> None:
+    import soundfile as sf
+
+    t = np.arange(RATE // 4) / RATE
+    sf.write(path, (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32), RATE)
+
+
+GOOD = 10  # 5 images + 3 sounds + 2 texts
+
+
+def make_folder(root: Path) -> Path:
+    (root / "img" / "sub").mkdir(parents=True)
+    (root / "snd").mkdir()
+    for i, colour in enumerate([(200, 20, 20), (20, 200, 20), (20, 20, 200)]):
+        _png(root / "img" / f"p{i}.png", colour)
+    _png(root / "img" / "sub" / "q.jpg", (120, 120, 10), "JPEG")
+    _png(root / "img" / "sub" / "g.gif", (10, 120, 120), "GIF")
+    (root / "img" / "p0.txt").write_text("A red box.\n")  # sidecar caption, not a text item
+    shutil.copy(root / "img" / "p1.png", root / "img" / "sub" / "p1_copy.png")  # duplicate content
+    for i, freq in enumerate([220.0, 880.0]):
+        _tone(root / "snd" / f"t{i}.wav", freq)
+    _tone(root / "snd" / "t2.flac", 440.0)
+    (root / "snd" / "t2.txt").write_text("a middle tone")
+    (root / "note.txt").write_text("hello collection world")
+    (root / "readme.md").write_text("# notes about the ocean")
+    (root / "ignored.xyz").write_text("not media")
+    (root / ".hidden").mkdir()
+    _png(root / ".hidden" / "h.png", (1, 2, 3))
+    # bad: garbage PNG, garbage WAV, empty text, an image the model rejects
+    (root / "img" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"junk" * 20)
+    (root / "snd" / "broken.wav").write_bytes(b"RIFF....WAVEjunk")
+    (root / "empty.txt").write_text("   \n")
+    _png_solid(root / "img" / "sub" / "rejected.png", (255, 0, 255))
+    return root
+
+
+def _png_solid(path: Path, colour: tuple[int, int, int]) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (16, 16), colour).save(path)
+
+
+BAD = {"broken.png", "broken.wav", "empty.txt", "rejected.png"}
+
+
+@pytest.fixture
+def setup(tmp_path):
+    root = make_folder(tmp_path / "media")
+    emb = FakeEmbedder()
+    coll = Collection.create(tmp_path / "coll", dim=emb.dim, embedder_id=emb.model_id)
+    yield root, emb, coll
+    coll.close()
+
+
+def test_ingest_folder_good_bad_captions_dedup_and_reingest(setup):
+    root, emb, coll = setup
+    progress: list[tuple[int, int]] = []
+    report = ingest(
+        coll,
+        emb,
+        [root],
+        batch_size=32,
+        workers=2,
+        progress=False,
+        tags=["demo"],
+        on_progress=lambda *a: progress.append(a),
+    )
+    assert report.added == GOOD and report.failed == len(BAD) and report.skipped == 1  # the copy
+    assert {Path(e.path).name for e in report.errors} == BAD
+    assert report.seen == GOOD + len(BAD) + 1 and progress[-1] == (report.seen, report.seen)
+    assert (
+        coll.count() == GOOD
+        and coll.count("image") == 5
+        and coll.count("audio") == 3
+        and coll.count("text") == 2
+    )
+    assert {Path(e.uri).name for e in coll.errors()} == BAD and coll.stats()["errors"] == len(BAD)
+    p0 = coll.find_by_uri(str((root / "img" / "p0.png").resolve()))
+    assert p0.caption == "A red box." and p0.tags == ["demo"] and (p0.width, p0.height) == (40, 30)
+    assert (
+        p0.mime == "image/png"
+        and p0.sha256 == hashlib.sha256((root / "img" / "p0.png").read_bytes()).hexdigest()
+    )
+    t2 = coll.find_by_uri(str((root / "snd" / "t2.flac").resolve()))
+    assert t2.caption == "a middle tone" and t2.duration == pytest.approx(0.25)
+    assert coll.find_by_uri(str((root / "img" / "p0.txt").resolve())) is None
+    note = coll.find_by_uri(str((root / "note.txt").resolve()))
+    assert note.modality == "text" and note.caption == "hello collection world"
+    hit = coll.search(emb.encode_text(["hello collection world"]), k=1, filter=Filter(modalities=["text"]))[
+        0
+    ][0]
+    assert hit.id == note.id and hit.score == pytest.approx(1.0, abs=1e-5)
+    p1 = coll.find_by_uri(str((root / "img" / "p1.png").resolve()))
+    assert coll.search(coll.vector(p1.id), k=1)[0][0].id == p1.id
+
+    calls = emb.calls
+    again = ingest(coll, emb, [root], progress=False, tags=["demo"])
+    assert (again.added, again.updated, again.failed) == (0, 0, 0) and again.skipped == again.seen
+    assert emb.calls == calls  # nothing re-encoded
+
+    # a changed file keeps its id; a changed sidecar only updates the caption
+    _png(root / "img" / "p2.png", (90, 90, 250))
+    os.utime(root / "img" / "p2.png", (1e9, 1e9))
+    (root / "img" / "p0.txt").write_text("A crimson box.")
+    p2_id = coll.find_by_uri(str((root / "img" / "p2.png").resolve())).id
+    third = ingest(coll, emb, [root], progress=False, tags=["demo"])
+    assert third.updated == 2 and third.added == 0 and coll.count() == GOOD
+    assert coll.find_by_uri(str((root / "img" / "p2.png").resolve())).id == p2_id
+    assert coll.get(p0.id).caption == "A crimson box."
+
+
+def test_batch_failure_is_isolated_item_by_item(setup):
+    root, emb, coll = setup
+    report = ingest(coll, emb, [root / "img"], batch_size=64, progress=False)
+    assert report.added == 5 and {Path(e.path).name for e in report.errors} == {"broken.png", "rejected.png"}
+    assert any("rejected by the model" in e.error for e in report.errors)
+
+
+def test_interrupted_ingest_resumes(setup, tmp_path):
+    root, emb, coll = setup
+    done: list[int] = []
+    first = ingest(
+        coll,
+        emb,
+        [root],
+        batch_size=3,
+        workers=2,
+        progress=False,
+        on_progress=lambda n, total: done.append(n),
+        should_stop=lambda: bool(done),
+    )
+    assert first.seen == 3 and len(done) == 1 and coll.count() + len(coll.errors()) + first.skipped <= 3
+    coll.close()  # as after a restart
+    coll2 = Collection.open(tmp_path / "coll")
+    rest = ingest(coll2, emb, [root], batch_size=3, progress=False)
+    assert coll2.count() == GOOD and len(coll2.errors()) == len(BAD)
+    assert rest.added + first.added == GOOD and rest.skipped >= first.added + first.failed
+    coll2.close()
+
+
+def test_crash_mid_ingest_loses_nothing_committed(setup, tmp_path, caplog):
+    """Batches commit to SQLite; the FAISS file lags until the end, so a crash is repaired on open."""
+    root, emb, coll = setup
+
+    def crash(done: int, total: int) -> None:
+        if done >= 6:
+            raise KeyboardInterrupt
+
+    coll.save = lambda: None  # type: ignore[method-assign]  # the process dies before any FAISS write
+    with pytest.raises(KeyboardInterrupt):
+        ingest(coll, emb, [root], batch_size=3, progress=False, on_progress=crash)
+    committed = coll.store.count()
+    assert committed >= 3
+    reopened = Collection.open(tmp_path / "coll")
+    assert any("rebuilding" in r.getMessage() for r in caplog.records)
+    assert reopened.count() == committed and reopened.stats()["ntotal"] == committed
+    reopened.close()
+
+
+def test_ingest_one_and_add_text(setup):
+    root, emb, coll = setup
+    item = ingest_one(coll, emb, root / "img" / "p1.png", caption="green", tags=["upload"])
+    assert item.id > 0 and item.modality == "image" and item.caption == "green" and item.tags == ["upload"]
+    assert ingest_one(coll, emb, root / "img" / "p1.png").id == item.id
+    assert ingest_one(coll, emb, root / "img" / "sub" / "p1_copy.png").id == item.id  # same content
+    audio = ingest_one(coll, emb, root / "snd" / "t2.flac")
+    assert audio.modality == "audio" and audio.caption == "a middle tone"
+    for bad in ("img/broken.png", "img/sub/rejected.png", "snd/broken.wav", "ignored.xyz"):
+        with pytest.raises(ValueError):
+            ingest_one(coll, emb, root / bad)
+    assert coll.count() == 2 and coll.errors() == []  # nothing stored for bad uploads
+
+    t = add_text(coll, emb, "a cat on a mat", tags=["note"])
+    assert t.modality == "text" and t.caption == "a cat on a mat" and t.uri == ""
+    assert add_text(coll, emb, "a cat on a mat").id == t.id
+    assert coll.search(emb.encode_text(["a cat on a mat"]), k=1)[0][0].id == t.id
+    with pytest.raises(ValueError, match="empty"):
+        add_text(coll, emb, "  ")
+
+
+def test_ingest_refuses_other_embedder_and_missing_paths(setup, tmp_path):
+    root, emb, coll = setup
+    other = FakeEmbedder()
+    other.model_id = "another-model"
+    with pytest.raises(ValueError, match="another-model"):
+        ingest(coll, other, [root], progress=False)
+    with pytest.raises(ValueError, match="does not exist"):
+        ingest(coll, emb, [tmp_path / "nope"], progress=False)
