@@ -43,15 +43,18 @@ def build(kind: str, impl: str = "chunked") -> torch.nn.Module:
     return model.eval()
 
 
-def time_ms(model: torch.nn.Module, x: torch.Tensor, repeats: int) -> float:
+def time_ms(models: dict[str, torch.nn.Module], x: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Median forward ms per model; the models alternate within each repeat so load drift hits all alike."""
+    times: dict[str, list[float]] = {name: [] for name in models}
     with torch.no_grad():
-        model(x)  # warm-up (and, for flex, compile)
-        times = []
+        for model in models.values():
+            model(x)  # warm-up (and, for flex, compile)
         for _ in range(repeats):
-            start = time.perf_counter()
-            model(x)
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+            for name, model in models.items():
+                start = time.perf_counter()
+                model(x)
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: round(statistics.median(ts), 2) for name, ts in times.items()}
 
 
 def _status_kb(field: str) -> int:
@@ -111,16 +114,16 @@ def main(argv: list[str] | None = None) -> None:
     for t in lengths:
         x = torch.randn(1, t, DIM, generator=torch.Generator().manual_seed(t))
         row: dict[str, float | int | None] = {"length": t}
-        row["aam_ms"] = round(time_ms(aam, x, args.repeats), 2)
-        row["sdpa_ms"] = round(time_ms(full, x, args.repeats), 2)
-        row["speedup"] = round(row["sdpa_ms"] / row["aam_ms"], 2)
+        models = {"aam_ms": aam, "sdpa_ms": full}
         if t in flex_lengths:
             flex = build("aam", "flex")
             start = time.perf_counter()
             with torch.no_grad():
                 flex(x)
             row["flex_first_call_s"] = round(time.perf_counter() - start, 1)  # compile (cached on disk)
-            row["aam_flex_ms"] = round(time_ms(flex, x, args.repeats), 2)
+            models["aam_flex_ms"] = flex
+        row.update(time_ms(models, x, args.repeats))
+        row["speedup"] = round(row["sdpa_ms"] / row["aam_ms"], 2)
         if not args.no_memory:
             row["aam_peak_mb"] = peak_mb("aam", t)
             row["sdpa_peak_mb"] = peak_mb("full", t)

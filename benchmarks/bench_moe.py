@@ -28,15 +28,22 @@ from mm.moe import DMoE, SwiGLU  # noqa: E402
 N_TOKENS, DIM, N_EXPERTS, K, HIDDEN = 4096, 512, 16, 2, 1024
 
 
-def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
+def interleaved_ms(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Time each contender once per round, round after round, so all see the same machine load."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def median_ratio(num: list[float], den: list[float]) -> float:
+    """Median over rounds of the per-round ratio: robust to load that changes between rounds."""
+    return statistics.median(a / b for a, b in zip(num, den, strict=True))
 
 
 def moe_config(**overrides) -> MoEConfig:
@@ -72,41 +79,46 @@ def bench_speed(repeats: int, loop_tokens: int) -> dict[str, float]:
     full = DMoE(moe_config(routing="topp", shared_expert=True, collaboration=True)).eval()
     dense_total = SwiGLU(DIM, N_EXPERTS * HIDDEN).eval()
     dense_active = SwiGLU(DIM, K * HIDDEN).eval()
+    sub = x[0, :loop_tokens]
     with torch.inference_mode():
-        moe_ms = median_ms(lambda: moe(x), repeats)
-        full_ms = median_ms(lambda: full(x), repeats)
-        total_ms = median_ms(lambda: dense_total(x), max(3, repeats // 2))
-        active_ms = median_ms(lambda: dense_active(x), repeats)
-        sub = x[0, :loop_tokens]
-        loop_ms = median_ms(lambda: naive_token_loop(moe, sub), max(3, repeats // 2)) * N_TOKENS / loop_tokens
-        ref = moe(sub.unsqueeze(0)).output[0]
-        loop_err = (naive_token_loop(moe, sub) - ref).abs().max().item()
+        t = interleaved_ms(
+            {
+                "moe": lambda: moe(x),
+                "dense_total": lambda: dense_total(x),
+                "dense_active": lambda: dense_active(x),
+                "full": lambda: full(x),
+            },
+            repeats,
+        )
+        loop = interleaved_ms({"loop": lambda: naive_token_loop(moe, sub)}, 2)["loop"]
+        loop_err = (naive_token_loop(moe, sub) - moe(sub.unsqueeze(0)).output[0]).abs().max().item()
+    moe_ms = statistics.median(t["moe"])
+    loop_ms = statistics.median(loop) * N_TOKENS / loop_tokens
     return {
         "moe_ms": round(moe_ms, 2),
-        "moe_topp_shared_collab_ms": round(full_ms, 2),
-        "dense_same_total_ms": round(total_ms, 2),
-        "dense_same_active_ms": round(active_ms, 2),
+        "dense_same_total_ms": round(statistics.median(t["dense_total"]), 2),
+        "dense_same_active_ms": round(statistics.median(t["dense_active"]), 2),
+        "moe_topp_shared_collab_ms": round(statistics.median(t["full"]), 2),
         "naive_token_loop_ms": round(loop_ms, 1),
         "naive_loop_max_abs_diff": loop_err,
-        "speedup_vs_dense_same_total": round(total_ms / moe_ms, 2),
-        "ratio_vs_dense_same_active": round(moe_ms / active_ms, 3),
+        "speedup_vs_dense_same_total": round(median_ratio(t["dense_total"], t["moe"]), 2),
+        "ratio_vs_dense_same_active": round(median_ratio(t["moe"], t["dense_active"]), 3),
         "speedup_vs_naive_loop": round(loop_ms / moe_ms, 1),
     }
 
 
 def bench_one_thread(repeats: int) -> dict[str, float]:
-    """MoE vs same-active dense with one thread: fewer thread barriers, which matter on a busy machine."""
+    """MoE vs same-active dense on one thread: no thread barriers, which dominate on a busy machine."""
     torch.manual_seed(0)
     x = torch.randn(1, N_TOKENS, DIM)
     moe = DMoE(moe_config()).eval()
     dense_active = SwiGLU(DIM, K * HIDDEN).eval()
     with torch.inference_mode():
-        moe_ms = median_ms(lambda: moe(x), repeats)
-        active_ms = median_ms(lambda: dense_active(x), repeats)
+        t = interleaved_ms({"moe": lambda: moe(x), "dense_active": lambda: dense_active(x)}, repeats)
     return {
-        "moe_ms_1thread": round(moe_ms, 2),
-        "dense_same_active_ms_1thread": round(active_ms, 2),
-        "ratio_vs_dense_same_active_1thread": round(moe_ms / active_ms, 3),
+        "moe_ms_1thread": round(statistics.median(t["moe"]), 2),
+        "dense_same_active_ms_1thread": round(statistics.median(t["dense_active"]), 2),
+        "ratio_vs_dense_same_active_1thread": round(median_ratio(t["moe"], t["dense_active"]), 3),
     }
 
 
@@ -138,7 +150,7 @@ def bench_balance(steps: int, gamma: float, offset: float, tokens_per_step: int)
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--loop-tokens", type=int, default=256)
+    parser.add_argument("--loop-tokens", type=int, default=128)
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--gamma", type=float, default=4e-4)
     parser.add_argument("--offset", type=float, default=2.0)
@@ -150,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
         "setup": (
             f"{N_TOKENS} tokens, d={DIM}, {N_EXPERTS} experts, top-{K}, expert hidden {HIDDEN}; speed "
             "figures: collaboration off, no shared expert, eval forward under inference_mode, median of "
-            f"{args.repeats}; torch {torch.__version__}, {torch.get_num_threads()} threads"
+            f"{args.repeats} interleaved rounds (ratios: median of per-round ratios); torch {torch.__version__}, {torch.get_num_threads()} threads"
         ),
         "naive_loop_note": f"per-token Python loop timed on {args.loop_tokens} tokens, scaled linearly",
         "dense_same_total": f"SwiGLU hidden {N_EXPERTS * HIDDEN}",

@@ -63,7 +63,7 @@ class ItemError:
 
 @dataclass
 class IngestReport:
-    """What one ingest run did. ``errors`` lists files that could not be used; the run never aborts for them."""
+    """What one ingest run did. ``errors`` lists files that could not be used; a run never aborts for one."""
 
     added: int = 0
     updated: int = 0

@@ -122,24 +122,31 @@ def local_chunked(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, half_window: i
 
     q, k, v (B, H, T, E); valid (B, T) bool. Query i sees key j iff ``|i - j| <= half_window`` and
     (``valid[j]`` or ``j == i``; self keeps padding rows finite). Returns (B, H, T, E).
-    Memory is O(T * E + block * (block + 2 * half_window)) per head.
+    The blocks of a sequence go to one fused SDPA call as a batch of (block, band) problems; the bands
+    are overlapping strided views of the padded keys, so memory is O(T * (E + block + 2 * half_window)).
     """
     b, h, t, e = q.shape
     w2 = min(half_window, t - 1)  # a wider band changes nothing
     c = max(1, min(block, t))
     n_blocks = -(-t // c)
+    span = c + 2 * w2
     bias = _band_bias(valid, w2, c, n_blocks, q.dtype)  # (B, N, C, S)
+    if n_blocks == 1:  # the band of the only block is the whole sequence
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias[:, :, :t, w2 : w2 + t])
+    tail = n_blocks * c - t
+    qt, kt, vt = (z.transpose(1, 2) for z in (q, k, v))  # (B, T, H, E); contiguous when from a Linear
+    qp = F.pad(qt, (0, 0, 0, 0, 0, tail)) if tail else qt  # (B, N * C, H, E)
+    kp = F.pad(kt, (0, 0, 0, 0, w2, w2 + tail))  # (B, w2 + N * C + w2, H, E)
+    vp = F.pad(vt, (0, 0, 0, 0, w2, w2 + tail))
     outs = []
-    for i in range(n_blocks):
-        s = i * c
-        n = min(c, t - s)  # the last block may be shorter
-        lo, hi = max(0, s - w2), min(t, s + n + w2)  # key band clipped to the sequence
-        off = lo - (s - w2)  # band column of key lo
-        mask = bias[:, i, None, :n, off : off + hi - lo]  # (B, 1, C', K)
-        o = F.scaled_dot_product_attention(q[:, :, s : s + n], k[:, :, lo:hi], v[:, :, lo:hi], attn_mask=mask)
-        outs.append(o.transpose(1, 2))  # (B, C', H, E)
-    out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0].contiguous()  # (B, T, H, E)
-    return out.transpose(1, 2)  # (B, H, T, E), a view of a (B, T, H, E) buffer
+    for i in range(b):  # SDPA takes 4-D inputs only: one call per sequence
+        qb = qp[i].reshape(n_blocks, c, h, e).transpose(1, 2)  # (N, H, C, E)
+        kb = kp[i].unfold(0, span, c).permute(0, 1, 3, 2)  # (N, H, S, E), overlapping views
+        vb = vp[i].unfold(0, span, c).permute(0, 1, 3, 2)
+        o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=bias[i, :, None])  # (N, H, C, E)
+        outs.append(o.transpose(1, 2).reshape(n_blocks * c, h, e)[:t])  # (T, H, E)
+    out = outs[0][None] if b == 1 else torch.stack(outs)  # (B, T, H, E)
+    return out.transpose(1, 2)  # (B, H, T, E)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -327,24 +334,28 @@ class AdaptiveAttention(nn.Module):
         out = (p[..., :n_g].reshape(b, t, h * n_g) @ _block_diag(vg)).view(b, t, h, e)  # (B, T, H, E)
         return torch.addcmul(out, p[..., n_g:], v.view(b, t, h, e)).view(b, t, d)  # (B, T, D)
 
+    def mix_paths(self, x: Tensor, keys_ok: Tensor, w: Tensor, mix: float | None) -> Tensor:
+        """w * local + (1 - w) * global, before o_proj. x (B, T, D); w (B, 1, 1) or (B, T, 1) -> (B, T, D).
+
+        A method of its own so that q, k, v and the two paths are freed before o_proj runs.
+        """
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, T, D) each
+        if mix is None or mix > 0.0:
+            heads = [_split_heads(z, self.n_heads) for z in (q, k, v)]  # (B, H, T, E) views
+            local = _merge_heads(self.local(*heads, keys_ok, self.kernel_for(x)))  # (B, T, D)
+            if mix == 1.0:
+                return local
+        glob = self.global_path(q, k, v, keys_ok)
+        return glob if mix == 0.0 else torch.lerp(glob, local, w)  # g * local + (1 - g) * global
+
     def forward(self, x: Tensor, pad_mask: Tensor | None = None, mix: float | None = None) -> AttentionOutput:
         """x (B, T, D); pad_mask (B, T) bool, True = real token; mix overrides the gate (1.0 = local only)."""
         valid = _check_inputs(x, pad_mask, self.cfg.dim)
         _check_mix(mix)
         gate = self.gate(x, valid)  # (B,) or (B, T)
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, T, D) each
         w = gate if mix is None else torch.full_like(gate, float(mix))
         w = w[:, None, None] if w.dim() == 1 else w[:, :, None]  # (B, 1, 1) or (B, T, 1)
-        keys_ok = _nonempty_keys(valid)
-        if mix is None or mix > 0.0:
-            heads = [_split_heads(z, self.n_heads) for z in (q, k, v)]  # (B, H, T, E) views
-            local = _merge_heads(self.local(*heads, keys_ok, self.kernel_for(x)))  # (B, T, D)
-        if mix == 1.0:
-            mixed = local
-        elif mix == 0.0:
-            mixed = self.global_path(q, k, v, keys_ok)
-        else:
-            mixed = torch.lerp(self.global_path(q, k, v, keys_ok), local, w)  # g * local + (1 - g) * global
+        mixed = self.mix_paths(x, _nonempty_keys(valid), w, mix)  # (B, T, D)
         out = self.o_proj(self.dropout(mixed))  # (B, T, D)
         if pad_mask is not None:
             out = out * valid[..., None].to(out.dtype)

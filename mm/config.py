@@ -103,6 +103,7 @@ class ModelConfig:
     audio: AudioEncoderConfig = field(default_factory=AudioEncoderConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     residual_pooled: bool = True  # add a linear map of the encoder's pooled features to the output
+    head: Literal["backbone", "linear"] = "backbone"  # "linear": pooled features + linear map only (baseline)
     init_temperature: float = 0.07
 
     def to_dict(self) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -59,6 +60,26 @@ class FeatureCache:
                 self.items.update(decoded)
             bar.update(len(chunk))
         bar.close()
+
+    def save(self, path: str | Path) -> None:
+        """Persist the cache (frozen-encoder features only; decoded inputs are cheap to redo)."""
+        if not self.frozen:
+            return
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"items": self.items, "failed": self.failed}, tmp)
+        tmp.replace(path)
+
+    def load(self, path: str | Path) -> int:
+        """Load a cache written by :meth:`save`; returns how many items it held (0 when absent)."""
+        path = Path(path)
+        if not self.frozen or not path.exists():
+            return 0
+        state = torch.load(path, weights_only=False)
+        self.items.update(state["items"])
+        self.failed.update(state["failed"])
+        return len(state["items"])
 
     def _decode(self, key: str) -> Any:
         if self.modality == "text":

@@ -46,17 +46,22 @@ class MultimodalModel(nn.Module):
             "audio": lambda: build_audio_encoder(cfg.audio),
         }
         self.encoders = nn.ModuleDict({m: builders[m]() for m in cfg.modalities})
-        self.in_proj = nn.ModuleDict({m: nn.Linear(enc.out_dim, d) for m, enc in self.encoders.items()})
-        self.backbone = Backbone(cfg.backbone)
-        self.out_proj = nn.Linear(d, e, bias=False)
+        if cfg.head == "backbone":
+            self.in_proj = nn.ModuleDict({m: nn.Linear(enc.out_dim, d) for m, enc in self.encoders.items()})
+            self.backbone = Backbone(cfg.backbone)
+            self.out_proj = nn.Linear(d, e, bias=False)
+        elif not cfg.residual_pooled:
+            raise ConfigError('head="linear" needs residual_pooled=true (the linear map is the whole model)')
         if cfg.residual_pooled:
             self.pooled_proj = nn.ModuleDict(
                 {m: nn.Linear(enc.out_dim, e, bias=False) for m, enc in self.encoders.items()}
             )
         self.logit_scale = nn.Parameter(torch.tensor(float(np.log(1.0 / cfg.init_temperature))))
 
-    def embed(self, modality: str, feats: EncoderOutput) -> tuple[Tensor, BackboneOutput]:
+    def embed(self, modality: str, feats: EncoderOutput) -> tuple[Tensor, BackboneOutput | None]:
         """Encoder outputs -> (B, E) normalised embeddings (and the backbone's output for its stats)."""
+        if self.cfg.head == "linear":
+            return l2_normalize(self.pooled_proj[modality](feats.pooled.float())), None
         tokens, mask = feats.tokens, feats.mask  # (B, T, C), (B, T)
         limit = self.cfg.backbone.max_tokens
         if tokens.shape[1] > limit:
@@ -205,6 +210,7 @@ def create_model(
     name_or_path: str | Path = "default",
     pretrained: str | Path | bool | None = None,
     overrides: dict[str, Any] | None = None,
+    seed: int = 0,
 ) -> MultimodalEmbedder:
     """Build the embedder for a named config/checkpoint or a path.
 
@@ -213,7 +219,11 @@ def create_model(
     """
     cfg, ckpt = resolve(name_or_path)
     cfg = cfg.with_overrides(overrides)
-    model = MultimodalModel(cfg)
+    # Fixed-seed initialisation: an untrained config gives the same weights (and model_id) every time,
+    # so a collection indexed with it can be searched with it later; the caller's RNG is left untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = MultimodalModel(cfg)
     weights = ckpt if pretrained is None else (None if pretrained is False else Path(str(pretrained)))
     if weights is not None:
         load_weights(model, weights)

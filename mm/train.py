@@ -55,6 +55,7 @@ class TrainConfig:
     ckpt_every: int = 100  # optimizer steps between checkpoints
     max_rows: int | None = None  # cap on training rows (quick runs)
     num_threads: int | None = None
+    cache_dir: str | None = None  # frozen-encoder feature cache (default: <out_dir>/cache)
     progress: bool = True
 
 
@@ -97,7 +98,7 @@ class Trainer:
         self.val_rows = load_rows(cfg.manifest, cfg.val_split) if cfg.val_split else []
         resume = (self.out / STATE_FILE).exists()
         start = str(self.out) if resume else cfg.model
-        self.embedder = create_model(start, overrides=None if resume else cfg.overrides)
+        self.embedder = create_model(start, overrides=None if resume else cfg.overrides, seed=cfg.seed)
         self.model: MultimodalModel = self.embedder.model
         mods = [m for m in MODALITIES if m in self.model.encoders and _keys(self.rows, m)]
         self.caches = {
@@ -146,13 +147,20 @@ class Trainer:
             full = torch.zeros(len(rows), z.shape[1])
             full[has] = z.float()
             emb[m], present[m] = full, has
-            aux = aux + out.aux_loss.float()
+            if out is not None:
+                aux = aux + out.aux_loss.float()
         loss, logs = multi_pair_loss(emb, present, self.model.logit_scale, self.labels[list(idx)])
         return loss + aux, {**logs, "aux": float(aux.detach())}
 
     def fill_caches(self) -> None:
+        cache_dir = Path(self.cfg.cache_dir) if self.cfg.cache_dir else self.out / "cache"
         for m, cache in self.caches.items():
+            enc_cfg = getattr(self.model.cfg, m)
+            path = cache_dir / f"{m}-{_digest(enc_cfg)}.pt"
+            loaded = cache.load(path)
             cache.fill(_keys(self.rows, m) + _keys(self.val_rows, m), progress=self.cfg.progress)
+            if cache.frozen and len(cache.items) > loaded:
+                cache.save(path)
 
     def train(self) -> TrainResult:
         from tqdm.auto import tqdm
@@ -184,7 +192,8 @@ class Trainer:
             self.opt.step()
             with torch.no_grad():
                 self.model.logit_scale.clamp_(0, math.log(100.0))
-            self.model.backbone.update_moe_biases()
+            if hasattr(self.model, "backbone"):
+                self.model.backbone.update_moe_biases()
             self.step += 1
             loss_val = float(loss.detach())
             rec = {
@@ -257,6 +266,12 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 def load_trained(out_dir: str | Path) -> MultimodalEmbedder:
     return create_model(str(out_dir))
+
+
+def _digest(obj: Any) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(asdict(obj), sort_keys=True).encode()).hexdigest()[:10]
 
 
 def _seed(seed: int) -> None:

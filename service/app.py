@@ -51,7 +51,7 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
             collection.save()
             collection.close()
 
-    from service.routers import health, ingest, items, metrics, search
+    from service.routers import generate, health, ingest, items, metrics, openai_compat, search, ws
 
     app = FastAPI(
         title="mm",
@@ -66,8 +66,9 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
     auth = [Depends(require_api_key)]
     app.include_router(health.router)
-    for module in (search, items, ingest, metrics):
+    for module in (search, items, ingest, metrics, generate, openai_compat):
         app.include_router(module.router, dependencies=auth)
+    app.include_router(ws.router)  # checks its key itself: ?api_key= (browsers cannot set WS headers)
 
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware

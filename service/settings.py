@@ -6,7 +6,7 @@ Lists may be given as JSON (``MM_API_KEYS='["a","b"]'``) or comma-separated (``M
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -26,6 +26,13 @@ class Settings(BaseSettings):
     ingest_workers: int = Field(2, ge=1, le=64)  # decode threads of background ingest jobs
     batch_size: int = Field(32, ge=1, le=4096)  # encode batch of background ingest jobs
     memory_budget_mb: int = Field(1024, ge=16)  # FAISS index budget when the collection is created
+    generator: Literal["extractive", "local", "openai", "gguf"] = "extractive"  # default answer backend
+    lm_path: Path | None = None  # local backend: LM checkpoint dir; None: mm/checkpoints/lm
+    openai_base_url: str | None = None  # openai backend: e.g. http://localhost:8080/v1
+    openai_api_key: str | None = None
+    openai_model: str = "gpt-4o-mini"
+    openai_timeout: float = Field(30.0, gt=0)  # seconds
+    gguf_path: Path | None = None  # gguf backend: model file (needs llama-cpp-python)
 
     @field_validator("allowed_roots", "api_keys", "cors_origins", mode="before")
     @classmethod

@@ -18,7 +18,7 @@ import sys
 
 from service.cli.common import CLIParser, UsageError
 
-COMMANDS = ("index", "search", "info", "remove", "export", "serve", "eval", "train", "samples")
+COMMANDS = ("index", "search", "info", "remove", "export", "serve", "eval", "train", "samples", "demo")
 
 log = logging.getLogger(__name__)
 

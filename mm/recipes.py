@@ -1,0 +1,35 @@
+"""Named training recipes: the exact settings that produced a shipped checkpoint.
+
+``mm train --recipe default --manifest corpus/manifest.jsonl --out DIR`` reproduces the shipped default
+(seeded); flags given on the command line override the recipe's values.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+RECIPES: dict[str, dict[str, Any]] = {
+    # The shipped default (mm/checkpoints/default): the `small` config on the sample corpus.
+    "default": {
+        "model": "small",
+        "overrides": {},
+        "max_steps": 1200,
+        "batch_size": 128,
+        "grad_accum": 1,
+        "lr": 2e-3,
+        "weight_decay": 0.05,
+        "warmup_steps": 100,
+        "bf16": True,
+        "seed": 0,
+        "eval_every": 200,
+        "ckpt_every": 100,
+    },
+}
+
+
+def recipe_config(name: str) -> dict[str, Any]:
+    """A copy of the recipe's TrainConfig keyword arguments (without manifest/out_dir)."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; known recipes: {sorted(RECIPES)}")
+    return copy.deepcopy(RECIPES[name])

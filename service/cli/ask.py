@@ -1,0 +1,82 @@
+"""``mm ask "question" --collection DIR [--backend B] [-k 5] [--modality M]``: a grounded, streamed answer.
+
+The answer is printed as it is generated, then the cited items (``--json``: one object
+``{"answer", "citations", "backend"}`` as ``POST /generate`` gives it). Backends and their settings
+are those of the service (``MM_GENERATOR``, ``MM_OPENAI_*``, ``MM_LM_PATH``, ``MM_GGUF_PATH``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from service.cli.common import UsageError, add_collection, add_model, clip, load_embedder, split_csv, table
+
+BACKENDS = ("extractive", "local", "openai", "gguf")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("ask", help="answer a question from the closest items, citing them")
+    p.add_argument("question", help="the question (also the retrieval query)")
+    p.add_argument("--backend", "-b", choices=BACKENDS, help="generator backend (default: $MM_GENERATOR)")
+    p.add_argument("-k", type=int, default=5, help="items retrieved to ground the answer (1..20, default 5)")
+    p.add_argument("--modality", default="", help="modalities of the retrieved items, comma-separated")
+    p.add_argument("--max-tokens", type=int, default=128, help="longest answer (default 128)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    add_collection(p)
+    add_model(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from service.generation import Generators, retrieve, start_stream
+    from service.search import check_modalities
+    from service.settings import Settings
+    from service.store import open_collection
+
+    if not args.question.strip():
+        raise UsageError("the question is empty")
+    if not 1 <= args.k <= 20:
+        raise UsageError("-k must be in 1..20")
+    try:
+        modalities = check_modalities(split_csv(args.modality))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+
+    embedder = load_embedder(args.model)
+    with open_collection(args.collection, embedder, readonly=True) as coll:
+        hits = retrieve(coll, embedder, text=args.question, k=args.k, modalities=modalities)
+        gen = Generators(Settings(), coll.vector).get(args.backend)
+        try:
+            pieces, cites = start_stream(
+                gen,
+                args.question,
+                hits,
+                max_tokens=args.max_tokens,
+                temperature=args.temperature,
+                stop=args.stop,
+            )
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
+        parts: list[str] = []
+        for piece in pieces:
+            parts.append(piece)
+            if not args.json:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+    if args.json:
+        body = {"answer": "".join(parts), "citations": [c.model_dump() for c in cites], "backend": gen.name}
+        print(json.dumps(body))
+        return 0
+    print()
+    if cites:
+        rows = [
+            [f"[{i}]", f"{c.score:.3f}", c.modality, str(c.id), clip(c.caption or "", 60)]
+            for i, c in enumerate(cites, 1)
+        ]
+        print()
+        print(table(rows, ["#", "score", "modality", "id", "caption"]))
+    return 0

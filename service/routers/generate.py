@@ -1,0 +1,255 @@
+"""``POST /generate``: an answer grounded in retrieved items, as JSON or as Server-Sent Events.
+
+The query is JSON text (``{"query": ...}``) or, as multipart, an uploaded image/audio file with an
+optional ``question``. With ``stream=true`` the answer comes as ``text/event-stream``::
+
+    event: token       data: {"text": "The"}          (one per piece)
+    event: citations   data: [{"id", "modality", "score", "caption"}, ...]
+    event: done        data: {"backend": "extractive"}
+
+A backend that cannot answer gives 503 (``generator_unavailable``) before any event is sent; a failure
+after the first piece is sent as ``event: error``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from index.types import Hit
+from mm.errors import MediaError
+from service.deps import CollectionDep, EmbedderDep, SettingsDep
+from service.errors import APIError
+from service.generation import (
+    Citation,
+    Generators,
+    GeneratorUnavailable,
+    iterate_in_thread,
+    retrieve,
+    start_stream,
+)
+from service.schemas import Modality, error_responses
+
+router = APIRouter(tags=["generate"])
+
+Backend = Literal["extractive", "local", "openai", "gguf"]
+DEFAULT_QUESTION = "What is this?"
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    query: str = Field(min_length=1, max_length=2000, description="the question; also the retrieval query")
+    k: int = Field(5, ge=1, le=20, description="items retrieved to ground the answer")
+    modalities: list[Modality] | None = Field(None, description="modalities of the retrieved items")
+    backend: Backend | None = Field(None, description="generator backend; MM_GENERATOR when omitted")
+    stream: bool = Field(False, description="answer as Server-Sent Events")
+    max_tokens: int = Field(128, ge=1, le=4096)
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 = greedy")
+    stop: list[str] | None = Field(None, max_length=4, description="stop strings (not emitted)")
+
+
+class GenerateResponse(BaseModel):
+    answer: str
+    citations: list[Citation]
+    backend: str
+
+
+def generators_of(app: Any) -> Generators:
+    """The app's backend registry, made on first use (item vectors come from its collection)."""
+    gens = getattr(app.state, "generators", None)
+    if gens is None:
+        gens = app.state.generators = Generators(app.state.settings, app.state.collection.vector)
+    return gens
+
+
+@dataclass
+class Answer:
+    """A started generation: its first piece (already made, so failures surface before any byte is sent)."""
+
+    pieces: AsyncIterator[str]
+    first: str | None  # None: the answer is empty
+    citations: list[Citation]
+    backend: str
+
+    async def rest(self) -> AsyncIterator[str]:
+        try:
+            if self.first is None:
+                return
+            yield self.first
+            async for piece in self.pieces:
+                yield piece
+        finally:
+            await self.pieces.aclose()  # type: ignore[attr-defined]
+
+
+def unavailable(exc: GeneratorUnavailable) -> APIError:
+    return APIError(503, str(exc), "generator_unavailable")
+
+
+async def start_answer(
+    app: Any,
+    question: str,
+    hits: list[Hit],
+    *,
+    backend: str | None,
+    max_tokens: int,
+    temperature: float,
+    stop: list[str] | None,
+) -> Answer:
+    """Pick the backend, start it in a thread and wait for its first piece. Raises APIError 422/503."""
+    try:
+        gen = generators_of(app).get(backend)
+        pieces, cites = await run_in_threadpool(
+            start_stream, gen, question, hits, max_tokens=max_tokens, temperature=temperature, stop=stop
+        )
+    except GeneratorUnavailable as exc:
+        raise unavailable(exc) from exc
+    except ValueError as exc:
+        raise APIError(422, str(exc), "validation_error") from exc
+    agen = iterate_in_thread(pieces)
+    try:
+        first: str | None = await agen.__anext__()
+    except StopAsyncIteration:
+        first = None
+    except GeneratorUnavailable as exc:
+        await agen.aclose()
+        raise unavailable(exc) from exc
+    return Answer(agen, first, cites, gen.name)
+
+
+async def find_hits(collection: Any, embedder: Any, *, k: int, modalities: list[str] | None, **query: Any):
+    try:
+        return await run_in_threadpool(retrieve, collection, embedder, k=k, modalities=modalities, **query)
+    except MediaError:  # the app's handler maps it to 415/422/413
+        raise
+    except ValueError as exc:
+        raise APIError(422, str(exc), "validation_error") from exc
+
+
+def sse(event: str, data: Any) -> str:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
+
+
+async def sse_events(answer: Answer) -> AsyncIterator[str]:
+    stream = answer.rest()
+    try:
+        async for piece in stream:
+            yield sse("token", {"text": piece})
+        yield sse("citations", [c.model_dump() for c in answer.citations])
+        yield sse("done", {"backend": answer.backend})
+    except GeneratorUnavailable as exc:
+        yield sse("error", {"code": "generator_unavailable", "message": str(exc)})
+    finally:
+        await stream.aclose()
+
+
+async def respond(answer: Answer, stream: bool):
+    if stream:
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        return StreamingResponse(sse_events(answer), media_type="text/event-stream", headers=headers)
+    try:
+        text = "".join([p async for p in answer.rest()])
+    except GeneratorUnavailable as exc:
+        raise unavailable(exc) from exc
+    body = GenerateResponse(answer=text, citations=answer.citations, backend=answer.backend)
+    return JSONResponse(body.model_dump())
+
+
+def _form_list(value: Any) -> list[str] | None:
+    if value is None or value == "":
+        return None
+    return [p.strip() for p in str(value).split(",") if p.strip()]
+
+
+async def _from_form(request: Request, collection: Any, embedder: Any, settings: Any):
+    from service.store import copy_limited, modality_of, safe_suffix
+
+    form = await request.form()
+    upload = form.get("file")
+    if upload is None or isinstance(upload, str):
+        raise APIError(422, "multipart /generate needs a 'file' (an image or audio clip)", "validation_error")
+    fields = {k: v for k, v in form.items() if k != "file"}
+    fields["query"] = fields.pop("question", None) or DEFAULT_QUESTION
+    fields["modalities"] = _form_list(fields.get("modalities"))
+    fields["stop"] = _form_list(fields.get("stop"))
+    fields = {k: v for k, v in fields.items() if v is not None}
+    try:
+        req = GenerateRequest.model_validate(fields)
+    except ValidationError as exc:
+        raise APIError(422, _first_error(exc), "validation_error") from exc
+    modality = modality_of(upload.filename, upload.content_type)
+    fd, tmp = tempfile.mkstemp(prefix="mm-ask-", suffix=safe_suffix(upload.filename, upload.content_type))
+    try:
+        with os.fdopen(fd, "wb") as dst:
+            copy_limited(upload.file, dst, settings.max_upload_bytes)
+        hits = await find_hits(collection, embedder, k=req.k, modalities=req.modalities, **{modality: tmp})
+    finally:
+        os.unlink(tmp)
+    return req, hits
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    return f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
+
+
+@router.post(
+    "/generate",
+    response_model=GenerateResponse,
+    responses={
+        **error_responses(401, 413, 415, 422, 503),
+        200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when stream=true"},
+    },
+    openapi_extra={
+        "requestBody": {
+            "content": {
+                "application/json": {"schema": GenerateRequest.model_json_schema()},
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["file"],
+                        "properties": {
+                            "file": {"type": "string", "format": "binary"},
+                            "question": {"type": "string"},
+                            "k": {"type": "integer"},
+                            "modalities": {"type": "string", "description": "comma-separated"},
+                            "backend": {"type": "string"},
+                            "stream": {"type": "boolean"},
+                        },
+                    }
+                },
+            },
+            "required": True,
+        }
+    },
+)
+async def generate(request: Request, collection: CollectionDep, embedder: EmbedderDep, settings: SettingsDep):
+    """Answer a question (or describe an uploaded image/audio clip) from the closest items, citing them."""
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        req, hits = await _from_form(request, collection, embedder, settings)
+    else:
+        try:
+            req = GenerateRequest.model_validate_json(await request.body())
+        except ValidationError as exc:
+            raise APIError(422, _first_error(exc), "validation_error") from exc
+        hits = await find_hits(collection, embedder, k=req.k, modalities=req.modalities, text=req.query)
+    answer = await start_answer(
+        request.app,
+        req.query,
+        hits,
+        backend=req.backend,
+        max_tokens=req.max_tokens,
+        temperature=req.temperature,
+        stop=req.stop,
+    )
+    return await respond(answer, req.stream)

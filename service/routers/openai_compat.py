@@ -1,0 +1,142 @@
+"""OpenAI-compatible ``POST /v1/chat/completions`` and ``GET /v1/models``, grounded in retrieval.
+
+The last user message is the retrieval query and the question. ``model`` names a backend
+(``extractive``, ``local``, ``openai``, ``gguf``) or ``mm`` for the server's default. The cited items
+are in the extension field ``mm_citations`` of the response (and of the final stream chunk). Optional
+extension request fields: ``mm_k`` (items retrieved, default 5) and ``mm_modalities``. Unknown OpenAI
+fields (``n``, ``presence_penalty``, ...) are accepted and ignored. See docs/api.md.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.deps import CollectionDep, EmbedderDep
+from service.errors import APIError
+from service.generation import BACKENDS, GeneratorUnavailable
+from service.routers.generate import Answer, find_hits, start_answer
+from service.schemas import Modality, error_responses
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+DEFAULT_MODEL = "mm"
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str = DEFAULT_MODEL
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: bool = False
+    max_tokens: int | None = Field(None, ge=1, le=4096)
+    max_completion_tokens: int | None = Field(None, ge=1, le=4096)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    stop: str | list[str] | None = None
+    mm_k: int = Field(5, ge=1, le=20)
+    mm_modalities: list[Modality] | None = None
+
+
+def _text(content: str | list[dict[str, Any]] | None) -> str:
+    if isinstance(content, list):  # content parts: keep the text ones
+        return " ".join(p.get("text", "") for p in content if p.get("type") == "text").strip()
+    return (content or "").strip()
+
+
+def _backend(model: str) -> str | None:
+    if model in BACKENDS:
+        return model
+    if model in (DEFAULT_MODEL, ""):
+        return None
+    raise APIError(404, f"model {model!r} not found; GET /v1/models lists: mm, {', '.join(BACKENDS)}", "not_found")
+
+
+@router.get("/models")
+async def list_models() -> JSONResponse:
+    """The backends, as OpenAI model objects (``mm`` = the server's default backend)."""
+    data = [{"id": m, "object": "model", "created": 0, "owned_by": "mm"} for m in (DEFAULT_MODEL, *BACKENDS)]
+    return JSONResponse({"object": "list", "data": data})
+
+
+@router.post("/chat/completions", responses=error_responses(401, 404, 422, 503))
+async def chat_completions(req: ChatRequest, request: Request, collection: CollectionDep, embedder: EmbedderDep):
+    """Chat completion whose answer is grounded in the items retrieved for the last user message."""
+    backend = _backend(req.model)
+    users = [_text(m.content) for m in req.messages if m.role == "user"]
+    question = users[-1] if users else ""
+    if not question:
+        raise APIError(422, "messages need a user message with text: it is the retrieval query", "validation_error")
+    hits = await find_hits(collection, embedder, k=req.mm_k, modalities=req.mm_modalities, text=question)
+    stop = [req.stop] if isinstance(req.stop, str) else req.stop
+    answer = await start_answer(
+        request.app,
+        question,
+        hits,
+        backend=backend,
+        max_tokens=req.max_completion_tokens or req.max_tokens or 256,
+        temperature=req.temperature or 0.0,
+        stop=stop,
+    )
+    cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+    model = req.model or DEFAULT_MODEL
+    if req.stream:
+        return StreamingResponse(
+            _chunks(answer, cid, created, model), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
+    try:
+        text = "".join([p async for p in answer.rest()])
+    except GeneratorUnavailable as exc:
+        raise APIError(503, str(exc), "generator_unavailable") from exc
+    n = len(text.split())
+    body = {
+        "id": cid,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": len(question.split()), "completion_tokens": n, "total_tokens": n},
+        "system_fingerprint": answer.backend,
+        "mm_citations": [c.model_dump() for c in answer.citations],
+    }
+    return JSONResponse(body)
+
+
+async def _chunks(answer: Answer, cid: str, created: int, model: str) -> AsyncIterator[str]:
+    def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
+        body = {
+            "id": cid,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "system_fingerprint": answer.backend,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            **extra,
+        }
+        return f"data: {json.dumps(body)}\n\n"
+
+    stream = answer.rest()
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        async for piece in stream:
+            yield chunk({"content": piece})
+        yield chunk({}, "stop", mm_citations=[c.model_dump() for c in answer.citations])
+    except GeneratorUnavailable as exc:
+        err = {"error": {"code": "generator_unavailable", "message": str(exc)}}
+        yield f"data: {json.dumps(err)}\n\n"
+    finally:
+        await stream.aclose()
+    yield "data: [DONE]\n\n"

@@ -1,0 +1,192 @@
+"""``WebSocket /ws``: search and streamed generation, several requests per connection.
+
+Client messages (JSON text frames), each with a client-chosen ``id`` echoed in every answer::
+
+    {"type": "search",   "id": "1", "query": "a frog", "k": 5, "modalities": ["image"]}
+    {"type": "generate", "id": "2", "query": "what croaks?", "k": 3, "backend": "local",
+     "max_tokens": 64, "temperature": 0, "stop": ["\\n"]}
+    {"type": "cancel",   "id": "2"}
+
+Server messages: ``results`` (``{"results": [...]}`` as ``POST /search``), ``token`` (``{"text"}``),
+``citations`` (``{"citations": [...]}``), ``done`` (``{"backend"}``, or ``{"cancelled": true}``) and
+``error`` (``{"code", "message", "status"}``). A malformed message gets an ``error`` and the
+connection stays open. Requests run concurrently; when the client disconnects, running generations
+are cancelled (their generators are closed). With ``MM_API_KEYS`` set, the key goes in the query
+string (``/ws?api_key=KEY``, browsers cannot set headers here) or in ``Authorization``/``X-API-Key``;
+a wrong key closes the connection with code 1008 before it is accepted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any, Literal
+
+from fastapi import APIRouter, WebSocket
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException
+
+from mm.errors import MediaError
+from service.auth import _valid
+from service.generation import GeneratorUnavailable
+from service.routers.generate import Backend, find_hits, start_answer
+from service.schemas import Modality
+from service.search import hit_to_dict
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(tags=["websocket"])
+
+MAX_MESSAGE = 64 * 1024  # bytes of one client message
+MAX_RUNNING = 8  # concurrent requests per connection
+
+
+class WSSearch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["search"]
+    id: str | int
+    query: str = Field(min_length=1, max_length=2000)
+    k: int = Field(10, ge=1, le=100)
+    modalities: list[Modality] | None = None
+
+
+class WSGenerate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["generate"]
+    id: str | int
+    query: str = Field(min_length=1, max_length=2000)
+    k: int = Field(5, ge=1, le=20)
+    modalities: list[Modality] | None = None
+    backend: Backend | None = None
+    max_tokens: int = Field(128, ge=1, le=4096)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    stop: list[str] | None = Field(None, max_length=4)
+
+
+def _authorised(ws: WebSocket, keys: list[str]) -> bool:
+    if not keys:
+        return True
+    auth = ws.headers.get("authorization", "")
+    bearer = auth[7:].strip() if auth.lower().startswith("bearer ") else None
+    return any(_valid(k, keys) for k in (ws.query_params.get("api_key"), ws.headers.get("x-api-key"), bearer))
+
+
+class Connection:
+    """One client: a reader loop plus one task per running request, sharing a send lock."""
+
+    def __init__(self, ws: WebSocket) -> None:
+        self.ws = ws
+        self.app = ws.app
+        self.tasks: dict[str | int, asyncio.Task] = {}
+        self.lock = asyncio.Lock()
+
+    async def send(self, msg: dict[str, Any]) -> None:
+        async with self.lock:
+            await self.ws.send_text(json.dumps(msg))
+
+    async def error(self, rid: Any, code: str, message: str, status: int = 400) -> None:
+        await self.send({"type": "error", "id": rid, "code": code, "message": message, "status": status})
+
+    async def run(self) -> None:
+        try:
+            while True:
+                msg = await self.ws.receive()
+                if msg["type"] == "websocket.disconnect":
+                    return
+                await self.dispatch(msg.get("text") if msg.get("text") is not None else msg.get("bytes"))
+        finally:
+            for task in self.tasks.values():
+                task.cancel()
+            if self.tasks:
+                await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+
+    async def dispatch(self, raw: str | bytes | None) -> None:
+        if raw is None or len(raw) > MAX_MESSAGE:
+            return await self.error(None, "bad_message", f"send JSON text messages of at most {MAX_MESSAGE} bytes")
+        try:
+            msg = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            return await self.error(None, "bad_message", "messages must be JSON objects")
+        if not isinstance(msg, dict):
+            return await self.error(None, "bad_message", "messages must be JSON objects")
+        rid, kind = msg.get("id"), msg.get("type")
+        if kind == "cancel":
+            task = self.tasks.get(rid)
+            if task is not None:
+                task.cancel()
+            return None
+        if kind not in ("search", "generate"):
+            return await self.error(rid, "bad_message", "type must be 'search', 'generate' or 'cancel'")
+        try:
+            req = (WSSearch if kind == "search" else WSGenerate).model_validate(msg)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err["loc"])
+            return await self.error(rid, "validation_error", f"{where}: {err['msg']}", 422)
+        if req.id in self.tasks:
+            return await self.error(rid, "bad_message", f"request id {req.id!r} is still running")
+        if len(self.tasks) >= MAX_RUNNING:
+            return await self.error(rid, "too_many_requests", f"at most {MAX_RUNNING} requests at a time", 429)
+        task = asyncio.create_task(self.handle(req))
+        self.tasks[req.id] = task
+        task.add_done_callback(lambda _t, rid=req.id: self.tasks.pop(rid, None))
+        return None
+
+    async def handle(self, req: WSSearch | WSGenerate) -> None:
+        rid = req.id
+        try:
+            coll, emb = self.app.state.collection, self.app.state.embedder
+            hits = await find_hits(coll, emb, k=req.k, modalities=req.modalities, text=req.query)
+            if isinstance(req, WSSearch):
+                return await self.send({"type": "results", "id": rid, "results": [hit_to_dict(h) for h in hits]})
+            answer = await start_answer(
+                self.app,
+                req.query,
+                hits,
+                backend=req.backend,
+                max_tokens=req.max_tokens,
+                temperature=req.temperature,
+                stop=req.stop,
+            )
+            stream = answer.rest()
+            try:
+                async for piece in stream:
+                    await self.send({"type": "token", "id": rid, "text": piece})
+            finally:
+                await stream.aclose()
+            cites = [c.model_dump() for c in answer.citations]
+            await self.send({"type": "citations", "id": rid, "citations": cites})
+            await self.send({"type": "done", "id": rid, "backend": answer.backend})
+        except asyncio.CancelledError:
+            await self._safe_send({"type": "done", "id": rid, "cancelled": True})  # fails once the client is gone
+            raise
+        except HTTPException as exc:
+            await self._safe_error(rid, getattr(exc, "code", "error"), str(exc.detail), exc.status_code)
+        except GeneratorUnavailable as exc:
+            await self._safe_error(rid, "generator_unavailable", str(exc), 503)
+        except MediaError as exc:
+            await self._safe_error(rid, "invalid_media", str(exc), 422)
+        except Exception:
+            log.exception("websocket request %r failed", rid)
+            await self._safe_error(rid, "internal_error", "internal server error", 500)
+
+    async def _safe_send(self, msg: dict[str, Any]) -> None:
+        try:
+            await self.send(msg)
+        except Exception:  # the client is gone
+            pass
+
+    async def _safe_error(self, rid: Any, code: str, message: str, status: int) -> None:
+        await self._safe_send({"type": "error", "id": rid, "code": code, "message": message, "status": status})
+
+
+@router.websocket("/ws")
+async def websocket_endpoint(ws: WebSocket) -> None:
+    if not _authorised(ws, ws.app.state.settings.api_keys):
+        await ws.close(code=1008, reason="a valid API key is required (?api_key=KEY)")
+        return
+    await ws.accept()
+    await Connection(ws).run()
