@@ -128,7 +128,7 @@ class KVCache:
 
 
 def causal_window_mask(start: int, t: int, s: int, window: int, n_sink: int, device: torch.device) -> Tensor:
-    """(T, S) bool: query at absolute position start + r sees key j iff j <= i and (i - j < window or j < n_sink)."""
+    """(T, S) bool: query i = start + r sees key j iff j <= i and (i - j < window or j < n_sink)."""
     i = torch.arange(start, start + t, device=device)[:, None]
     j = torch.arange(s, device=device)[None, :]
     return (j <= i) & ((i - j < window) | (j < n_sink))
@@ -152,7 +152,9 @@ class CausalWindowAttention(nn.Module):
         """x (B, T, D) at absolute positions start.. (after ``start`` cached ones). Returns (B, T, D)."""
         b, t, d = x.shape
         h = self.heads
-        q, k, v = (p(x).view(b, t, h, d // h).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (
+            p(x).view(b, t, h, d // h).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj)
+        )
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, H, S, E)
         mask = causal_window_mask(start, t, k.shape[2], self.window, self.n_sink, x.device)  # (T, S)
@@ -206,7 +208,8 @@ class GroundedLM(nn.Module):
                 raise ValueError(f"at most {p} prefix vectors fit this model, got {n}; pass fewer items")
             if prefix.shape[0] != batch or prefix.shape[2] != self.cfg.embed_dim:
                 raise ValueError(
-                    f"prefix must have shape (B={batch}, P, M={self.cfg.embed_dim}), got {tuple(prefix.shape)}"
+                    f"prefix must have shape (B={batch}, P, M={self.cfg.embed_dim}), "
+                    f"got {tuple(prefix.shape)}"
                 )
             mask = torch.ones(batch, n, dtype=torch.bool) if prefix_mask is None else prefix_mask.bool()
             items = self.prefix_proj(prefix.to(self.prefix_proj.weight.dtype))  # (B, P', D)
@@ -288,7 +291,9 @@ class GroundedLM(nn.Module):
             ids = ids[:1] + ids[len(ids) - room + 1 :]  # keep BOS and the question at the end
         prefix = None
         if prefix_vectors is not None and len(prefix_vectors):
-            prefix = torch.as_tensor(np.asarray(prefix_vectors, dtype=np.float32))[None][:, : self.cfg.prefix_len]
+            prefix = torch.as_tensor(np.asarray(prefix_vectors, dtype=np.float32))[None][
+                :, : self.cfg.prefix_len
+            ]
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         was_training = self.training
         self.eval()
@@ -418,7 +423,7 @@ def resolve_lm(name_or_path: str | Path) -> tuple[LMConfig, Path | None]:
 
 
 def load_lm(name_or_path: str | Path = CHECKPOINT_DIR, pretrained: bool = True) -> GroundedLM:
-    """Build the LM from a config/checkpoint; loads weights when the checkpoint has them and ``pretrained``."""
+    """Build the LM from a config/checkpoint (weights: if it has them and ``pretrained``)."""
     cfg, ckpt = resolve_lm(name_or_path)
     model = GroundedLM(cfg)
     if pretrained and ckpt is not None:
@@ -429,12 +434,14 @@ def load_lm(name_or_path: str | Path = CHECKPOINT_DIR, pretrained: bool = True) 
         state.setdefault("head.weight", state.get("tok_embed.weight"))
         missing, unexpected = model.load_state_dict(state, strict=False)
         if [k for k in missing if not k.endswith("_load_acc")] or unexpected:
-            raise ConfigError(f"LM checkpoint {ckpt} does not match its config: {missing[:3]} {unexpected[:3]}")
+            raise ConfigError(
+                f"LM checkpoint {ckpt} does not match its config: {missing[:3]} {unexpected[:3]}"
+            )
     return model.eval()
 
 
 def save_lm(model: GroundedLM, out_dir: str | Path, dtype: torch.dtype = torch.float32) -> Path:
-    """``config.json`` + ``model.safetensors`` (tied head stored once; ``dtype`` e.g. bf16 halves the size)."""
+    """Write ``config.json`` + ``model.safetensors`` (tied head stored once; bf16 ``dtype`` halves it)."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)

@@ -226,6 +226,9 @@ def create_model(
         model = MultimodalModel(cfg)
     weights = ckpt if pretrained is None else (None if pretrained is False else Path(str(pretrained)))
     if weights is not None:
+        from mm.quantize import apply_checkpoint_quantization
+
+        apply_checkpoint_quantization(model, weights)  # a quantized checkpoint: swap in its layer types
         load_weights(model, weights)
     name = Path(str(name_or_path)).name if Path(str(name_or_path)).exists() else str(name_or_path)
     return MultimodalEmbedder(model, name=name)

@@ -120,7 +120,8 @@ class DMoE(nn.Module):
         self.shared = SwiGLU(cfg.dim, cfg.hidden, cfg.dropout) if cfg.shared_expert else None
         self.collab = ExpertCollaboration(cfg.dim, max(16, cfg.dim // 4)) if cfg.collaboration else None
         # Assignment counts per expert since the last update_bias() (training forwards only).
-        self.register_buffer("_load_acc", torch.zeros(cfg.n_experts), persistent=False)
+        # Integer, so that model.to(bfloat16) cannot round the counts.
+        self.register_buffer("_load_acc", torch.zeros(cfg.n_experts, dtype=torch.long), persistent=False)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> MoEOutput:
         # x (B, T, D); mask (B, T) bool, True = real token -> output (B, T, D)
@@ -151,7 +152,7 @@ class DMoE(nn.Module):
 
         if self.training:
             with torch.no_grad():
-                self._load_acc += counts.to(self._load_acc.dtype)
+                self._load_acc += counts
         aux = self._seq_balance_loss(probs, idx, keep, rows, b, t)
         return MoEOutput(out, aux, self._stats(counts, keep))
 
@@ -196,7 +197,7 @@ class DMoE(nn.Module):
         h = torch.cat(outs)  # (M + 1, D)
         src = torch.full((n * k,), m, dtype=torch.long, device=xs.device)
         src[slot] = torch.arange(m, device=xs.device)
-        hk = h.index_select(0, src).view(n, k, -1)  # (N, K, D)
+        hk = h.index_select(0, src).view(n, k, xs.shape[1])  # (N, K, D)
         if self.collab is not None:
             hk = self.collab(xs, hk, keep)  # (N, K, D)
         y = torch.bmm(weight.to(hk.dtype).unsqueeze(1), hk).squeeze(1)  # (N, D); unused slots weigh 0
@@ -249,7 +250,7 @@ class DMoE(nn.Module):
         total = self._load_acc.sum()
         if total <= 0:
             return
-        load = self._load_acc / total
+        load = self._load_acc.float() / total
         self.router.bias += self.cfg.bias_update_gamma * torch.sign(1.0 / self.cfg.n_experts - load)
         self._load_acc.zero_()
 

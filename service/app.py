@@ -51,7 +51,7 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
             collection.save()
             collection.close()
 
-    from service.routers import generate, health, ingest, items, metrics, openai_compat, search, ws
+    from service.routers import generate, health, ingest, items, metrics, openai_compat, search, web, ws
 
     app = FastAPI(
         title="mm",
@@ -68,6 +68,7 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
     app.include_router(health.router)
     for module in (search, items, ingest, metrics, generate, openai_compat):
         app.include_router(module.router, dependencies=auth)
+    app.include_router(web.router)  # the page and its assets hold no data: no key
     app.include_router(ws.router)  # checks its key itself: ?api_key= (browsers cannot set WS headers)
 
     if settings.cors_origins:

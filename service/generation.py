@@ -61,7 +61,9 @@ class Citation(BaseModel):
 
 def citations(hits: Sequence[Hit]) -> list[Citation]:
     return [
-        Citation(id=int(h.id), modality=h.item.modality, score=round(float(h.score), 6), caption=h.item.caption)
+        Citation(
+            id=int(h.id), modality=h.item.modality, score=round(float(h.score), 6), caption=h.item.caption
+        )
         for h in hits
     ]
 
@@ -297,7 +299,9 @@ class GGUFGenerator:
                         "gguf", "llama-cpp-python is not installed: pip install llama-cpp-python"
                     ) from exc
                 if self.path is None or not self.path.is_file():
-                    raise GeneratorUnavailable("gguf", f"no GGUF model file at {self.path} (set MM_GGUF_PATH)")
+                    raise GeneratorUnavailable(
+                        "gguf", f"no GGUF model file at {self.path} (set MM_GGUF_PATH)"
+                    )
                 self._llm = llama_cpp.Llama(model_path=str(self.path), n_ctx=self.n_ctx, verbose=False)
             return self._llm
 

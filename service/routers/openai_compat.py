@@ -62,7 +62,9 @@ def _backend(model: str) -> str | None:
         return model
     if model in (DEFAULT_MODEL, ""):
         return None
-    raise APIError(404, f"model {model!r} not found; GET /v1/models lists: mm, {', '.join(BACKENDS)}", "not_found")
+    raise APIError(
+        404, f"model {model!r} not found; GET /v1/models lists: mm, {', '.join(BACKENDS)}", "not_found"
+    )
 
 
 @router.get("/models")
@@ -73,13 +75,17 @@ async def list_models() -> JSONResponse:
 
 
 @router.post("/chat/completions", responses=error_responses(401, 404, 422, 503))
-async def chat_completions(req: ChatRequest, request: Request, collection: CollectionDep, embedder: EmbedderDep):
+async def chat_completions(
+    req: ChatRequest, request: Request, collection: CollectionDep, embedder: EmbedderDep
+):
     """Chat completion whose answer is grounded in the items retrieved for the last user message."""
     backend = _backend(req.model)
     users = [_text(m.content) for m in req.messages if m.role == "user"]
     question = users[-1] if users else ""
     if not question:
-        raise APIError(422, "messages need a user message with text: it is the retrieval query", "validation_error")
+        raise APIError(
+            422, "messages need a user message with text: it is the retrieval query", "validation_error"
+        )
     hits = await find_hits(collection, embedder, k=req.mm_k, modalities=req.mm_modalities, text=question)
     stop = [req.stop] if isinstance(req.stop, str) else req.stop
     answer = await start_answer(
@@ -95,7 +101,9 @@ async def chat_completions(req: ChatRequest, request: Request, collection: Colle
     model = req.model or DEFAULT_MODEL
     if req.stream:
         return StreamingResponse(
-            _chunks(answer, cid, created, model), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+            _chunks(answer, cid, created, model),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
         )
     try:
         text = "".join([p async for p in answer.rest()])

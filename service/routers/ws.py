@@ -19,6 +19,7 @@ a wrong key closes the connection with code 1008 before it is accepted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from typing import Any, Literal
@@ -105,7 +106,9 @@ class Connection:
 
     async def dispatch(self, raw: str | bytes | None) -> None:
         if raw is None or len(raw) > MAX_MESSAGE:
-            return await self.error(None, "bad_message", f"send JSON text messages of at most {MAX_MESSAGE} bytes")
+            return await self.error(
+                None, "bad_message", f"send JSON text messages of at most {MAX_MESSAGE} bytes"
+            )
         try:
             msg = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
@@ -129,7 +132,9 @@ class Connection:
         if req.id in self.tasks:
             return await self.error(rid, "bad_message", f"request id {req.id!r} is still running")
         if len(self.tasks) >= MAX_RUNNING:
-            return await self.error(rid, "too_many_requests", f"at most {MAX_RUNNING} requests at a time", 429)
+            return await self.error(
+                rid, "too_many_requests", f"at most {MAX_RUNNING} requests at a time", 429
+            )
         task = asyncio.create_task(self.handle(req))
         self.tasks[req.id] = task
         task.add_done_callback(lambda _t, rid=req.id: self.tasks.pop(rid, None))
@@ -141,7 +146,9 @@ class Connection:
             coll, emb = self.app.state.collection, self.app.state.embedder
             hits = await find_hits(coll, emb, k=req.k, modalities=req.modalities, text=req.query)
             if isinstance(req, WSSearch):
-                return await self.send({"type": "results", "id": rid, "results": [hit_to_dict(h) for h in hits]})
+                return await self.send(
+                    {"type": "results", "id": rid, "results": [hit_to_dict(h) for h in hits]}
+                )
             answer = await start_answer(
                 self.app,
                 req.query,
@@ -161,7 +168,9 @@ class Connection:
             await self.send({"type": "citations", "id": rid, "citations": cites})
             await self.send({"type": "done", "id": rid, "backend": answer.backend})
         except asyncio.CancelledError:
-            await self._safe_send({"type": "done", "id": rid, "cancelled": True})  # fails once the client is gone
+            await self._safe_send(
+                {"type": "done", "id": rid, "cancelled": True}
+            )  # fails once the client is gone
             raise
         except HTTPException as exc:
             await self._safe_error(rid, getattr(exc, "code", "error"), str(exc.detail), exc.status_code)
@@ -174,13 +183,13 @@ class Connection:
             await self._safe_error(rid, "internal_error", "internal server error", 500)
 
     async def _safe_send(self, msg: dict[str, Any]) -> None:
-        try:
+        with contextlib.suppress(Exception):  # the client is gone
             await self.send(msg)
-        except Exception:  # the client is gone
-            pass
 
     async def _safe_error(self, rid: Any, code: str, message: str, status: int) -> None:
-        await self._safe_send({"type": "error", "id": rid, "code": code, "message": message, "status": status})
+        await self._safe_send(
+            {"type": "error", "id": rid, "code": code, "message": message, "status": status}
+        )
 
 
 @router.websocket("/ws")

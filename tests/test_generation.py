@@ -1,0 +1,391 @@
+"""Grounded generation: backends, SSE, WebSocket, the OpenAI-compatible API and `mm ask`."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from conftest import image_bytes
+from fastapi.testclient import TestClient
+from starlette.websockets import WebSocketDisconnect
+
+from service.app import create_app
+from service.generation import (
+    GGUFGenerator,
+    LocalGenerator,
+    OpenAIGenerator,
+    with_stop,
+)
+from service.routers.generate import generators_of
+from service.settings import Settings
+
+QUESTION = "a red circle"
+
+
+@pytest.fixture(scope="module")
+def lm_dir(tmp_path_factory, embedder):
+    """A tiny LM with random weights whose prefix width is the embedder's."""
+    import dataclasses
+
+    import torch
+
+    from mm.lm import GroundedLM, resolve_lm, save_lm
+
+    cfg, _ = resolve_lm("lm_tiny")
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("lm")
+    return save_lm(GroundedLM(dataclasses.replace(cfg, embed_dim=embedder.dim)), out)
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory, embedder, media_root, lm_dir):
+    settings = Settings(
+        collection=tmp_path_factory.mktemp("gen") / "coll", allowed_roots=[media_root], lm_path=lm_dir
+    )
+    with TestClient(create_app(settings, embedder=embedder)) as c:
+        job = c.post("/ingest", json={"path": str(media_root)}).json()
+        deadline = time.monotonic() + 60
+        while c.get(f"/jobs/{job['id']}").json()["status"] not in ("done", "failed"):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        yield c
+
+
+@pytest.fixture
+def backends(client):
+    """The app's backend registry; entries a test replaces are restored afterwards."""
+    gens = generators_of(client.app)
+    saved = dict(gens._made)
+    yield gens._made
+    gens._made.clear()
+    gens._made.update(saved)
+
+
+def sse_events(text: str) -> list[tuple[str, object]]:
+    out = []
+    for block in text.strip().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in block.splitlines())
+        out.append((lines["event"], json.loads(lines["data"])))
+    return out
+
+
+class SlowGenerator:
+    """Yields many pieces slowly and records whether it was closed early."""
+
+    name = "gguf"
+    max_items = None
+
+    def __init__(self) -> None:
+        self.closed = threading.Event()
+        self.made = 0
+
+    def stream(self, question, hits, *, max_tokens, temperature, stop) -> Iterator[str]:
+        def pieces():
+            try:
+                for i in range(200):
+                    self.made += 1
+                    time.sleep(0.02)
+                    yield f" w{i}"
+            finally:
+                self.closed.set()
+
+        return pieces()
+
+
+# ----------------------------------------------------------------------------------------------------
+# backends
+
+
+def test_extractive_cites_every_item_and_streams_words(client):
+    body = client.post("/generate", json={"query": QUESTION, "k": 3}).json()
+    assert body["backend"] == "extractive"
+    assert len(body["citations"]) == 3
+    assert {"id", "modality", "score", "caption"} <= set(body["citations"][0])
+    for i, c in enumerate(body["citations"], 1):
+        assert f"[{i}] ({c['modality']})" in body["answer"]
+    assert body["answer"].startswith("The closest matches are")
+
+
+def test_with_stop_cuts_and_closes_the_source():
+    closed = []
+
+    def src():
+        try:
+            yield from ["ab", "c[", "2]", "zz"]
+        finally:
+            closed.append(True)
+
+    assert "".join(with_stop(src(), ["[2]"])) == "abc"
+    assert closed == [True]
+
+
+def test_sse_streams_tokens_then_citations_then_done(client):
+    plain = client.post("/generate", json={"query": QUESTION, "k": 2}).json()
+    resp = client.post("/generate", json={"query": QUESTION, "k": 2, "stream": True})
+    assert resp.status_code == 200
+    assert resp.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(resp.text)
+    kinds = [e for e, _ in events]
+    assert kinds[-2:] == ["citations", "done"] and set(kinds[:-2]) == {"token"}
+    tokens = [d["text"] for e, d in events if e == "token"]
+    assert len(tokens) > 3
+    assert "".join(tokens) == plain["answer"]
+    assert events[-2][1] == plain["citations"]
+    assert events[-1][1] == {"backend": "extractive"}
+
+
+def test_stop_strings(client):
+    body = client.post("/generate", json={"query": QUESTION, "k": 3, "stop": ["[2]"]}).json()
+    assert "[1]" in body["answer"] and "[2]" not in body["answer"]
+
+
+def test_upload_query(client):
+    files = {"file": ("q.png", image_bytes((220, 30, 30), "circle"), "image/png")}
+    resp = client.post("/generate", files=files, data={"k": "2", "question": "what is this?"})
+    assert resp.status_code == 200, resp.text
+    assert len(resp.json()["citations"]) == 2
+
+
+def test_local_backend_streams_with_citations(client):
+    resp = client.post(
+        "/generate", json={"query": QUESTION, "k": 5, "backend": "local", "stream": True, "max_tokens": 12}
+    )
+    assert resp.status_code == 200, resp.text
+    events = sse_events(resp.text)
+    assert events[-1] == ("done", {"backend": "local"})
+    assert 1 <= len(events[-2][1]) <= 3  # the tiny LM takes at most prefix_len = 3 items
+    body = client.post("/generate", json={"query": QUESTION, "backend": "local", "max_tokens": 12}).json()
+    assert body["answer"] == "".join(d["text"] for e, d in events if e == "token")  # greedy: same text
+
+
+def assert_503(resp) -> str:
+    assert resp.status_code == 503, resp.text
+    err = resp.json()["error"]
+    assert err["code"] == "generator_unavailable"
+    return err["message"]
+
+
+def test_local_model_missing_is_503(client, backends, tmp_path):
+    backends["local"] = LocalGenerator(tmp_path / "nothing", lambda i: None)
+    msg = assert_503(client.post("/generate", json={"query": QUESTION, "backend": "local"}))
+    assert "no LM checkpoint" in msg
+
+
+def test_openai_endpoint_down_is_503(client, backends):
+    backends["openai"] = OpenAIGenerator("http://127.0.0.1:9/v1", None, "m", timeout=2.0)
+    assert_503(client.post("/generate", json={"query": QUESTION, "backend": "openai"}))
+    assert_503(client.post("/generate", json={"query": QUESTION, "backend": "openai", "stream": True}))
+
+
+def test_openai_backend_not_configured_is_503(client, backends):
+    backends["openai"] = OpenAIGenerator(None, None, "m")
+    assert "MM_OPENAI_BASE_URL" in assert_503(
+        client.post("/generate", json={"query": QUESTION, "backend": "openai"})
+    )
+
+
+def test_openai_backend_streams_from_endpoint(client, backends):
+    seen = {}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen["body"] = json.loads(request.content)
+        seen["auth"] = request.headers.get("authorization")
+        chunks = [{"choices": [{"delta": {"content": p}}]} for p in ["A red", " circle", " [1]."]]
+        text = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+        return httpx.Response(200, text=text, headers={"content-type": "text/event-stream"})
+
+    backends["openai"] = OpenAIGenerator("http://llm/v1", "sk-x", "m", transport=httpx.MockTransport(handler))
+    body = client.post("/generate", json={"query": QUESTION, "backend": "openai", "k": 2}).json()
+    assert body["answer"] == "A red circle [1]."
+    assert seen["auth"] == "Bearer sk-x" and seen["body"]["stream"] is True
+    assert (
+        "[1]" in seen["body"]["messages"][-1]["content"] and "[2]" in seen["body"]["messages"][-1]["content"]
+    )
+
+
+def test_gguf_not_installed_is_503(client, backends):
+    try:
+        import llama_cpp  # noqa: F401
+
+        pytest.skip("llama-cpp-python is installed here")
+    except ImportError:
+        pass
+    backends["gguf"] = GGUFGenerator("/nonexistent.gguf")
+    assert "not installed" in assert_503(
+        client.post("/generate", json={"query": QUESTION, "backend": "gguf"})
+    )
+
+
+def test_bad_parameters_are_4xx(client):
+    for body in (
+        {"query": QUESTION, "backend": "nope"},
+        {"query": QUESTION, "temperature": 5},
+        {"query": ""},
+        {"query": QUESTION, "k": 0},
+        {"query": QUESTION, "stop": [""]},
+    ):
+        resp = client.post("/generate", json=body)
+        assert resp.status_code == 422, (body, resp.text)
+        assert resp.json()["error"]["message"]
+    assert client.post("/generate", files={"file": ("x.txt", b"hi", "text/plain")}).status_code in (415, 422)
+
+
+# ----------------------------------------------------------------------------------------------------
+# WebSocket
+
+
+def ws_collect(ws, rid) -> list[dict]:
+    out = []
+    while True:
+        msg = ws.receive_json()
+        assert msg["id"] == rid, msg
+        out.append(msg)
+        if msg["type"] in ("done", "error", "results"):
+            return out
+
+
+def test_ws_search_and_generate_on_one_connection(client):
+    with client.websocket_connect("/ws") as ws:
+        ws.send_json({"type": "search", "id": "s1", "query": QUESTION, "k": 3})
+        (res,) = ws_collect(ws, "s1")
+        assert res["type"] == "results" and len(res["results"]) == 3
+        ws.send_json({"type": "generate", "id": 7, "query": QUESTION, "k": 2})
+        msgs = ws_collect(ws, 7)
+        kinds = [m["type"] for m in msgs]
+        assert kinds[-2:] == ["citations", "done"] and kinds.count("token") > 3
+        assert len(msgs[-2]["citations"]) == 2
+        text = "".join(m["text"] for m in msgs if m["type"] == "token")
+        assert text == client.post("/generate", json={"query": QUESTION, "k": 2}).json()["answer"]
+
+
+def test_ws_malformed_messages_keep_the_connection(client):
+    with client.websocket_connect("/ws") as ws:
+        ws.send_text("not json")
+        assert ws.receive_json()["type"] == "error"
+        ws.send_json([1, 2])
+        assert ws.receive_json()["type"] == "error"
+        ws.send_json({"type": "dance", "id": "x"})
+        assert ws.receive_json() == {
+            "type": "error",
+            "id": "x",
+            "code": "bad_message",
+            "message": "type must be 'search', 'generate' or 'cancel'",
+            "status": 400,
+        }
+        ws.send_json({"type": "generate", "id": "y", "query": QUESTION, "k": 999})
+        err = ws.receive_json()
+        assert err["type"] == "error" and err["code"] == "validation_error" and err["id"] == "y"
+        ws.send_json({"type": "generate", "id": "z", "query": QUESTION, "backend": "gguf"})
+        assert ws_collect(ws, "z")[-1]["type"] in ("error", "done")
+        ws.send_json({"type": "search", "id": "ok", "query": QUESTION, "k": 1})
+        assert ws_collect(ws, "ok")[0]["type"] == "results"
+
+
+def test_ws_disconnect_cancels_generation(client, backends):
+    slow = SlowGenerator()
+    backends["gguf"] = slow
+    with client.websocket_connect("/ws") as ws:
+        ws.send_json({"type": "generate", "id": "g", "query": QUESTION, "backend": "gguf"})
+        assert ws.receive_json()["type"] == "token"
+    assert slow.closed.wait(5.0), "the generator was not closed after the client left"
+    assert slow.made < 200
+
+
+def test_ws_cancel_message(client, backends):
+    slow = SlowGenerator()
+    backends["gguf"] = slow
+    with client.websocket_connect("/ws") as ws:
+        ws.send_json({"type": "generate", "id": "g", "query": QUESTION, "backend": "gguf"})
+        assert ws.receive_json()["type"] == "token"
+        ws.send_json({"type": "cancel", "id": "g"})
+        while (msg := ws.receive_json())["type"] == "token":
+            pass
+        assert msg == {"type": "done", "id": "g", "cancelled": True}
+        assert slow.closed.wait(5.0)
+
+
+def test_ws_api_key(client):
+    settings = client.app.state.settings
+    settings.api_keys = ["secret"]
+    try:
+        with pytest.raises(WebSocketDisconnect) as exc, client.websocket_connect("/ws") as ws:
+            ws.receive_json()
+        assert exc.value.code == 1008
+        with client.websocket_connect("/ws?api_key=secret") as ws:
+            ws.send_json({"type": "search", "id": 1, "query": QUESTION, "k": 1})
+            assert ws.receive_json()["type"] == "results"
+    finally:
+        settings.api_keys = []
+
+
+# ----------------------------------------------------------------------------------------------------
+# OpenAI-compatible API, through the official client
+
+
+@pytest.fixture
+def oai(client):
+    import openai
+
+    return openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=client, max_retries=0)
+
+
+def test_openai_client_non_stream(client, oai):
+    resp = oai.chat.completions.create(
+        model="extractive", messages=[{"role": "user", "content": QUESTION}], extra_body={"mm_k": 2}
+    )
+    text = resp.choices[0].message.content
+    cites = resp.model_extra["mm_citations"]
+    assert len(cites) == 2 and "[1]" in text and "[2]" in text
+    assert text == client.post("/generate", json={"query": QUESTION, "k": 2}).json()["answer"]
+
+
+def test_openai_client_stream(oai):
+    stream = oai.chat.completions.create(
+        model="mm",
+        messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": QUESTION}],
+        stream=True,
+        stop=["[3]"],
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert len(chunks) > 4 and "[1]" in text and "[3]" not in text
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert len(chunks[-1].model_extra["mm_citations"]) == 5
+
+
+def test_openai_models_and_errors(client, oai, backends, tmp_path):
+    import openai
+
+    ids = {m.id for m in oai.models.list()}
+    assert {"mm", "extractive", "local", "openai", "gguf"} <= ids
+    with pytest.raises(openai.NotFoundError):
+        oai.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "x"}])
+    backends["local"] = LocalGenerator(tmp_path / "none", lambda i: None)
+    with pytest.raises(openai.InternalServerError) as exc:
+        oai.chat.completions.create(model="local", messages=[{"role": "user", "content": "x"}])
+    assert exc.value.status_code == 503
+
+
+# ----------------------------------------------------------------------------------------------------
+# CLI
+
+
+def test_mm_ask_streams_and_cites(client, embedder, monkeypatch, capsys):
+    from service import embedding
+    from service.cli import main
+
+    coll_dir = client.app.state.settings.collection
+    client.app.state.collection.save()
+    monkeypatch.setattr(embedding, "load_embedder", lambda name="default": embedder)
+    code = main(
+        ["ask", QUESTION, "--collection", str(coll_dir), "-k", "2", "--backend", "extractive", "--json"]
+    )
+    out = capsys.readouterr().out
+    assert code == 0, out
+    body = json.loads(out.strip().splitlines()[-1])
+    assert len(body["citations"]) == 2 and body["backend"] == "extractive"
+    assert "[1]" in body["answer"] and "[2]" in body["answer"]
