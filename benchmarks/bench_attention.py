@@ -9,6 +9,7 @@ subprocess, reset through /proc/self/clear_refs after setup and warm-up, minus t
 glibc's dynamic mmap threshold pinned so that freed tensors go back to the OS and cannot hide a peak.
 The error is the max |AAM - reference| over a subset of query rows, the reference being the same sparse
 pattern computed densely with explicit masks (``mm.attention.dense_reference``).
+The timings are wall clock: on a shared machine, compare them with ``loadavg_1min_before_after``.
 The last line printed is one JSON object.
 """
 
@@ -100,13 +101,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--flex-lengths", default="8192", help="lengths at which flex is also timed ('' = none)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--threads", type=int, default=THREADS, help="torch threads for the timings")
     p.add_argument("--peak-child", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.peak_child:
         kind, length, impl = args.peak_child.split(",")
         peak_child(kind, int(length), impl)
         return
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
     lengths = [int(n) for n in args.lengths.split(",") if n]
     flex_lengths = {int(n) for n in args.flex_lengths.split(",") if n}
     aam, full = build("aam"), build("full")
@@ -139,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
             "heads": HEADS,
             "window": WINDOW,
             "n_global": N_GLOBAL,
-            "threads": THREADS,
+            "threads": args.threads,
             "repeats": args.repeats,
             "aam_impl": "chunked (what impl='auto' picks on CPU)",
             "timing": "median forward ms under no_grad, q/k/v/o projections included in both",
@@ -147,6 +150,8 @@ def main(argv: list[str] | None = None) -> None:
             "MALLOC_MMAP_THRESHOLD_=65536)",
             "reference": f"dense explicit band+global masks on {REF_ROWS}+ query rows",
             "torch": torch.__version__,
+            "cpu_count": os.cpu_count(),
+            "loadavg_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         },
         "results": results,
     }

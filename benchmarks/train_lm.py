@@ -132,7 +132,7 @@ def batch_tensors(examples, max_len: int, pad: int):
     pos = torch.arange(t - 1)[None, :]
     # loss on the answer only: target positions >= len(prompt) - 1, and not padding
     y[(pos < torch.tensor(starts)[:, None] - 1) | (y == pad)] = -100
-    p = max(len(e[2]) for e in examples)
+    p = max(1, max(len(e[2]) for e in examples))
     prefix = torch.zeros(len(examples), p, examples[0][2].shape[1])
     mask = torch.zeros(len(examples), p, dtype=torch.bool)
     for i, (_, _, v) in enumerate(examples):
@@ -176,7 +176,7 @@ def evaluate(lm, items, vecs, test_idx: list[int], n: int, seed: int) -> dict[st
         ref = target_for([items[i]["caption"] for i in idx])
         for mode in ("ctx", "vec"):
             prompt, _, pre = make_example(lm, items, vecs, idx, mode == "ctx", QUESTIONS[0])
-            out = "".join(lm.generate(prompt, pre, max_new_tokens=96, temperature=0.0)).strip()
+            out = "".join(lm.generate(prompt, pre, max_new_tokens=64, temperature=0.0)).strip()
             scores[f"{mode}_rouge"].append(rouge_l(out, ref))
             scores[f"{mode}_exact"].append(float(out == ref))
         hits = [
@@ -204,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--eval", type=int, default=150, help="test examples evaluated")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--vectors", type=Path, default=None, help="precomputed item vectors (.npy), skips encoding"
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -217,7 +220,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     model_name = default_model_name() if args.model == "default" else args.model
     items = load_items(args.manifest, args.seed)
-    vecs = encode_items(items, model_name, Path("/tmp/mm_lm_cache"))
+    if args.vectors is not None:  # precomputed (N, M) vectors of the same item list (same manifest and seed)
+        vecs = np.load(args.vectors)
+        if len(vecs) != len(items):
+            raise ValueError(f"--vectors holds {len(vecs)} rows for {len(items)} items")
+    else:
+        vecs = encode_items(items, model_name, Path("/tmp/mm_lm_cache"))
     train_idx = [i for i, it in enumerate(items) if it["split"] == "train"]
     test_idx = [i for i, it in enumerate(items) if it["split"] == "test"]
     log.info(
@@ -230,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     cfg, _ = resolve_lm(args.config)
-    cfg = dataclasses.replace(cfg, embed_dim=vecs.shape[1], name=f"lm_{model_name}")
+    cfg = dataclasses.replace(cfg, embed_dim=vecs.shape[1], name=f"{cfg.name}-{model_name}")
     lm = GroundedLM(cfg)
     n_params = sum(p.numel() for p in lm.parameters())
     log.info("LM %s: %.2f M parameters", cfg.name, n_params / 1e6)
@@ -250,7 +258,14 @@ def main(argv: list[str] | None = None) -> int:
         examples = []
         for _ in range(args.batch):
             idx = rng.sample(train_idx, rng.choice([1, 1, 2, 3]))
-            examples.append(make_example(lm, items, vecs, idx, rng.random() < 0.5, rng.choice(QUESTIONS)))
+            ex = make_example(lm, items, vecs, idx, rng.random() < 0.5, rng.choice(QUESTIONS))
+            if rng.random() < 0.2:  # captions only, as when the serving embedder's vectors do not fit
+                ex = (
+                    lm.build_prompt(rng.choice(QUESTIONS), [items[i]["caption"] for i in idx]),
+                    ex[1],
+                    ex[2][:0],
+                )
+            examples.append(ex)
         x, y, prefix, mask = batch_tensors(examples, cfg.max_len, lm.tokenizer.pad_id)
         lm.train()
         out = lm(x, prefix, mask)

@@ -155,7 +155,10 @@ def local_chunked(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, half_window: i
 
 @functools.cache
 def _compiled_flex() -> Callable[..., Tensor]:
-    """torch.compile(flex_attention), built once per process (without compile flex is dense)."""
+    """torch.compile(flex_attention), built once per process (without compile flex is dense).
+
+    ``dynamic=False``: each new sequence length compiles again (cached in memory and on disk by inductor).
+    """
     from torch.nn.attention.flex_attention import flex_attention
 
     return torch.compile(flex_attention, dynamic=False)
@@ -287,7 +290,8 @@ class AdaptiveAttention(nn.Module):
         """The local kernel this input will use: 'flex' or 'chunked'."""
         if self.cfg.impl != "auto":
             return self.cfg.impl
-        # On CPU the chunked kernel measured faster than compiled flex at every length (bench_attention).
+        # On CPU chunked measured faster than compiled flex at 8k tokens (bench_attention), and flex
+        # compiles for 30-100 s per new sequence length; on GPU flex is the fused kernel it was built as.
         long_enough = x.shape[1] >= FLEX_MIN_TOKENS
         return "flex" if x.is_cuda and long_enough and flex_available(x.device.type) else "chunked"
 
@@ -321,9 +325,8 @@ class AdaptiveAttention(nn.Module):
         s_gx = s_gx.masked_fill(~valid[:, None, None, :], float("-inf"))
         p = torch.cat([s_gg, s_gx], dim=-1).softmax(dim=-1)  # (B, H, G, G + T)
         from_x = (p[..., n_g:].reshape(b, h * n_g, t) @ v).view(b, h, n_g, h, e)  # (B, H, G, H', E)
-        summary = p[..., :n_g] @ vg + torch.diagonal(from_x, dim1=1, dim2=3).permute(
-            0, 3, 1, 2
-        )  # (B, H, G, E)
+        own_head = torch.diagonal(from_x, dim1=1, dim2=3).permute(0, 3, 1, 2)  # (B, H, G, E): H' = H
+        summary = p[..., :n_g] @ vg + own_head  # (B, H, G, E)
         g = g + self.o_proj(_merge_heads(summary))  # (B, G, D): residual update of the global tokens
         kg = _split_heads(self.k_proj(g), h)  # (B, H, G, E)
         vg = _split_heads(self.v_proj(g), h)
@@ -385,7 +388,9 @@ class FullAttention(nn.Module):
         v = _split_heads(self.v_proj(x), self.n_heads)
         mask = None if pad_mask is None else _nonempty_keys(valid)[:, None, None, :]  # (B, 1, 1, T)
         att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        out = self.o_proj(self.dropout(_merge_heads(att))) * valid[..., None].to(x.dtype)  # (B, T, D)
+        out = self.o_proj(self.dropout(_merge_heads(att)))  # (B, T, D)
+        if pad_mask is not None:
+            out = out * valid[..., None].to(out.dtype)
         gate = torch.ones(x.shape[0], dtype=x.dtype, device=x.device)
         return AttentionOutput(out, gate)
 

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -25,13 +26,19 @@ class FeatureCache:
     """Holds, for one modality, either frozen encoder outputs or decoded inputs per item key."""
 
     def __init__(
-        self, encoder: torch.nn.Module, modality: str, batch_size: int = 32, sample_rate: int = 16000
+        self,
+        encoder: torch.nn.Module,
+        modality: str,
+        batch_size: int = 32,
+        sample_rate: int = 16000,
+        crop_seconds: float | None = None,
     ):
         self.encoder = encoder
         self.modality = modality
         self.frozen = bool(getattr(encoder, "frozen", False))
         self.batch_size = batch_size
         self.sample_rate = sample_rate
+        self.crop_seconds = crop_seconds  # audio longer than this keeps its centre (as the encoder would)
         self.items: dict[str, Any] = {}
         self.failed: dict[str, str] = {}
 
@@ -61,9 +68,14 @@ class FeatureCache:
             bar.update(len(chunk))
         bar.close()
 
+    @property
+    def persistent(self) -> bool:
+        return self.frozen or self.modality == "audio"
+
     def save(self, path: str | Path) -> None:
-        """Persist the cache (frozen-encoder features only; decoded inputs are cheap to redo)."""
-        if not self.frozen:
+        """Persist frozen-encoder features, and decoded audio (slow to decode and resample; images and
+        text are cheap to redo)."""
+        if not self.persistent:
             return
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -74,7 +86,7 @@ class FeatureCache:
     def load(self, path: str | Path) -> int:
         """Load a cache written by :meth:`save`; returns how many items it held (0 when absent)."""
         path = Path(path)
-        if not self.frozen or not path.exists():
+        if not self.persistent or not path.exists():
             return 0
         state = torch.load(path, weights_only=False)
         self.items.update(state["items"])
@@ -90,7 +102,8 @@ class FeatureCache:
             img = media.load_image(key)
             img.load()
             return img
-        return (media.load_audio(key, target_rate=self.sample_rate), self.sample_rate)
+        wave = media.load_audio(key, target_rate=self.sample_rate, crop_seconds=self.crop_seconds)
+        return (wave.astype(np.float16), self.sample_rate)  # half the memory; log-mel input is robust to it
 
     def batch(self, keys: Sequence[str]) -> EncoderOutput:
         """Encoder outputs for ``keys`` (all cached), with gradients for trainable encoders."""

@@ -53,6 +53,9 @@ class MultimodalModel(nn.Module):
         elif not cfg.residual_pooled:
             raise ConfigError('head="linear" needs residual_pooled=true (the linear map is the whole model)')
         if cfg.residual_pooled:
+            if cfg.head == "backbone":
+                # Start as the linear probe on the encoders' pooled features; the backbone learns a residual.
+                nn.init.zeros_(self.out_proj.weight)
             self.pooled_proj = nn.ModuleDict(
                 {m: nn.Linear(enc.out_dim, e, bias=False) for m, enc in self.encoders.items()}
             )

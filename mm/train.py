@@ -102,7 +102,12 @@ class Trainer:
         self.model: MultimodalModel = self.embedder.model
         mods = [m for m in MODALITIES if m in self.model.encoders and _keys(self.rows, m)]
         self.caches = {
-            m: FeatureCache(self.model.encoders[m], m, sample_rate=self.model.cfg.audio.sample_rate)
+            m: FeatureCache(
+                self.model.encoders[m],
+                m,
+                sample_rate=self.model.cfg.audio.sample_rate,
+                crop_seconds=self.model.cfg.audio.max_seconds,
+            )
             for m in mods
         }
         labels = [r.get("label") or r.get("id") or str(i) for i, r in enumerate(self.rows)]
@@ -158,9 +163,16 @@ class Trainer:
             enc_cfg = getattr(self.model.cfg, m)
             path = cache_dir / f"{m}-{_digest(enc_cfg)}.pt"
             loaded = cache.load(path)
-            cache.fill(_keys(self.rows, m) + _keys(self.val_rows, m), progress=self.cfg.progress)
-            if cache.frozen and len(cache.items) > loaded:
+            keys = [
+                k
+                for k in dict.fromkeys(_keys(self.rows, m) + _keys(self.val_rows, m))
+                if k not in cache.items and k not in cache.failed
+            ]
+            chunk = 1024  # save as we go: an interrupted run keeps what it computed
+            for start in range(0, len(keys), chunk):
+                cache.fill(keys[start : start + chunk], progress=self.cfg.progress)
                 cache.save(path)
+            log.info("%s cache: %d items (%d loaded from disk)", m, len(cache.items), loaded)
 
     def train(self) -> TrainResult:
         from tqdm.auto import tqdm

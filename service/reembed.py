@@ -131,7 +131,9 @@ def reembed(
     return report
 
 
-def _swap(coll: Collection, items: dict[int, Item], results: dict[int, np.ndarray | str], new_id: str) -> None:
+def _swap(
+    coll: Collection, items: dict[int, Item], results: dict[int, np.ndarray | str], new_id: str
+) -> None:
     """One transaction: new vectors (errors drop theirs) + new embedder id; then rebuild FAISS."""
     now = time.time()
     config = {**coll._config, "embedder_id": new_id}

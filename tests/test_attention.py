@@ -226,7 +226,7 @@ def test_flex_kernel_matches_chunked_eager():
 
 @pytest.mark.skipif(
     os.environ.get("MM_TEST_FLEX") != "1",
-    reason="compiling flex_attention on CPU takes 30-70 s here; set MM_TEST_FLEX=1 to run",
+    reason="compiling flex_attention on CPU takes 1-2 min here; set MM_TEST_FLEX=1 to run",
 )
 def test_compiled_flex_equals_full_attention_and_reference():
     q, k, v = (torch.randn(1, H, 40, 8) for _ in range(3))

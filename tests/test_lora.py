@@ -76,7 +76,9 @@ def test_adapter_save_load_roundtrip(base_ckpt, tmp_path, qlora):
     spec = LoraSpec(r=4, alpha=16, experts=qlora, qlora=qlora, group_size=32)
     emb, base_id, modules, quantized = _adapted(base_ckpt, spec)
     want = emb.encode_text(TEXTS)
-    save_adapter(emb.model, spec, tmp_path, base_model=str(base_ckpt), base_model_id=base_id, quantized=quantized)
+    save_adapter(
+        emb.model, spec, tmp_path, base_model=str(base_ckpt), base_model_id=base_id, quantized=quantized
+    )
     meta = json.loads((tmp_path / ADAPTER_CONFIG).read_text())
     assert (meta["r"], meta["alpha"], meta["qlora"]) == (4, 16.0, qlora)
     assert meta["modules"] == sorted(modules) and meta["base_model_id"] == base_id
@@ -101,7 +103,9 @@ def _manifest(root):
     rows = []
     for i, word in enumerate(("low", "mid", "high", "buzz", "hum", "beep")):
         t = np.arange(4000) / 16000
-        sf.write(root / f"{word}.wav", (0.4 * np.sin(2 * np.pi * 220 * (i + 1) * t)).astype(np.float32), 16000)
+        sf.write(
+            root / f"{word}.wav", (0.4 * np.sin(2 * np.pi * 220 * (i + 1) * t)).astype(np.float32), 16000
+        )
         rows.append({"id": word, "audio": f"{word}.wav", "text": f"a {word} tone", "split": "train"})
     (root / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root / "manifest.jsonl"
@@ -142,3 +146,10 @@ def test_cli_finetune_merge_and_reembed(base_ckpt, tmp_path, capsys):
     hits = coll.search(with_adapter.encode_text(TEXTS[:3]), k=1)
     assert [h[0].id for h in hits] == ids and all(h[0].score > 0.999 for h in hits)
     coll.close()
+    # the CLI path: back to the base model, no adapter
+    argv = ["index", "--reembed", "--collection", str(tmp_path / "coll"), "--model", str(base_ckpt), "--json"]
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["reembedded"] == 3
+    with Collection.open(tmp_path / "coll") as coll:
+        assert coll.embedder_id == base.model_id and coll.get_meta("adapter") is None

@@ -113,7 +113,9 @@ def test_cli_quantize_roundtrip(base_ckpt, tmp_path, capsys):
     from service.cli import main
 
     out = tmp_path / "q4"
-    rc = main(["quantize", "--model", str(base_ckpt), "--mode", "int4", "--group-size", "32", "--out", str(out)])
+    rc = main(
+        ["quantize", "--model", str(base_ckpt), "--mode", "int4", "--group-size", "32", "--out", str(out)]
+    )
     assert rc == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["mode"] == "int4" and report["modules"] > 0 and report["size_mb"] > 0

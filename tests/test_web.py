@@ -26,7 +26,9 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright pac
 
 CHROMIUM = os.environ.get("MM_CHROMIUM", "/usr/bin/chromium")
 if not Path(CHROMIUM).is_file():
-    pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set MM_CHROMIUM)", allow_module_level=True)
+    pytest.skip(
+        f"no Chromium at {CHROMIUM} (apt-get install chromium, or set MM_CHROMIUM)", allow_module_level=True
+    )
 
 ARGS = [
     "--no-sandbox",

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from service.cli.common import UsageError, add_collection, add_model, load_embed
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("index", help="add files/folders to a collection (created if missing)")
-    p.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="files or folders")
+    p.add_argument("paths", nargs="*", type=Path, metavar="PATH", help="files or folders")
     add_collection(p)
     add_model(p)
     p.add_argument("--tags", default="", help="comma-separated tags for every item added")
@@ -24,6 +25,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="encode batch size (default 32)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.add_argument("--adapter", metavar="DIR", help="LoRA adapter (from `mm finetune`) applied to --model")
+    p.add_argument(
+        "--reembed", action="store_true", help="re-encode every stored item with --model/--adapter"
+    )
     p.set_defaults(func=run)
 
 
@@ -33,10 +38,14 @@ def run(args: argparse.Namespace) -> int:
 
     if args.workers < 1 or args.batch_size < 1:
         raise UsageError("--workers and --batch-size must be >= 1")
+    if args.reembed:
+        return _reembed(args)
+    if not args.paths:
+        raise UsageError("give files or folders to index (or --reembed to re-encode the collection)")
     missing = [str(p) for p in args.paths if not p.exists()]
     if missing:
         raise FileNotFoundError(f"no such file or folder: {missing[0]}")
-    embedder = load_embedder(args.model)
+    embedder = _embedder(args)
     with open_collection(args.collection, embedder, create=True) as coll:
         report = ingest(
             coll,
@@ -69,4 +78,39 @@ def run(args: argparse.Namespace) -> int:
     )
     for err in report.errors:
         print(f"  failed: {err.path}: {err.error}")
+    return 0
+
+
+def _embedder(args: argparse.Namespace):
+    embedder = load_embedder(args.model)
+    if args.adapter:
+        from mm.lora import load_adapter
+
+        load_adapter(embedder, args.adapter)
+    return embedder
+
+
+def _reembed(args: argparse.Namespace) -> int:
+    """``--reembed``: new vectors for every stored item (after a fine-tune), metadata kept."""
+    from service.reembed import reembed
+    from service.store import open_collection
+
+    if args.paths:
+        raise UsageError("--reembed re-encodes the whole collection; give no paths")
+    embedder = _embedder(args)
+    with open_collection(args.collection) as coll:
+        report = reembed(
+            coll,
+            embedder,
+            adapter=args.adapter,
+            batch_size=args.batch_size,
+            progress=not (args.quiet or args.json) and sys.stderr.isatty(),
+        )
+    out = {"collection": str(args.collection), **dataclasses.asdict(report)}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"re-embedded {report.reembedded} items ({report.failed} failed) in {report.seconds:.1f}s")
+        for err in report.errors:
+            print(f"  failed: {err['uri'] or err['id']}: {err['error']}")
     return 0

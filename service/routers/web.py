@@ -17,6 +17,7 @@ from service.errors import APIError
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 MEDIA_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml"}
+NAME = re.compile(r"[A-Za-z0-9_-]+\.[a-z]+")  # a flat folder: no separators, so no path can leave it
 # The page's assets change together with the page: the browser revalidates (ETag) instead of mixing versions.
 HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
 
@@ -30,8 +31,7 @@ def index() -> FileResponse:
 
 @router.get("/static/{name}", include_in_schema=False)
 def static(name: str) -> FileResponse:
-    # a flat folder: one name, no separators, so no path can leave it
     path = STATIC_DIR / name
-    if not re.fullmatch(r"[A-Za-z0-9_-]+\.[a-z]+", name) or path.suffix not in MEDIA_TYPES or not path.is_file():
+    if not NAME.fullmatch(name) or path.suffix not in MEDIA_TYPES or not path.is_file():
         raise APIError(404, f"no static file {name!r}")
     return FileResponse(path, media_type=MEDIA_TYPES[path.suffix], headers=HEADERS)
