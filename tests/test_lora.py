@@ -28,7 +28,11 @@ TEXTS = [f"a {c} {s}" for c in ("red", "blue", "green") for s in ("circle", "squ
 @pytest.fixture(scope="module")
 def base_ckpt(tmp_path_factory):
     torch.manual_seed(0)
-    return save_model(create_model("tiny").model, tmp_path_factory.mktemp("base"))
+    model = create_model("tiny").model
+    torch.nn.init.normal_(
+        model.out_proj.weight, std=0.2
+    )  # untrained configs zero it: the backbone must count
+    return save_model(model, tmp_path_factory.mktemp("base"))
 
 
 def _adapted(base_ckpt, spec: LoraSpec):
