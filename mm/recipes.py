@@ -14,15 +14,15 @@ RECIPES: dict[str, dict[str, Any]] = {
     "default": {
         "model": "small",
         "overrides": {},
-        "max_steps": 1200,
+        "max_steps": 500,
         "batch_size": 128,
         "grad_accum": 1,
         "lr": 2e-3,
         "weight_decay": 0.05,
-        "warmup_steps": 100,
-        "bf16": True,
+        "warmup_steps": 50,
+        "bf16": False,  # measured: fp32 backward is faster than bf16 autocast on this CPU
         "seed": 0,
-        "eval_every": 200,
+        "eval_every": 100,
         "ckpt_every": 100,
     },
 }

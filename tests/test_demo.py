@@ -16,13 +16,34 @@ def make_corpus(root):
     media = root / "corpus" / "media"
     media.mkdir(parents=True)
     rows = []
-    for i, (name, rgb) in enumerate({"frog": (30, 200, 40), "cat": (200, 120, 20), "drum": (20, 20, 200)}.items()):
+    for i, (name, rgb) in enumerate(
+        {"frog": (30, 200, 40), "cat": (200, 120, 20), "drum": (20, 20, 200)}.items()
+    ):
         Image.new("RGB", (40, 40), rgb).save(media / f"{name}.png")
         sf.write(media / f"{name}.ogg", np.sin(np.arange(4000) * (0.05 + 0.03 * i)).astype(np.float32), 16000)
-        rows.append({"id": f"tp/{name}", "image": f"media/{name}.png", "audio": f"media/{name}.ogg",
-                     "text": f"A {name}.", "label": name, "source": "tuxpaint", "split": "test", "lang": "en"})
-        rows.append({"id": f"tp/{name}/fr", "image": f"media/{name}.png", "text": f"Un {name}.", "label": name,
-                     "source": "tuxpaint", "split": "test", "lang": "fr"})
+        rows.append(
+            {
+                "id": f"tp/{name}",
+                "image": f"media/{name}.png",
+                "audio": f"media/{name}.ogg",
+                "text": f"A {name}.",
+                "label": name,
+                "source": "tuxpaint",
+                "split": "test",
+                "lang": "en",
+            }
+        )
+        rows.append(
+            {
+                "id": f"tp/{name}/fr",
+                "image": f"media/{name}.png",
+                "text": f"Un {name}.",
+                "label": name,
+                "source": "tuxpaint",
+                "split": "test",
+                "lang": "fr",
+            }
+        )
     (root / "corpus" / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
