@@ -3,7 +3,7 @@
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
-DEB_PACKAGES := tuxpaint-stamps-default sonic-pi-samples espeak-ng sox chromium
+DEB_PACKAGES := tuxpaint-stamps-default sonic-pi-samples espeak-ng chromium
 STAMP := $(VENV)/.installed
 
 .PHONY: setup deb demo test lint bench clean

@@ -157,11 +157,14 @@ class Trainer:
         loss, logs = multi_pair_loss(emb, present, self.model.logit_scale, self.labels[list(idx)])
         return loss + aux, {**logs, "aux": float(aux.detach())}
 
-    def fill_caches(self) -> None:
+    def cache_path(self, modality: str) -> Path:
+        """Where a modality's cache lives: keyed by the encoder config, so ablations share it."""
         cache_dir = Path(self.cfg.cache_dir) if self.cfg.cache_dir else self.out / "cache"
+        return cache_dir / f"{modality}-{_digest(getattr(self.model.cfg, modality))}.pt"
+
+    def fill_caches(self) -> None:
         for m, cache in self.caches.items():
-            enc_cfg = getattr(self.model.cfg, m)
-            path = cache_dir / f"{m}-{_digest(enc_cfg)}.pt"
+            path = self.cache_path(m)
             loaded = cache.load(path)
             keys = [
                 k
