@@ -37,7 +37,7 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
         from service.embedding import load_embedder
         from service.store import open_collection
 
-        emb = embedder if embedder is not None else load_embedder(settings.model)
+        emb = embedder if embedder is not None else load_embedder(settings.model, settings.adapter)
         collection = open_collection(
             settings.collection, emb, create=True, memory_budget_mb=settings.memory_budget_mb
         )

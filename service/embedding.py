@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -14,10 +15,11 @@ DEFAULT_MODEL = "default"
 FALLBACK_MODEL = "small"  # used when no shipped "default" checkpoint/config exists
 
 
-def load_embedder(name_or_path: str = DEFAULT_MODEL) -> Embedder:
+def load_embedder(name_or_path: str = DEFAULT_MODEL, adapter: str | Path | None = None) -> Embedder:
     """Build the embedder named ``name_or_path`` (a config name in ``mm/configs`` or a checkpoint path).
 
-    ``"default"`` falls back to ``"small"`` when the package ships no default checkpoint.
+    ``"default"`` falls back to ``"small"`` when the package ships no default checkpoint. ``adapter``:
+    a LoRA adapter directory (``mm finetune``) merged into the weights.
     """
     from mm.errors import ConfigError
     from mm.model import create_model
@@ -29,5 +31,9 @@ def load_embedder(name_or_path: str = DEFAULT_MODEL) -> Embedder:
             raise
         log.info("no %r model shipped (%s); using %r", DEFAULT_MODEL, exc, FALLBACK_MODEL)
         model = create_model(FALLBACK_MODEL)
+    if adapter is not None:
+        from mm.lora import load_adapter
+
+        load_adapter(model, adapter)
     log.info("loaded embedder %s (dim %d)", getattr(model, "model_id", name_or_path), model.dim)
     return model
