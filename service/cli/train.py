@@ -32,7 +32,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mm.recipes import recipe_config
-
     from mm.train import TrainConfig, train
 
     kw: dict = recipe_config(args.recipe) if args.recipe else {"model": args.model}
