@@ -98,7 +98,7 @@ def examples(library: Path, work: Path) -> list[Example]:
     ex = [
         Example("text -> image", "text", "a frog", ["image"]),
         Example("text -> audio", "text", "a drum hit", ["audio"]),
-        Example("text -> image", "text", "something to eat", ["image"]),
+        Example("text -> image", "text", "a guitar", ["image"]),
     ]
     sound_images = sorted(p for p in (library / "tuxpaint").glob("*.png") if p.with_suffix(".ogg").exists())
     if sound_images:
