@@ -350,15 +350,15 @@ class Generators:
         if name == "extractive":
             return ExtractiveGenerator()
         if name == "local":
-            return LocalGenerator(getattr(s, "lm_path", None) or DEFAULT_LM_PATH, self.vector_of)
+            return LocalGenerator(s.lm_path or DEFAULT_LM_PATH, self.vector_of)
         if name == "openai":
             return OpenAIGenerator(
-                getattr(s, "openai_base_url", None),
-                getattr(s, "openai_api_key", None),
-                getattr(s, "openai_model", "gpt-4o-mini"),
-                getattr(s, "openai_timeout", 30.0),
+                s.openai_base_url,
+                s.openai_api_key,
+                s.openai_model,
+                s.openai_timeout,
             )
-        return GGUFGenerator(getattr(s, "gguf_path", None))
+        return GGUFGenerator(s.gguf_path)
 
 
 def retrieve(

@@ -180,3 +180,16 @@ def _tiny_model():
 def embedder():
     """The ``tiny`` model, loaded once per session (the fake only while ``mm.model`` cannot load)."""
     return _tiny_model() or FakeEmbedder()
+
+
+@pytest.fixture(scope="module")
+def base_ckpt(tmp_path_factory):
+    """A saved tiny checkpoint whose backbone counts (untrained configs zero ``out_proj``)."""
+    import torch
+
+    from mm.model import create_model, save_model
+
+    torch.manual_seed(0)
+    model = create_model("tiny").model
+    torch.nn.init.normal_(model.out_proj.weight, std=0.2)
+    return save_model(model, tmp_path_factory.mktemp("base"))

@@ -20,19 +20,9 @@ from mm.lora import (
     merge_lora,
     save_adapter,
 )
-from mm.model import create_model, save_model
+from mm.model import create_model
 
 TEXTS = [f"a {c} {s}" for c in ("red", "blue", "green") for s in ("circle", "square")]
-
-
-@pytest.fixture(scope="module")
-def base_ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    model = create_model("tiny").model
-    torch.nn.init.normal_(
-        model.out_proj.weight, std=0.2
-    )  # untrained configs zero it: the backbone must count
-    return save_model(model, tmp_path_factory.mktemp("base"))
 
 
 def _adapted(base_ckpt, spec: LoraSpec):

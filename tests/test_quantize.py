@@ -10,20 +10,10 @@ import torch
 from torch import nn
 
 from mm.int4 import Int4Linear, dequantize_int4, pack_int4, quantize_int4, unpack_int4
-from mm.model import create_model, save_model
+from mm.model import create_model
 from mm.quantize import QUANT_FILE, Int8Linear, QuantSpec, quantize_model, save_quantized, select_linears
 
 TEXTS = [f"a {c} {s}" for c in ("red", "blue", "green") for s in ("circle", "square")]
-
-
-@pytest.fixture(scope="module")
-def base_ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    model = create_model("tiny").model
-    torch.nn.init.normal_(
-        model.out_proj.weight, std=0.2
-    )  # untrained configs zero it: the backbone must count
-    return save_model(model, tmp_path_factory.mktemp("base"))
 
 
 def _inputs():
