@@ -46,6 +46,21 @@ class SwiGLU(nn.Module):
         # (..., D) -> (..., D)
         return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
 
+    def forward_into(self, x: Tensor, out: Tensor) -> None:
+        """``out[:] = self(x)`` for 2-D ``x`` (C, D) -> ``out`` (C, D), without building autograd state.
+
+        With plain ``nn.Linear`` layers and no gradient needed, the activation is computed in place and
+        the down projection is written straight into ``out`` (no temporaries, no copy); anything else
+        (LoRA-wrapped or quantized layers, training) takes the ordinary forward.
+        """
+        plain = all(type(m) is nn.Linear and m.weight.dtype == x.dtype for m in (self.w1, self.w2, self.w3))
+        if plain and not torch.is_grad_enabled() and not (self.training and self.dropout.p > 0):
+            a = F.silu(F.linear(x, self.w1.weight), inplace=True)  # (C, H)
+            a.mul_(F.linear(x, self.w3.weight))
+            torch.mm(a, self.w2.weight.t(), out=out)
+        else:
+            out.copy_(self(x))
+
 
 class MoEStats(NamedTuple):
     load: Tensor  # (E,) fraction of routed (token, expert) assignments per expert; sums to 1
@@ -186,22 +201,48 @@ class DMoE(nn.Module):
         # One gather in, each expert once on its contiguous slice, one gather back to (token, slot)
         # order. Gathers (index_select) are much faster on CPU than scatters (index_add_).
         x_sorted = xs.index_select(0, torch.div(slot, k, rounding_mode="floor"))  # (M, D)
+        inplace = not torch.is_grad_enabled() and not torch.is_autocast_enabled(xs.device.type)
+        experts = self._experts_inplace if inplace else self._experts_autograd
+        h = experts(x_sorted, counts)  # (M + 1, D): rows in x_sorted's order, then a zero row
+        src = torch.full((n * k,), m, dtype=torch.long, device=xs.device)  # row M: unused slots (zeros)
+        src[slot] = torch.arange(m, device=xs.device)
+        w = weight.to(h.dtype)  # (N, K); unused slots weigh 0
+        if self.collab is not None or not inplace:
+            hk = h.index_select(0, src).view(n, k, xs.shape[1])  # (N, K, D)
+            if self.collab is not None:
+                hk = self.collab(xs, hk, keep)  # (N, K, D)
+            y = torch.bmm(w.unsqueeze(1), hk).squeeze(1)  # (N, D)
+        else:
+            # Inference without collaboration: gather and accumulate one slot at a time, never
+            # materialising (N, K, D).
+            src = src.view(n, k)
+            y = h.index_select(0, src[:, 0]).mul_(w[:, :1])  # (N, D)
+            for j in range(1, k):
+                y.addcmul_(h.index_select(0, src[:, j]), w[:, j : j + 1])
+        return y, counts
+
+    def _experts_autograd(self, x_sorted: Tensor, counts: Tensor) -> Tensor:
+        # x_sorted (M, D) grouped by expert -> (M + 1, D) expert outputs and a zero row for unused slots
         outs = []
         start = 0
         for e, c in enumerate(counts.tolist()):
             if c:
                 outs.append(self.experts[e](x_sorted[start : start + c]))  # (c, D)
                 start += c
-        dtype = outs[0].dtype if outs else xs.dtype
-        outs.append(xs.new_zeros(1, xs.shape[1], dtype=dtype))  # row M: the output of unused slots
-        h = torch.cat(outs)  # (M + 1, D)
-        src = torch.full((n * k,), m, dtype=torch.long, device=xs.device)
-        src[slot] = torch.arange(m, device=xs.device)
-        hk = h.index_select(0, src).view(n, k, xs.shape[1])  # (N, K, D)
-        if self.collab is not None:
-            hk = self.collab(xs, hk, keep)  # (N, K, D)
-        y = torch.bmm(weight.to(hk.dtype).unsqueeze(1), hk).squeeze(1)  # (N, D); unused slots weigh 0
-        return y, counts
+        dtype = outs[0].dtype if outs else x_sorted.dtype
+        outs.append(x_sorted.new_zeros(1, x_sorted.shape[1], dtype=dtype))
+        return torch.cat(outs)
+
+    def _experts_inplace(self, x_sorted: Tensor, counts: Tensor) -> Tensor:
+        # Same as _experts_autograd without gradients: each expert writes its rows of one buffer.
+        h = x_sorted.new_empty(x_sorted.shape[0] + 1, x_sorted.shape[1])  # (M + 1, D)
+        h[-1].zero_()
+        start = 0
+        for e, c in enumerate(counts.tolist()):
+            if c:
+                self.experts[e].forward_into(x_sorted[start : start + c], h[start : start + c])
+                start += c
+        return h
 
     def _seq_balance_loss(
         self,

@@ -200,3 +200,36 @@ def test_invalid_config_and_input_raise_value_error():
         moe(torch.randn(2, 3, D + 1))
     with pytest.raises(ValueError, match="mask"):
         moe(torch.randn(2, 3, D), torch.ones(2, 4, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("routing,collaboration", [("topk", False), ("topp", False), ("topp", True)])
+def test_inference_fast_path_equals_autograd_path(routing, collaboration):
+    # Without gradients the experts write into one buffer in place and slots are gathered one at a
+    # time; the result must be the autograd path's, padding included.
+    moe = make(routing=routing, k=3, top_p=0.6, collaboration=collaboration, shared_expert=True)
+    if collaboration:
+        torch.nn.init.normal_(moe.collab.o_proj.weight, std=0.1)  # not the identity start
+    x = torch.randn(3, 9, moe.cfg.dim)
+    mask = torch.ones(3, 9, dtype=torch.bool)
+    mask[1, 5:] = False
+    with torch.enable_grad():
+        ref = moe(x, mask).output
+    with torch.inference_mode():
+        fast = moe(x, mask)
+    assert ref.requires_grad and not fast.output.requires_grad
+    torch.testing.assert_close(fast.output, ref.detach(), atol=1e-5, rtol=1e-5)
+    assert fast.output[1, 5:].abs().max() == 0
+
+
+def test_swiglu_forward_into_matches_forward_and_falls_back_for_wrapped_layers():
+    torch.manual_seed(0)
+    ffn = SwiGLU(16, 32).eval()
+    x = torch.randn(5, 16)
+    out = torch.empty(5, 16)
+    with torch.no_grad():
+        ffn.forward_into(x, out)
+        torch.testing.assert_close(out, ffn(x))
+        ffn.w2 = torch.nn.Sequential(ffn.w2)  # not a plain Linear (as under LoRA): ordinary forward
+        out2 = torch.full((5, 16), float("nan"))
+        ffn.forward_into(x, out2)
+    torch.testing.assert_close(out2, out)
