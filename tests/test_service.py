@@ -86,6 +86,11 @@ def test_health_and_openapi(client, embedder):
         "/jobs/{job_id}",
     ):
         assert path in spec["paths"]
+    body = spec["paths"]["/search"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    search_request = spec["components"]["schemas"][body["$ref"].rsplit("/", 1)[1]]
+    assert {"query", "item_id", "vector", "k", "filters"} <= set(search_request["properties"])
+    filters_ref = search_request["properties"]["filters"]["anyOf"][0]["$ref"]
+    assert filters_ref.rsplit("/", 1)[1] in spec["components"]["schemas"]
     assert client.get("/docs").status_code == 200
 
 
@@ -234,6 +239,14 @@ def test_bad_input_status_codes(client, settings):
     assert_error(client.post("/search", json={"k": 3}), 422)
     assert_error(client.post("/search", json={"query": "x", "modalities": ["video"]}), 422)
     assert_error(client.post("/search", json={"query": "x", "filters": {"since": "yesterday"}}), 422)
+    # /search parses its body in one pass (service.body): malformed JSON and wrong types are 422s too,
+    # and the error names the field
+    json_type = {"content-type": "application/json"}
+    bad_json = client.post("/search", content=b'{"query": "x", "k": ', headers=json_type)
+    assert_error(bad_json, 422, "validation_error")
+    wrong_type = client.post("/search", json={"query": "x", "k": "many"})
+    assert_error(wrong_type, 422, "validation_error")
+    assert wrong_type.json()["error"]["message"].startswith("k:")
     assert_error(
         client.post("/search", content=b"{not json", headers={"content-type": "application/json"}), 422
     )
