@@ -3,7 +3,9 @@
 Fine-tunes ``--model`` on one source's train rows (default: sonicpi, audio<->text, which the shared
 training mix barely covers) and evaluates on that source's test rows. Per mode: ``recall_at_10`` (mean
 R@10 over both directions) and per-direction metrics, trainable parameters (and % of what a full
-fine-tune trains), wall time, and peak memory.
+fine-tune trains), wall time (``seconds``) and process CPU time (``cpu_seconds``, the steadier number on
+a shared machine) of the training loop, and peak memory. ``domain`` says how much of the manifest's
+train split the held-out source is (the share the default model saw of it while it was trained).
 
 Memory method: each mode runs in its own subprocess; ``peak_rss_mb`` is that process's RSS high-water
 mark (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) at the end, ``train_rss_mb`` the growth of that
@@ -65,16 +67,17 @@ def worker(mode: str, args: argparse.Namespace, manifest: Path, out_dir: Path) -
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     trainer.fill_caches()
     before = _rss_mb()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     if mode != "base":
         trainer.train()
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     metrics = trainer.evaluate(test)
     return {
         "recall_at_10": round(float(np.mean([d["R@10"] for d in metrics.values()])), 4),
         "metrics": {k: {m: round(v, 4) for m, v in d.items()} for k, d in metrics.items()},
         "trainable_params": 0 if mode == "base" else trainable,
         "seconds": round(seconds, 1),
+        "cpu_seconds": round(cpu_seconds, 1),
         "peak_rss_mb": round(_rss_mb(), 1),
         "train_rss_mb": round(_rss_mb() - before, 1),
     }
@@ -90,6 +93,17 @@ def domain_manifest(src: str, source: str, out: Path) -> Path:
         raise SystemExit(f"{src} has no train and test rows of source {source!r}")
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))  # paths are already absolute
     return out
+
+
+def domain_share(src: str, source: str) -> dict:
+    """Rows of ``source`` per split, and its share of the whole manifest's train split."""
+    from mm.train import load_rows
+
+    rows = load_rows(src, None)
+    mine = [r for r in rows if r.get("source") == source]
+    n_train = sum(r.get("split") == "train" for r in rows)
+    splits = {s: sum(r.get("split") == s for r in mine) for s in ("train", "val", "test")}
+    return {**splits, "share_of_train_pct": round(100 * splits["train"] / max(1, n_train), 2)}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -118,6 +132,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(res))
         return res
     out: dict = {"model": args.model, "source": args.source, "max_steps": args.max_steps}
+    out["threads"], out["domain"] = args.threads, domain_share(args.manifest, args.source)
+    t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         domain_manifest(args.manifest, args.source, Path(tmp) / "domain.jsonl")
         opts = [
@@ -142,6 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
     for mode in ("lora", "qlora"):
         if full and "trainable_params" in out.get(mode, {}):
             out[mode]["trainable_pct_of_full"] = round(100 * out[mode]["trainable_params"] / full, 3)
+    out["total_seconds"] = round(time.perf_counter() - t_start, 1)
     print(json.dumps(out))
     return out
 

@@ -1,19 +1,36 @@
 """Post-training quantization of a model's ``nn.Linear`` layers and quantized checkpoints.
 
 - ``int8``: dynamic quantization (:class:`Int8Linear`): per-output-channel symmetric int8 weights,
-  activations quantised per call. The matmul runs in FBGEMM's ``quantized::linear_dynamic`` (the kernel
-  behind the deprecated ``torch.ao.quantization.quantize_dynamic``; measured ~2x faster than fp32 on
-  this CPU, where ``torch._int_mm`` measured 3-5x slower than fp32). Weights are stored as plain int8
+  activations quantised per call (per tensor, asymmetric uint8). The matmul runs in FBGEMM's
+  ``quantized::linear_dynamic`` (the kernel behind the deprecated
+  ``torch.ao.quantization.quantize_dynamic``; ``torch._int_mm`` measured 3-5x slower than fp32 here).
+  Activations use the full 8-bit range when the kernel accumulates it exactly (VNNI/AMX CPUs; checked
+  once per process by :func:`full_range_exact`), else 7 bits (``reduce_range``, which on the shipped
+  default cost 0.5-1.2 points of text cosine per MiniLM layer group). Weights are stored as plain int8
   tensors + float32 scales, so checkpoints stay safetensors; the kernel's packed form is rebuilt on
   first use. Without the kernel the layer dequantises and runs ``F.linear``.
-- ``int4``: weight-only group-wise (:class:`mm.int4.Int4Linear`): smaller, not faster.
+- ``int4``: weight-only group-wise (:class:`mm.int4.Int4Linear`): smaller, not faster. The tensors that
+  stay unquantized (norms, biases, routers, gates, embeddings, the audio patch stem) are stored in
+  float16 on disk (``residual_fp16``) and upcast to float32 when the checkpoint loads.
 
 Which layers: every ``nn.Linear`` of the backbone and the projection heads, except the MoE routers and
 the AAM complexity gates (small, and their outputs are discrete decisions that quantization noise can
-flip). Frozen packaged encoders (MiniLM) are quantized too for ``int8`` (speed; they are not in our
+flip), and except the names matching ``QuantSpec.exclude`` (fnmatch patterns; none by default). The
+MoE experts are quantized too: each call sees only the tokens routed to one expert, and on the shipped
+default quantizing them neither sped up nor slowed down the backbone measurably (it is dominated by
+routing and dispatch), while it keeps the int8 checkpoint at ~1/4 of fp32.
+Frozen packaged encoders (MiniLM) are quantized too for ``int8`` (speed; they are not in our
 checkpoint, so they are re-quantized from the packaged weights when the checkpoint loads) and left in
 fp32 for ``int4`` (weight-only INT4 would only slow them down, and saves no checkpoint space).
-Convolutions (EfficientNet, the audio patch stem) are not touched.
+
+Convolutions are not quantized (EfficientNet's 1x1 convolutions run as int8 linears over channels_last
+measured slower than oneDNN's fp32 convolutions: the feature maps are large and memory-bound, and
+dynamic quantization adds passes over them). For ``int8`` with encoders the frozen EfficientNet is
+prepared for inference the way a quantization flow fuses modules (``fold_bn``): each BatchNorm is
+folded into the convolution before it, and stride-1 "SAME" convolutions get the equivalent symmetric
+padding instead of a padded copy of their input. Both are exact up to float rounding and are an fp32
+optimisation: the benchmark reports what they alone give (``fp32_fused``), so the share of the int8
+speedup that comes from quantization itself stays visible.
 
 A quantized checkpoint is an ordinary checkpoint directory plus ``quantization.json`` (the spec and the
 replaced module names); ``mm.model.create_model`` calls :func:`apply_checkpoint_quantization` before it
@@ -25,6 +42,8 @@ Index letters: n output features, k input features, m rows (tokens).
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
+import functools
 import json
 import logging
 from dataclasses import dataclass
@@ -50,6 +69,9 @@ class QuantSpec:
     mode: Literal["int8", "int4"] = "int8"
     group_size: int = 64  # INT4 group size along the input features (32, 64 or 128)
     encoders: bool | None = None  # quantize frozen packaged encoders too; None: yes for int8, no for int4
+    exclude: tuple[str, ...] = ()  # fnmatch patterns of module names kept in fp32
+    fold_bn: bool | None = None  # fold frozen encoders' BatchNorms; None: when int8 quantizes encoders
+    residual_fp16: bool | None = None  # store unquantized float tensors in fp16; None: yes for int4
     modules: tuple[str, ...] = ()  # the replaced module names (filled in by quantize_model)
 
     def __post_init__(self) -> None:
@@ -62,20 +84,59 @@ class QuantSpec:
     def quantize_encoders(self) -> bool:
         return self.mode == "int8" if self.encoders is None else self.encoders
 
+    @property
+    def folds_bn(self) -> bool:
+        if self.fold_bn is not None:
+            return self.fold_bn
+        return self.mode == "int8" and self.quantize_encoders
+
+    @property
+    def fp16_residuals(self) -> bool:
+        return self.mode == "int4" if self.residual_fp16 is None else self.residual_fp16
+
     def to_dict(self) -> dict[str, Any]:
-        return {"format": FORMAT, **dataclasses.asdict(self), "modules": list(self.modules)}
+        d = dataclasses.asdict(self)
+        return {"format": FORMAT, **d, "exclude": list(self.exclude), "modules": list(self.modules)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> QuantSpec:
         fields = {f.name for f in dataclasses.fields(cls)}
         kw = {k: v for k, v in d.items() if k in fields}
         kw["modules"] = tuple(kw.get("modules", ()))
+        kw["exclude"] = tuple(kw.get("exclude", ()))
         return cls(**kw)
 
 
 def _fbgemm_ok() -> bool:
     engines = torch.backends.quantized.supported_engines
     return hasattr(torch.ops.quantized, "linear_dynamic") and any(e in engines for e in ("x86", "fbgemm"))
+
+
+@functools.cache
+def full_range_exact() -> bool:
+    """Whether ``quantized::linear_dynamic`` accumulates full-range (8-bit) activations exactly here.
+
+    Without VNNI, FBGEMM multiplies uint8 x int8 pairs into saturating int16 sums (255 * 127 * 2 >
+    32767), which is why ``reduce_range`` (7-bit activations) exists; VNNI/AMX accumulate in int32. The
+    probe is the worst case: every activation code 255 times every weight 127.
+    """
+    if not _fbgemm_ok():
+        return False
+    k = 64
+    with torch.inference_mode(False), torch.no_grad():
+        w = torch._make_per_channel_quantized_tensor(
+            torch.full((4, k), 127, dtype=torch.int8),
+            torch.ones(4, dtype=torch.double),
+            torch.zeros(4, dtype=torch.long),
+            0,
+        )
+        try:
+            y = torch.ops.quantized.linear_dynamic(
+                torch.ones(2, k), torch.ops.quantized.linear_prepack(w, None), False
+            )
+        except (RuntimeError, NotImplementedError):
+            return False
+    return bool(torch.allclose(y, torch.full_like(y, 127.0 * k), rtol=1e-3))
 
 
 class Int8Linear(nn.Module):
@@ -131,8 +192,8 @@ class Int8Linear(nn.Module):
         if self._kernel and x.numel():
             try:
                 y = torch.ops.quantized.linear_dynamic(
-                    x.reshape(-1, self.in_features).float().contiguous(), self._pack(), True
-                )  # (M, N); reduce_range=True: 7-bit activations keep FBGEMM's int16 accumulation exact
+                    x.reshape(-1, self.in_features).float().contiguous(), self._pack(), not full_range_exact()
+                )  # (M, N); reduce_range (7-bit activations) only where int16 accumulation would saturate
                 return y.reshape(*lead, self.out_features).to(x.dtype)
             except (RuntimeError, NotImplementedError) as e:  # no FBGEMM in this build: dequantise
                 log.warning("int8 kernel unavailable (%s); falling back to dequantised matmul", e)
@@ -161,6 +222,8 @@ def select_linears(model: nn.Module, spec: QuantSpec) -> list[str]:
             continue
         if spec.mode == "int4" and (mod.in_features % spec.group_size or mod.in_features < spec.group_size):
             continue
+        if any(fnmatch.fnmatchcase(name, pat) for pat in spec.exclude):
+            continue
         names.append(name)
     return names
 
@@ -171,6 +234,8 @@ def quantize_model(model: nn.Module, spec: QuantSpec) -> QuantSpec:
     When ``spec.modules`` is already set (loading a checkpoint) exactly those modules are replaced.
     """
     names = list(spec.modules) or select_linears(model, spec)
+    if spec.folds_bn:
+        fold_frozen_convs(model)
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -186,6 +251,73 @@ def quantize_model(model: nn.Module, spec: QuantSpec) -> QuantSpec:
         model.requires_grad_(False)  # a quantized model is for inference (or a frozen QLoRA base)
     log.info("quantized %d Linear layers to %s", len(names), spec.mode)
     return dataclasses.replace(spec, modules=tuple(names))
+
+
+# (conv, batchnorm) attribute pairs of EfficientNet-Lite (mm.encoders.efficientnet_lite) and its blocks.
+CONV_BN_PAIRS = (
+    ("_conv_stem", "_bn0"),
+    ("_conv_head", "_bn1"),
+    ("_expand_conv", "_bn0"),
+    ("_depthwise_conv", "_bn1"),
+    ("_project_conv", "_bn2"),
+)
+
+
+def _fold_pair(parent: nn.Module, conv_name: str, bn_name: str) -> bool:
+    from mm.encoders.efficientnet_lite import SameConv2d
+
+    conv, bn = getattr(parent, conv_name, None), getattr(parent, bn_name, None)
+    if not isinstance(conv, nn.Conv2d) or not isinstance(bn, nn.BatchNorm2d) or bn.running_var is None:
+        return False
+    plain = conv.stride == (1, 1) and conv.dilation == (1, 1) and all(k % 2 for k in conv.kernel_size)
+    if isinstance(conv, SameConv2d) and plain:  # stride-1 SAME padding is symmetric: the conv can pad
+        new: nn.Conv2d = nn.Conv2d(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            padding=tuple(k // 2 for k in conv.kernel_size),
+            groups=conv.groups,
+            bias=True,
+        )
+    else:
+        new = type(conv)(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,  # type: ignore[arg-type]
+            conv.dilation,
+            conv.groups,
+            bias=True,
+            padding_mode=conv.padding_mode,
+        )
+    w, b = torch.nn.utils.fusion.fuse_conv_bn_weights(
+        conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
+    )
+    with torch.no_grad():
+        new.weight.copy_(w)
+        new.bias.copy_(b)
+    new.requires_grad_(False).to(memory_format=torch.channels_last)
+    setattr(parent, conv_name, new)
+    setattr(parent, bn_name, nn.Identity())
+    return True
+
+
+def fold_frozen_convs(model: nn.Module) -> int:
+    """Fold every BatchNorm of the frozen encoders into the convolution before it (eval-mode exact).
+
+    Also gives stride-1 "SAME" convolutions with odd kernels plain symmetric padding (the same output,
+    without a padded copy of the input). Returns the number of folded pairs.
+    """
+    n = 0
+    for enc in getattr(model, "encoders", {}).values():
+        if not getattr(enc, "frozen", False):
+            continue
+        for parent in list(enc.modules()):
+            n += sum(_fold_pair(parent, c, b) for c, b in CONV_BN_PAIRS)
+    if n:
+        log.info("folded %d BatchNorms into frozen encoder convolutions", n)
+    return n
 
 
 def read_spec(checkpoint: str | Path) -> QuantSpec | None:
@@ -210,13 +342,36 @@ def apply_checkpoint_quantization(model: nn.Module, checkpoint: str | Path) -> Q
 
 def save_quantized(model: nn.Module, spec: QuantSpec, out_dir: str | Path) -> Path:
     """Write a quantized model as a checkpoint: config.json, model.safetensors, quantization.json."""
-    from mm.model import save_model
+    from mm.model import WEIGHTS_FILE, save_model
 
     if not spec.modules:
         raise ValueError("spec lists no quantized modules: pass the spec quantize_model returned")
     out = save_model(model, out_dir)  # type: ignore[arg-type]
+    if spec.fp16_residuals:
+        _halve_residuals(out / WEIGHTS_FILE, spec.modules)
     (out / QUANT_FILE).write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
     return out
+
+
+def _halve_residuals(weights: Path, modules: tuple[str, ...]) -> None:
+    """Rewrite a weights file with its unquantized float32 tensors (not scalars) in float16.
+
+    Loading upcasts them: ``load_state_dict`` copies into the model's float32 parameters and buffers.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    quantized = tuple(f"{m}." for m in modules)
+    with safe_open(str(weights), "pt") as f:
+        metadata = f.metadata()
+    state = load_file(str(weights))
+    for k, v in state.items():
+        keep = k.startswith(quantized) and not k.endswith(".bias")  # codes and scales stay as they are
+        if v.dtype == torch.float32 and v.numel() > 1 and not keep:
+            state[k] = v.half()
+    tmp = weights.with_suffix(".tmp")
+    save_file(state, str(tmp), metadata=metadata)
+    tmp.replace(weights)
 
 
 def quantize_checkpoint(

@@ -11,7 +11,16 @@ from torch import nn
 
 from mm.int4 import Int4Linear, dequantize_int4, pack_int4, quantize_int4, unpack_int4
 from mm.model import create_model
-from mm.quantize import QUANT_FILE, Int8Linear, QuantSpec, quantize_model, save_quantized, select_linears
+from mm.quantize import (
+    QUANT_FILE,
+    Int8Linear,
+    QuantSpec,
+    fold_frozen_convs,
+    full_range_exact,
+    quantize_model,
+    save_quantized,
+    select_linears,
+)
 
 TEXTS = [f"a {c} {s}" for c in ("red", "blue", "green") for s in ("circle", "square")]
 
@@ -77,6 +86,54 @@ def test_select_skips_routers_and_gates():
         QuantSpec(mode="int4", group_size=48)
 
 
+def test_exclude_patterns_keep_layers_fp32_and_round_trip():
+    model = create_model("tiny").model
+    spec = QuantSpec(mode="int8", exclude=("*.experts.*", "in_proj.*"))
+    names = select_linears(model, spec)
+    assert names and not any(".experts." in n or n.startswith("in_proj.") for n in names)
+    assert any(n.endswith("attn.q_proj") for n in names)
+    assert QuantSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+
+
+def test_int8_full_range_activations_when_exact():
+    """8-bit activations are used only where the kernel accumulates them exactly, and are then closer."""
+    torch.manual_seed(3)
+    lin = nn.Linear(256, 64)
+    x = torch.randn(64, 256) * 3
+    ref = lin(x)
+    q = Int8Linear.from_linear(lin)
+    y = q(x)
+    assert torch.nn.functional.cosine_similarity(y, ref).min() > 0.999
+    if not full_range_exact():
+        pytest.skip("this CPU's int8 kernel saturates 8-bit activations: 7-bit (reduce_range) is used")
+    y7 = torch.ops.quantized.linear_dynamic(x, q._pack(), True)
+    assert (y - ref).abs().mean() < 0.75 * (y7 - ref).abs().mean()
+
+
+def test_fold_frozen_convs_is_exact():
+    from mm.encoders.efficientnet_lite import EfficientNetLite
+
+    torch.manual_seed(4)
+    net = EfficientNetLite(num_classes=10).eval()
+    for bn in net.modules():
+        if isinstance(bn, nn.BatchNorm2d):  # non-trivial statistics, so folding has work to do
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+            nn.init.uniform_(bn.weight, 0.5, 1.5)
+            nn.init.uniform_(bn.bias, -0.2, 0.2)
+    enc = nn.Module()
+    enc.net, enc.frozen = net, True
+    holder = nn.Module()
+    holder.encoders = nn.ModuleDict({"image": enc})
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = net.features(x)
+        assert fold_frozen_convs(holder) == 49  # stem + head + 16 depthwise + 16 project + 15 expand
+        got = net.features(x)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in net.modules())
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
 @pytest.mark.parametrize(("mode", "min_cos"), [("int8", 0.99), ("int4", 0.95)])
 def test_quantized_checkpoint_close_to_fp32_and_loads(base_ckpt, tmp_path, mode, min_cos):
     fp32 = create_model(base_ckpt)
@@ -93,8 +150,16 @@ def test_quantized_checkpoint_close_to_fp32_and_loads(base_ckpt, tmp_path, mode,
     assert json.loads((out / QUANT_FILE).read_text())["mode"] == mode
     loaded = create_model(out)
     assert isinstance(loaded.model.get_submodule(spec.modules[0]), kind)
+    # int4 stores the unquantized tensors (norms, biases, routers, the audio stem) in float16
+    atol = 1e-6 if mode == "int8" else 2e-3
     for m, x in inputs.items():
-        np.testing.assert_allclose(loaded.encode(m, x), got[m], atol=1e-6)
+        np.testing.assert_allclose(loaded.encode(m, x), got[m], atol=atol)
+    from safetensors.torch import load_file
+
+    dtypes = {k: v.dtype for k, v in load_file(out / "model.safetensors").items()}
+    residual = torch.float16 if mode == "int4" else torch.float32
+    assert dtypes["encoders.audio.proj.weight"] == residual
+    assert loaded.model.encoders["audio"].proj.weight.dtype == torch.float32  # upcast on load
     assert loaded.model_id != fp32.model_id
     assert (out / "model.safetensors").stat().st_size < (base_ckpt / "model.safetensors").stat().st_size
     # the quantized layers themselves: int8 ~ 1/4 of fp32, int4 ~ 1/6 (codes + fp16 scales + zeros)
