@@ -6,6 +6,12 @@ request retrieves ``k`` items for a question and streams the answer. For each ba
 first token received, retrieval included) and ``tokens_per_s`` (pieces after the first / time after
 the first). Target: first token p95 < 200 ms for both backends.
 
+The server runs with ``--threads`` torch intra-op threads (default 1): the query encoder and the small
+decoder work on a few hundred positions at a time, too little to gain from a second thread, and on a
+busy machine a team of threads waits on its slowest member (on 2 shared cores, 2 threads made the
+local first token several times slower). Deploy the service the same way (``OMP_NUM_THREADS=1``).
+The output records the threads and the machine's 1-minute load average at the end of the run.
+
     python benchmarks/bench_generate.py [--model default] [--lm mm/checkpoints/lm] [--requests 20]
 
 The last line is one JSON object.
@@ -18,6 +24,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
 import socket
 import sys
 import tempfile
@@ -72,7 +79,7 @@ def build_collection(path: Path, embedder, captions: list[str]) -> None:
 
 
 def lm_path(arg: str | None, embed_dim: int, tmp: Path) -> Path:
-    """The shipped/given LM checkpoint, else ``lm_small`` with random weights (same cost per token)."""
+    """The shipped/given LM checkpoint, else ``lm_fast`` with random weights (same cost per token)."""
     import dataclasses
 
     from mm.lm import CHECKPOINT_DIR, WEIGHTS_FILE, GroundedLM, resolve_lm, save_lm
@@ -80,8 +87,8 @@ def lm_path(arg: str | None, embed_dim: int, tmp: Path) -> Path:
     path = Path(arg) if arg else CHECKPOINT_DIR
     if (path / WEIGHTS_FILE).exists():
         return path
-    logging.warning("no LM checkpoint at %s: timing lm_small with random weights", path)
-    cfg, _ = resolve_lm("lm_small")
+    logging.warning("no LM checkpoint at %s: timing lm_fast with random weights", path)
+    cfg, _ = resolve_lm("lm_fast")
     return save_lm(GroundedLM(dataclasses.replace(cfg, embed_dim=embed_dim)), tmp / "lm")
 
 
@@ -152,15 +159,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=3)
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--items", type=int, default=300, help="caption texts in the collection")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads of the server process")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
+    import torch
     import uvicorn
 
     from service.app import create_app
     from service.embedding import load_embedder
     from service.settings import Settings
 
+    torch.set_num_threads(args.threads)
     embedder = load_embedder(args.model)
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
@@ -197,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     out = {
         "model": getattr(embedder, "model_id", args.model),
         "requests": args.requests,
+        "torch_threads": args.threads,
+        "load_avg_1m": round(os.getloadavg()[0], 2),
         **results,
         "first_token_p95_ms_max": worst,
         "target_first_token_p95_ms": 200.0,

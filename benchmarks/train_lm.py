@@ -8,7 +8,11 @@ by the corpus' own split (by concept), so test items are never seen in training.
 Evaluation on test items (greedy), against the extractive backend's answer for the same items:
 ROUGE-L F1 against the reference sentence and exact match, with and without captions in context.
 
-    python benchmarks/train_lm.py --model default --minutes 8 --out mm/checkpoints/lm
+Speed: item vectors are encoded once (and cached); batches are cut from a pool of examples sorted by
+length, so they carry little padding, and the MoE skips what padding is left (``pad_mask``).
+
+    python benchmarks/train_lm.py --model default --config lm_fast --minutes 30 --threads 1 \
+        [--init previous/checkpoint] --out mm/checkpoints/lm
 
 Writes config.json, model.safetensors (bf16) and train_log.jsonl to ``--out``; the last line printed
 is one JSON object.
@@ -117,6 +121,7 @@ def make_example(lm, items, vecs, idx: list[int], with_captions: bool, question:
 
 
 def batch_tensors(examples, max_len: int, pad: int):
+    """Right-padded (x, y, prefix, prefix_mask, pad_mask); y is -100 outside the answers."""
     import torch
 
     seqs, starts = [], []
@@ -130,15 +135,40 @@ def batch_tensors(examples, max_len: int, pad: int):
         ids[i, : len(s)] = torch.tensor(s)
     x, y = ids[:, :-1], ids[:, 1:].clone()
     pos = torch.arange(t - 1)[None, :]
+    lengths = torch.tensor([len(s) - 1 for s in seqs])[:, None]
+    pad_mask = pos < lengths  # (B, T) real input tokens
     # loss on the answer only: target positions >= len(prompt) - 1, and not padding
-    y[(pos < torch.tensor(starts)[:, None] - 1) | (y == pad)] = -100
+    y[(pos < torch.tensor(starts)[:, None] - 1) | ~pad_mask] = -100
     p = max(1, max(len(e[2]) for e in examples))
     prefix = torch.zeros(len(examples), p, examples[0][2].shape[1])
     mask = torch.zeros(len(examples), p, dtype=torch.bool)
     for i, (_, _, v) in enumerate(examples):
         prefix[i, : len(v)] = torch.from_numpy(v)
         mask[i, : len(v)] = True
-    return x, y, prefix, mask
+    return x, y, prefix, mask, pad_mask
+
+
+def sample_example(lm, items, vecs, train_idx: list[int], rng: random.Random, max_len: int):
+    """One training example (1-3 items; captions in context half the time, 20% captions without vectors)."""
+    while True:
+        idx = rng.sample(train_idx, rng.choice([1, 1, 2, 3]))
+        ex = make_example(lm, items, vecs, idx, rng.random() < 0.5, rng.choice(QUESTIONS))
+        if rng.random() < 0.2:  # captions only, as when the serving embedder's vectors do not fit
+            ex = (
+                lm.build_prompt(rng.choice(QUESTIONS), [items[i]["caption"] for i in idx]),
+                ex[1],
+                ex[2][:0],
+            )
+        if len(ex[0]) + len(ex[1]) <= max_len + 1:  # the few longer ones would lose their answer
+            return ex
+
+
+def length_batches(examples: list, batch: int, rng: random.Random) -> list[list]:
+    """Examples sorted by length and cut into batches (in random order): little padding per batch."""
+    examples = sorted(examples, key=lambda e: len(e[0]) + len(e[1]))
+    batches = [examples[i : i + batch] for i in range(0, len(examples), batch)]
+    rng.shuffle(batches)
+    return batches
 
 
 def lcs(a: list[str], b: list[str]) -> int:
@@ -196,17 +226,18 @@ def evaluate(lm, items, vecs, test_idx: list[int], n: int, seed: int) -> dict[st
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="default", help="embedder giving the prefix vectors")
-    p.add_argument("--config", default="lm_small", help="LM config name or JSON")
+    p.add_argument("--config", default="lm_fast", help="LM config name or JSON")
     p.add_argument("--manifest", type=Path, default=Path("/tmp/corpus/manifest.jsonl"))
     p.add_argument("--out", type=Path, default=Path("mm/checkpoints/lm"))
     p.add_argument("--minutes", type=float, default=8.0, help="training time budget")
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--eval", type=int, default=150, help="test examples evaluated")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument(
         "--vectors", type=Path, default=None, help="precomputed item vectors (.npy), skips encoding"
     )
+    p.add_argument("--init", type=Path, default=None, help="initial weights: a checkpoint of the same config")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -240,6 +271,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg, _ = resolve_lm(args.config)
     cfg = dataclasses.replace(cfg, embed_dim=vecs.shape[1], name=f"{cfg.name}-{model_name}")
     lm = GroundedLM(cfg)
+    if args.init is not None:  # continue a run: its config must match this one
+        from mm.lm import load_lm
+
+        lm.load_state_dict(load_lm(args.init).state_dict())
+        log.info("initial weights from %s", args.init)
     n_params = sum(p.numel() for p in lm.parameters())
     log.info("LM %s: %.2f M parameters", cfg.name, n_params / 1e6)
     opt = torch.optim.AdamW(lm.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.95))
@@ -249,26 +285,21 @@ def main(argv: list[str] | None = None) -> int:
     budget = args.minutes * 60
     t0 = time.perf_counter()
     step, ema = 0, None
+    queue: list[list] = []
     warmup = 50
     while time.perf_counter() - t0 < budget:
         frac = (time.perf_counter() - t0) / budget
         lr = args.lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * frac)))
         for g in opt.param_groups:
             g["lr"] = lr
-        examples = []
-        for _ in range(args.batch):
-            idx = rng.sample(train_idx, rng.choice([1, 1, 2, 3]))
-            ex = make_example(lm, items, vecs, idx, rng.random() < 0.5, rng.choice(QUESTIONS))
-            if rng.random() < 0.2:  # captions only, as when the serving embedder's vectors do not fit
-                ex = (
-                    lm.build_prompt(rng.choice(QUESTIONS), [items[i]["caption"] for i in idx]),
-                    ex[1],
-                    ex[2][:0],
-                )
-            examples.append(ex)
-        x, y, prefix, mask = batch_tensors(examples, cfg.max_len, lm.tokenizer.pad_id)
+        if not queue:  # a pool of `pool` batches, bucketed by length
+            pool = [
+                sample_example(lm, items, vecs, train_idx, rng, cfg.max_len) for _ in range(args.batch * 8)
+            ]
+            queue = length_batches(pool, args.batch, rng)
+        x, y, prefix, mask, pad_mask = batch_tensors(queue.pop(), cfg.max_len, lm.tokenizer.pad_id)
         lm.train()
-        out = lm(x, prefix, mask)
+        out = lm(x, prefix, mask, pad_mask=pad_mask)
         loss = torch.nn.functional.cross_entropy(
             out.logits.reshape(-1, cfg.vocab), y.reshape(-1), ignore_index=-100
         )

@@ -134,6 +134,26 @@ def causal_window_mask(start: int, t: int, s: int, window: int, n_sink: int, dev
     return (j <= i) & ((i - j < window) | (j < n_sink))
 
 
+CAUSAL = "causal"  # attention mask shorthand: plain lower-triangular (SDPA's ``is_causal``)
+AttnMask = Tensor | str | None  # (T, S) bool, CAUSAL, or None (every key visible)
+
+
+def attention_mask(start: int, t: int, window: int, n_sink: int, device: torch.device) -> AttnMask:
+    """The (T, S = start + T) mask of :func:`causal_window_mask`, or a cheaper equivalent.
+
+    Built once per forward and shared by the layers. When the window reaches back to position 0 the
+    window never bites: a prefill (``start == 0``) is plain causal and a one-token decode step sees
+    everything, so SDPA can skip the explicit mask.
+    """
+    s = start + t
+    if s <= window:
+        if start == 0:
+            return CAUSAL
+        if t == 1:
+            return None
+    return causal_window_mask(start, t, s, window, n_sink, device)
+
+
 class CausalWindowAttention(nn.Module):
     """Causal sliding-window attention with sink positions; projections named like AAM's (LoRA targets)."""
 
@@ -148,8 +168,18 @@ class CausalWindowAttention(nn.Module):
         self.o_proj = nn.Linear(cfg.dim, cfg.dim)
         self.dropout = cfg.dropout
 
-    def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0, start: int = 0) -> Tensor:
-        """x (B, T, D) at absolute positions start.. (after ``start`` cached ones). Returns (B, T, D)."""
+    def forward(
+        self,
+        x: Tensor,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        start: int = 0,
+        mask: AttnMask | bool = True,
+    ) -> Tensor:
+        """x (B, T, D) at absolute positions start.. (after ``start`` cached ones). Returns (B, T, D).
+
+        ``mask``: from :func:`attention_mask` (shared by the layers), or True to build it here.
+        """
         b, t, d = x.shape
         h = self.heads
         q, k, v = (
@@ -157,9 +187,13 @@ class CausalWindowAttention(nn.Module):
         )
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, H, S, E)
-        mask = causal_window_mask(start, t, k.shape[2], self.window, self.n_sink, x.device)  # (T, S)
+        if mask is True:
+            mask = attention_mask(start, t, self.window, self.n_sink, x.device)
         p = self.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, H, T, E)
+        if isinstance(mask, str):  # CAUSAL; S == T here (an empty cache)
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)  # (B, H, T, E)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, H, T, E)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, d))
 
 
@@ -171,10 +205,18 @@ class DecoderBlock(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.dim)
         self.ffn = DMoE(cfg.moe)
 
-    def forward(self, x: Tensor, cache: KVCache | None, layer: int, start: int) -> tuple[Tensor, Tensor]:
-        """x (B, T, D) -> (B, T, D), MoE aux loss."""
-        x = x + self.attn(self.norm1(x), cache, layer, start)
-        m = self.ffn(self.norm2(x))
+    def forward(
+        self,
+        x: Tensor,
+        cache: KVCache | None,
+        layer: int,
+        start: int,
+        mask: Tensor | None = None,
+        attn_mask: AttnMask | bool = True,
+    ) -> tuple[Tensor, Tensor]:
+        """x (B, T, D) -> (B, T, D), MoE aux loss; mask (B, T) bool: the positions the MoE runs."""
+        x = x + self.attn(self.norm1(x), cache, layer, start, attn_mask)
+        m = self.ffn(self.norm2(x), mask)
         return x + m.output, m.aux_loss
 
 
@@ -223,11 +265,16 @@ class GroundedLM(nn.Module):
         prefix: Tensor | None = None,
         prefix_mask: Tensor | None = None,
         cache: KVCache | None = None,
+        pad_mask: Tensor | None = None,
+        last_only: bool = False,
     ) -> LMOutput:
         """ids (B, T) tokens; prefix (B, P', M); prefix_mask (B, P') bool. Returns logits (B, T, V).
 
         Without a cache, or with an empty one, the prefix slots come first; with a non-empty cache
-        ``ids`` continue the cached sequence and the prefix arguments are ignored.
+        ``ids`` continue the cached sequence and the prefix arguments are ignored. ``pad_mask`` (B, T)
+        bool marks real tokens of right-padded rows (training): the MoE skips padding, whose outputs
+        are then meaningless; causal attention already keeps padding out of the real positions.
+        ``last_only``: logits of the last position only, (B, 1, V) (generation needs no more).
         """
         if ids.dim() != 2:
             raise ValueError(f"ids must have shape (B, T), got {tuple(ids.shape)}")
@@ -244,11 +291,18 @@ class GroundedLM(nn.Module):
                 f"sequence of {total - self.cfg.prefix_len} tokens exceeds max_len {self.cfg.max_len}"
             )
         x = x + self.pos_embed(torch.arange(start, total, device=ids.device))
+        mask = None
+        if pad_mask is not None:
+            if pad_mask.shape != (b, t):
+                raise ValueError(f"pad_mask must have shape (B, T) = {(b, t)}, got {tuple(pad_mask.shape)}")
+            mask = torch.cat([pad_mask.new_ones(b, n_pre), pad_mask], dim=1).bool()  # (B, P + T)
+        attn_mask = attention_mask(start, x.shape[1], self.cfg.window, self.cfg.prefix_len, ids.device)
         aux = x.new_zeros(())
         for i, block in enumerate(self.blocks):
-            x, a = block(x, cache, i, start)
+            x, a = block(x, cache, i, start, mask, attn_mask)
             aux = aux + a
-        logits = self.head(self.norm(x[:, n_pre:]))  # (B, T, V)
+        x = x[:, -1:] if last_only else x[:, n_pre:]
+        logits = self.head(self.norm(x))  # (B, T, V), T = 1 with last_only
         return LMOutput(logits, aux)
 
     @torch.no_grad()
@@ -299,7 +353,7 @@ class GroundedLM(nn.Module):
         self.eval()
         try:
             cache = KVCache(self.cfg.depth)
-            logits = self(torch.tensor([ids]), prefix, cache=cache).logits[0, -1]  # (V,)
+            logits = self(torch.tensor([ids]), prefix, cache=cache, last_only=True).logits[0, -1]  # (V,)
             decoder = self.tokenizer.stream_decoder()
             stopper = StopFilter(stop)
             for _ in range(max_new_tokens):
@@ -311,7 +365,7 @@ class GroundedLM(nn.Module):
                     yield piece
                 if stopper.stopped:
                     return
-                logits = self(torch.tensor([[nxt]]), cache=cache).logits[0, -1]
+                logits = self(torch.tensor([[nxt]]), cache=cache, last_only=True).logits[0, -1]
             tail = stopper.push(decoder.flush()) + stopper.flush()
             if tail:
                 yield tail
@@ -418,7 +472,8 @@ def resolve_lm(name_or_path: str | Path) -> tuple[LMConfig, Path | None]:
     if cand.exists():
         return LMConfig.from_json(cand), None
     raise ConfigError(
-        f"unknown LM {name_or_path!r}: use lm_tiny, lm_small, a checkpoint directory such as {CHECKPOINT_DIR}"
+        f"unknown LM {name_or_path!r}: use lm_tiny, lm_fast, lm_small or a checkpoint directory such as "
+        f"{CHECKPOINT_DIR}"
     )
 
 

@@ -395,18 +395,24 @@ def start_stream(
 
 
 _END = object()
+FIRST_PIECE_WAIT_S = 0.1  # longest pause of the generation thread while its first piece is sent
 
 
-async def iterate_in_thread(pieces: Iterator[str]) -> AsyncIterator[str]:
+async def iterate_in_thread(pieces: Iterator[str] | Callable[[], Iterator[str]]) -> AsyncIterator[str]:
     """Drive a blocking iterator in its own thread; stopping early (a client gone) closes the iterator.
 
+    ``pieces`` may be a function that makes the iterator: it then runs in that thread too (one thread
+    hand-off less before the first piece) and its exceptions reach the consumer like the iterator's.
     The thread checks a cancel flag between pieces and closes the source itself (a generator cannot
     be closed from another thread while it runs), so a cancelled generation ends after the piece in
-    progress.
+    progress. After the first piece the thread waits (at most ``FIRST_PIECE_WAIT_S``) until the
+    consumer asks for the next one, i.e. has sent the first: otherwise the next decoding steps keep
+    the GIL busy while the event loop tries to send it, and the first token reaches the client late.
     """
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Any] = asyncio.Queue()
     cancel = threading.Event()
+    first_sent = threading.Event()
 
     def put(item: Any) -> None:
         try:
@@ -415,15 +421,20 @@ async def iterate_in_thread(pieces: Iterator[str]) -> AsyncIterator[str]:
             cancel.set()
 
     def work() -> None:
+        source: Iterator[str] | None = None
         try:
-            for piece in pieces:
+            source = pieces() if callable(pieces) else pieces
+            for piece in source:
                 if cancel.is_set():
                     break
                 put(piece)
+                if not first_sent.is_set():
+                    first_sent.wait(FIRST_PIECE_WAIT_S)
+                    first_sent.set()
         except BaseException as exc:  # handed to the consumer, which re-raises it
             put(exc)
         finally:
-            close = getattr(pieces, "close", None)
+            close = getattr(source, "close", None)
             if close is not None:
                 close()
             put(_END)
@@ -437,5 +448,7 @@ async def iterate_in_thread(pieces: Iterator[str]) -> AsyncIterator[str]:
             if isinstance(item, BaseException):
                 raise item
             yield item
+            first_sent.set()  # the consumer is back for more: the piece has gone out
     finally:
         cancel.set()
+        first_sent.set()

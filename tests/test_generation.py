@@ -18,6 +18,7 @@ from service.generation import (
     GGUFGenerator,
     LocalGenerator,
     OpenAIGenerator,
+    iterate_in_thread,
     with_stop,
 )
 from service.routers.generate import generators_of
@@ -218,6 +219,27 @@ def test_gguf_not_installed_is_503(client, backends):
     assert "not installed" in assert_503(
         client.post("/generate", json={"query": QUESTION, "backend": "gguf"})
     )
+
+
+def test_iterate_in_thread_starts_the_source_in_its_thread():
+    import asyncio
+
+    where = []
+
+    def start() -> Iterator[str]:
+        where.append(threading.current_thread().name)
+        return iter(["a", "b"])
+
+    def broken() -> Iterator[str]:
+        raise ValueError("bad stop")
+
+    async def collect(source) -> list[str]:
+        return [p async for p in iterate_in_thread(source)]
+
+    assert asyncio.run(collect(start)) == ["a", "b"]
+    assert where == ["mm-generate"]  # made in the generation thread, not the event loop's
+    with pytest.raises(ValueError, match="bad stop"):
+        asyncio.run(collect(broken))
 
 
 def test_bad_parameters_are_4xx(client):

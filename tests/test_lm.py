@@ -6,10 +6,13 @@ import pytest
 import torch
 
 from mm.lm import (
+    CAUSAL,
+    CausalWindowAttention,
     GroundedLM,
     KVCache,
     LMConfig,
     StopFilter,
+    attention_mask,
     causal_window_mask,
     filter_logits,
     load_lm,
@@ -59,6 +62,34 @@ def test_window_mask_is_causal_with_sinks():
     assert not m.triu(1).any()  # nothing from the future
     assert m[9, 0] and m[9, 1]  # sinks are always visible
     assert m[9, 7] and not m[9, 6]  # local window of 3: 7, 8, 9
+
+
+def test_mask_shortcuts_equal_the_explicit_mask():
+    torch.manual_seed(3)
+    cfg = LMConfig(dim=16, heads=2, window=12, prefix_len=2)
+    attn = CausalWindowAttention(cfg).eval()
+    cpu = torch.device("cpu")
+    x = torch.randn(2, 10, 16)
+    assert attention_mask(0, 10, 12, 2, cpu) == CAUSAL  # prefill inside the window: plain causal
+    explicit = attn(x, mask=causal_window_mask(0, 10, 10, 12, 2, cpu))
+    torch.testing.assert_close(attn(x), explicit)
+    cache = KVCache(1)
+    attn(x[:, :9], cache)
+    assert attention_mask(9, 1, 12, 2, cpu) is None  # one decode step that sees everything
+    torch.testing.assert_close(attn(x[:, 9:], cache, start=9), explicit[:, 9:])
+    assert isinstance(attention_mask(12, 1, 12, 2, cpu), torch.Tensor)  # past the window: banded
+
+
+def test_pad_mask_and_last_only_keep_real_logits(lm):
+    torch.manual_seed(4)
+    ids = torch.randint(0, 256, (2, 12))
+    pad = torch.ones(2, 12, dtype=torch.bool)
+    pad[1, 7:] = False  # row 1: 7 real tokens, then padding
+    full = lm(ids).logits
+    masked = lm(ids, pad_mask=pad).logits
+    torch.testing.assert_close(masked[0], full[0])
+    torch.testing.assert_close(masked[1, :7], lm(ids[1:, :7]).logits[0])
+    torch.testing.assert_close(lm(ids, last_only=True).logits, full[:, -1:])
 
 
 def test_far_tokens_outside_window_do_not_matter(lm):

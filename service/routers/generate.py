@@ -16,8 +16,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
@@ -99,24 +100,34 @@ def unavailable(exc: GeneratorUnavailable) -> APIError:
 async def start_answer(
     app: Any,
     question: str,
-    hits: list[Hit],
+    hits: list[Hit] | Callable[[], list[Hit]],
     *,
     backend: str | None,
     max_tokens: int,
     temperature: float,
     stop: list[str] | None,
 ) -> Answer:
-    """Pick the backend, start it in a thread and wait for its first piece. Raises APIError 422/503."""
+    """Pick the backend, start it in a thread and wait for its first piece. Raises APIError 422/503.
+
+    The backend starts (model loading, parameter checks) in the thread that then makes the pieces:
+    one thread hand-off from here to the first piece. ``hits`` may be a function that retrieves them
+    (e.g. :func:`service.generation.retrieve`): it then runs in that thread too.
+    """
     try:
         gen = generators_of(app).get(backend)
-        pieces, cites = await run_in_threadpool(
-            start_stream, gen, question, hits, max_tokens=max_tokens, temperature=temperature, stop=stop
-        )
-    except GeneratorUnavailable as exc:
-        raise unavailable(exc) from exc
     except ValueError as exc:
         raise APIError(422, str(exc), "validation_error") from exc
-    agen = iterate_in_thread(pieces)
+    cites: list[Citation] = []
+
+    def begin() -> Iterator[str]:
+        found = hits() if callable(hits) else hits
+        pieces, used = start_stream(
+            gen, question, found, max_tokens=max_tokens, temperature=temperature, stop=stop
+        )
+        cites.extend(used)
+        return pieces
+
+    agen = iterate_in_thread(begin)
     try:
         first: str | None = await agen.__anext__()
     except StopAsyncIteration:
@@ -124,6 +135,12 @@ async def start_answer(
     except GeneratorUnavailable as exc:
         await agen.aclose()
         raise unavailable(exc) from exc
+    except MediaError:  # from retrieval; the app's handler maps it to 415/422/413
+        await agen.aclose()
+        raise
+    except ValueError as exc:
+        await agen.aclose()
+        raise APIError(422, str(exc), "validation_error") from exc
     return Answer(agen, first, cites, gen.name)
 
 
@@ -235,6 +252,7 @@ def _first_error(exc: ValidationError) -> str:
 )
 async def generate(request: Request, collection: CollectionDep, embedder: EmbedderDep, settings: SettingsDep):
     """Answer a question (or describe an uploaded image/audio clip) from the closest items, citing them."""
+    hits: list[Hit] | Callable[[], list[Hit]]  # a text query is embedded in the generation thread
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
         req, hits = await _from_form(request, collection, embedder, settings)
     else:
@@ -242,7 +260,7 @@ async def generate(request: Request, collection: CollectionDep, embedder: Embedd
             req = GenerateRequest.model_validate_json(await request.body())
         except ValidationError as exc:
             raise APIError(422, _first_error(exc), "validation_error") from exc
-        hits = await find_hits(collection, embedder, k=req.k, modalities=req.modalities, text=req.query)
+        hits = partial(retrieve, collection, embedder, k=req.k, modalities=req.modalities, text=req.query)
     answer = await start_answer(
         request.app,
         req.query,
