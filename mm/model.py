@@ -61,8 +61,14 @@ class MultimodalModel(nn.Module):
             )
         self.logit_scale = nn.Parameter(torch.tensor(float(np.log(1.0 / cfg.init_temperature))))
 
-    def embed(self, modality: str, feats: EncoderOutput) -> tuple[Tensor, BackboneOutput | None]:
-        """Encoder outputs -> (B, E) normalised embeddings (and the backbone's output for its stats)."""
+    def embed(
+        self, modality: str, feats: EncoderOutput, pooled_drop: float = 0.0
+    ) -> tuple[Tensor, BackboneOutput | None]:
+        """Encoder outputs -> (B, E) normalised embeddings (and the backbone's output for its stats).
+
+        ``pooled_drop`` (training only): the probability that a sample's pooled-feature residual is left
+        out, so that the backbone path must stand on its own (a path drop, as in stochastic depth).
+        """
         if self.cfg.head == "linear":
             return l2_normalize(self.pooled_proj[modality](feats.pooled.float())), None
         tokens, mask = feats.tokens, feats.mask  # (B, T, C), (B, T)
@@ -74,7 +80,11 @@ class MultimodalModel(nn.Module):
         out = self.backbone(x, mask, modality)
         z = self.out_proj(masked_mean(out.hidden, mask))  # (B, E)
         if self.cfg.residual_pooled:
-            z = z + self.pooled_proj[modality](feats.pooled.float())
+            res = self.pooled_proj[modality](feats.pooled.float())  # (B, E)
+            if self.training and pooled_drop > 0:
+                keep = torch.rand(res.shape[0], 1, device=res.device) >= pooled_drop  # (B, 1)
+                res = res * keep
+            z = z + res
         return l2_normalize(z), out
 
     def encode_batch(self, modality: str, batch: dict[str, Tensor]) -> Tensor:

@@ -57,6 +57,10 @@ class TrainConfig:
     num_threads: int | None = None
     cache_dir: str | None = None  # frozen-encoder feature cache (default: <out_dir>/cache)
     progress: bool = True
+    # Regularisation and extra pairs (see docs/results.md for what each did on the validation split):
+    backbone_lr_scale: float = 1.0  # lr multiplier for the token path (in_proj, backbone, out_proj)
+    pooled_drop: float = 0.0  # per-sample probability of dropping the pooled residual (model.embed)
+    fill_views: tuple[str, ...] = ()  # views a row lacks, borrowed per batch from a same-label train row
 
 
 @dataclass
@@ -110,16 +114,12 @@ class Trainer:
             )
             for m in mods
         }
+        self.view_pool = _view_pool(self.rows, tuple(cfg.fill_views))
+        self.fill_rng = np.random.default_rng(cfg.seed + 1)
         labels = [r.get("label") or r.get("id") or str(i) for i, r in enumerate(self.rows)]
         lookup = {lab: i for i, lab in enumerate(dict.fromkeys(labels))}
         self.labels = torch.tensor([lookup[lab] for lab in labels])
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
-        self.opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr,
-        )
+        self.opt = torch.optim.AdamW(_param_groups(self.model, cfg), lr=cfg.lr)
         self.steps_per_epoch = max(1, len(self.rows) // (cfg.batch_size * cfg.grad_accum))
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
         self.step = 0
@@ -137,8 +137,17 @@ class Trainer:
         frac = (step - c.warmup_steps) / max(1, self.total_steps - c.warmup_steps)
         return c.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
 
+    def _fill(self, row: dict) -> dict:
+        """The row with each missing ``fill_views`` view borrowed from a random same-label train row."""
+        extra = {}
+        for m, pool in self.view_pool.items():
+            keys = pool.get(row.get("label") or "")
+            if row.get(m) is None and keys:
+                extra[m] = keys[int(self.fill_rng.integers(len(keys)))]
+        return {**row, **extra} if extra else row
+
     def _micro_batch(self, idx: Sequence[int]) -> tuple[torch.Tensor, dict[str, float]]:
-        rows = [self.rows[i] for i in idx]
+        rows = [self._fill(self.rows[i]) for i in idx]
         emb: dict[str, torch.Tensor] = {}
         present: dict[str, torch.Tensor] = {}
         aux = torch.zeros(())
@@ -148,7 +157,7 @@ class Trainer:
                 continue
             keys = [str(r[m]) for r, h in zip(rows, has, strict=True) if h]
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.bf16):
-                z, out = self.model.embed(m, cache.batch(keys))  # (n_m, E)
+                z, out = self.model.embed(m, cache.batch(keys), self.cfg.pooled_drop)  # (n_m, E)
             full = torch.zeros(len(rows), z.shape[1])
             full[has] = z.float()
             emb[m], present[m] = full, has
@@ -202,7 +211,7 @@ class Trainer:
                 loss, logs = self._micro_batch(idx)
                 (loss / c.grad_accum).backward()
             for g in self.opt.param_groups:
-                g["lr"] = self._lr(self.step)
+                g["lr"] = self._lr(self.step) * g.get("lr_scale", 1.0)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
             self.opt.step()
             with torch.no_grad():
@@ -281,6 +290,39 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 def load_trained(out_dir: str | Path) -> MultimodalEmbedder:
     return create_model(str(out_dir))
+
+
+TOKEN_PATH = ("in_proj.", "backbone.", "out_proj.")  # parameter prefixes of the backbone path
+
+
+def _param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """AdamW groups: matrices decay, vectors do not; the token path's lr is scaled by backbone_lr_scale."""
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault((name.startswith(TOKEN_PATH), p.ndim >= 2), []).append(p)
+    return [
+        {
+            "params": ps,
+            "weight_decay": cfg.weight_decay if decay else 0.0,
+            "lr_scale": cfg.backbone_lr_scale if token else 1.0,
+        }
+        for (token, decay), ps in sorted(groups.items())
+    ]
+
+
+def _view_pool(rows: Sequence[dict], views: tuple[str, ...]) -> dict[str, dict[str, list[str]]]:
+    """Per view, label -> the distinct keys of that view among ``rows`` (rows without a label skipped)."""
+    pool: dict[str, dict[str, list[str]]] = {}
+    for m in views:
+        if m not in MODALITIES:
+            raise ValueError(f"fill_views names {m!r}; expected some of {MODALITIES}")
+        by_label: dict[str, dict[str, None]] = {}
+        for r in rows:
+            if r.get("label") and r.get(m) is not None:
+                by_label.setdefault(r["label"], {})[str(r[m])] = None
+        pool[m] = {lab: list(keys) for lab, keys in by_label.items()}
+    return pool
 
 
 def _digest(obj: Any) -> str:

@@ -90,3 +90,22 @@ def test_bad_media_raise_project_error(tiny, tmp_path):
         tiny.encode_audio([str(empty)])
     with pytest.raises(TypeError):
         tiny.encode_text("not a list")
+
+
+def test_pooled_drop_leaves_the_backbone_path_in_training_only():
+    torch.manual_seed(0)
+    model = create_model("tiny").model
+    torch.nn.init.normal_(model.out_proj.weight, std=0.1)  # out_proj starts at zero; give it a signal
+    enc = model.encoders["text"]
+    with torch.no_grad():
+        feats = enc(enc.prepare(["a red square", "a blue circle"]))
+        model.eval()
+        full = model.embed("text", feats, pooled_drop=1.0)[0]
+        torch.testing.assert_close(full, model.embed("text", feats)[0])  # eval: nothing is dropped
+        model.train()
+        dropped = model.embed("text", feats, pooled_drop=1.0)[0]
+        kept = model.embed("text", feats, pooled_drop=0.0)[0]
+        model.pooled_proj["text"].weight.zero_()
+        backbone_only = model.embed("text", feats)[0]
+    assert not torch.allclose(dropped, kept)
+    torch.testing.assert_close(dropped, backbone_only, atol=1e-5, rtol=1e-4)

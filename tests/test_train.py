@@ -130,3 +130,37 @@ def test_label_relevance_counts_class_matches():
 
     out = evaluate_rows(rows, enc)
     assert out["text->image"]["R@1"] == 1.0 and out["image->text"]["n"] == 3
+
+
+def test_fill_views_borrows_same_label_views_and_lr_scale_groups(tmp_path):
+    manifest = make_corpus(tmp_path)
+    rows = [json.loads(x) for x in manifest.read_text().splitlines()]
+    for i, r in enumerate(rows):
+        r["label"] = r["id"].split("_")[0]  # colour: 3 rows per label
+        if i % 3:
+            r["image"] = None  # only the first row of each colour keeps its image
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = TrainConfig(
+        manifest=str(manifest),
+        out_dir=str(tmp_path / "run"),
+        model="tiny",
+        max_steps=2,
+        batch_size=12,
+        val_split="",
+        progress=False,
+        bf16=False,
+        fill_views=("image",),
+        backbone_lr_scale=0.1,
+    )
+    trainer = Trainer(cfg)
+    for r in trainer.rows:
+        filled = trainer._fill(r)
+        assert filled["image"] is not None
+        assert filled["image"].endswith(f"{r['label']}_square.png")  # the label's only image
+        assert filled["audio"] == r["audio"]
+    scales = sorted({g["lr_scale"] for g in trainer.opt.param_groups})
+    assert scales == [0.1, 1.0]
+    trainer.train()
+    token = [g for g in trainer.opt.param_groups if g["lr_scale"] == 0.1]
+    other = [g for g in trainer.opt.param_groups if g["lr_scale"] == 1.0]
+    assert token[0]["lr"] == pytest.approx(0.1 * other[0]["lr"])
