@@ -20,9 +20,9 @@ Timing: ``--repeats`` rounds; in each round every modality is timed for every mo
 mode order rotating between rounds, so load drift hits all modes alike. Reported: the median over
 rounds (``*_min_s``: the fastest round, in seconds). Speedups are ratios of medians against fp32.
 
-- ``fp32_fused`` (throughput only): fp32 with the frozen EfficientNet's BatchNorms folded into its
-  convolutions, the fp32 graph preparation the int8 mode also does (:func:`mm.quantize.fold_frozen_convs`);
-  it shows how much of int8's image speedup is not quantization.
+- fp32 already has the frozen EfficientNet's BatchNorms folded into its convolutions (the encoder does
+  it when it loads: :func:`mm.encoders.efficientnet_lite.fold_batchnorms`), so int8's speedup is
+  quantization's alone.
 - ``cosine_to_fp32``: mean over modalities of the mean cosine between the mode's and fp32's embeddings
   of the same items (``cosine_by_modality`` per modality).
 - ``recall_at_10``: mean R@10 over every direction of the manifest's test split
@@ -58,14 +58,13 @@ from mm.model import MultimodalEmbedder, create_model, default_model_name, save_
 from mm.quantize import (  # noqa: E402
     QuantSpec,
     checkpoint_size_mb,
-    fold_frozen_convs,
     quantize_model,
     save_quantized,
 )
 from mm.train import load_rows  # noqa: E402
 
 log = logging.getLogger("bench_quant")
-MODES = ("fp32", "fp32_fused", "int8", "int4")
+MODES = ("fp32", "int8", "int4")
 QUANT_MODES = ("int8", "int4")
 
 
@@ -82,9 +81,6 @@ def decode(modality: str, keys: list[str], sample_rate: int) -> list:
 def build(model: str, mode: str, tmp: Path, group_size: int) -> tuple[MultimodalEmbedder, Path | None]:
     """The embedder for ``mode`` as a user loads it, and its checkpoint directory (None: not saved)."""
     emb = create_model(model)
-    if mode == "fp32_fused":
-        fold_frozen_convs(emb.model)
-        return emb, None
     ckpt = tmp / mode
     if mode == "fp32":
         save_model(emb.model, ckpt)
@@ -204,9 +200,6 @@ def main(argv: list[str] | None = None) -> dict:
         ref: dict[str, np.ndarray] = {}
         for mode in MODES:
             speed = speed_report(secs[mode], out["speed_items"])
-            if mode == "fp32_fused":
-                out[mode] = speed
-                continue
             vecs, q = quality(embs[mode], rows, keys, inputs)
             ref = ref or vecs
             cos = {m: round(float((vecs[m] * ref[m]).sum(1).mean()), 5) for m in mods}
@@ -217,7 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "cosine_by_modality": cos,
                 **q,
             }
-    for mode in ("fp32_fused", *QUANT_MODES):
+    for mode in QUANT_MODES:
         out[f"{mode}_speedup"] = _ratios(out, mode, "throughput", mods)
         out[f"{mode}_speedup_cpu"] = _ratios(out, mode, "throughput_cpu", mods)
         out[f"{mode}_model_speedup_cpu"] = _ratios(out, mode, "model_throughput_cpu", mods)

@@ -25,12 +25,10 @@ fp32 for ``int4`` (weight-only INT4 would only slow them down, and saves no chec
 
 Convolutions are not quantized (EfficientNet's 1x1 convolutions run as int8 linears over channels_last
 measured slower than oneDNN's fp32 convolutions: the feature maps are large and memory-bound, and
-dynamic quantization adds passes over them). For ``int8`` with encoders the frozen EfficientNet is
-prepared for inference the way a quantization flow fuses modules (``fold_bn``): each BatchNorm is
-folded into the convolution before it, and stride-1 "SAME" convolutions get the equivalent symmetric
-padding instead of a padded copy of their input. Both are exact up to float rounding and are an fp32
-optimisation: the benchmark reports what they alone give (``fp32_fused``), so the share of the int8
-speedup that comes from quantization itself stays visible.
+dynamic quantization adds passes over them). The frozen EfficientNet folds its BatchNorms into its
+convolutions when it loads (:func:`mm.encoders.efficientnet_lite.fold_batchnorms`, exact, ~1.4-1.5x
+faster images in fp32 too); ``fold_bn`` repeats that for any frozen encoder that still has them (a
+no-op for the shipped ones), so int8's speedup over fp32 is quantization's alone.
 
 A quantized checkpoint is an ordinary checkpoint directory plus ``quantization.json`` (the spec and the
 replaced module names); ``mm.model.create_model`` calls :func:`apply_checkpoint_quantization` before it
@@ -253,68 +251,18 @@ def quantize_model(model: nn.Module, spec: QuantSpec) -> QuantSpec:
     return dataclasses.replace(spec, modules=tuple(names))
 
 
-# (conv, batchnorm) attribute pairs of EfficientNet-Lite (mm.encoders.efficientnet_lite) and its blocks.
-CONV_BN_PAIRS = (
-    ("_conv_stem", "_bn0"),
-    ("_conv_head", "_bn1"),
-    ("_expand_conv", "_bn0"),
-    ("_depthwise_conv", "_bn1"),
-    ("_project_conv", "_bn2"),
-)
-
-
-def _fold_pair(parent: nn.Module, conv_name: str, bn_name: str) -> bool:
-    from mm.encoders.efficientnet_lite import SameConv2d
-
-    conv, bn = getattr(parent, conv_name, None), getattr(parent, bn_name, None)
-    if not isinstance(conv, nn.Conv2d) or not isinstance(bn, nn.BatchNorm2d) or bn.running_var is None:
-        return False
-    plain = conv.stride == (1, 1) and conv.dilation == (1, 1) and all(k % 2 for k in conv.kernel_size)
-    if isinstance(conv, SameConv2d) and plain:  # stride-1 SAME padding is symmetric: the conv can pad
-        new: nn.Conv2d = nn.Conv2d(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            padding=tuple(k // 2 for k in conv.kernel_size),
-            groups=conv.groups,
-            bias=True,
-        )
-    else:
-        new = type(conv)(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            conv.stride,
-            conv.padding,  # type: ignore[arg-type]
-            conv.dilation,
-            conv.groups,
-            bias=True,
-            padding_mode=conv.padding_mode,
-        )
-    w, b = torch.nn.utils.fusion.fuse_conv_bn_weights(
-        conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
-    )
-    with torch.no_grad():
-        new.weight.copy_(w)
-        new.bias.copy_(b)
-    new.requires_grad_(False).to(memory_format=torch.channels_last)
-    setattr(parent, conv_name, new)
-    setattr(parent, bn_name, nn.Identity())
-    return True
-
-
 def fold_frozen_convs(model: nn.Module) -> int:
     """Fold every BatchNorm of the frozen encoders into the convolution before it (eval-mode exact).
 
     Also gives stride-1 "SAME" convolutions with odd kernels plain symmetric padding (the same output,
     without a padded copy of the input). Returns the number of folded pairs.
     """
+    from mm.encoders.efficientnet_lite import fold_batchnorms
+
     n = 0
     for enc in getattr(model, "encoders", {}).values():
-        if not getattr(enc, "frozen", False):
-            continue
-        for parent in list(enc.modules()):
-            n += sum(_fold_pair(parent, c, b) for c, b in CONV_BN_PAIRS)
+        if getattr(enc, "frozen", False):
+            n += fold_batchnorms(enc)  # 0 where the encoder already folded its own (it does on load)
     if n:
         log.info("folded %d BatchNorms into frozen encoder convolutions", n)
     return n

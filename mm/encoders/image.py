@@ -64,7 +64,7 @@ class EfficientNetLiteEncoder(Encoder):
 
     def __init__(self, cfg: ImageEncoderConfig, pretrained: str | None = None):
         super().__init__()
-        from mm.encoders.efficientnet_lite import LITE_MEAN, LITE_STD, efficientnet_lite0
+        from mm.encoders.efficientnet_lite import LITE_MEAN, LITE_STD, efficientnet_lite0, fold_batchnorms
 
         self.image_size = cfg.image_size
         self.mean, self.std = LITE_MEAN, LITE_STD
@@ -72,6 +72,7 @@ class EfficientNetLiteEncoder(Encoder):
         self.out_dim = self.net.head_dim
         self.external_weights = True
         self.freeze()
+        fold_batchnorms(self.net)  # frozen for good: BatchNorms folded into the convs (exact, faster)
         # channels_last lets oneDNN run the depthwise/1x1 convs directly: ~1.6x faster on CPU here.
         self.net.to(memory_format=torch.channels_last)
 
