@@ -263,3 +263,42 @@ def test_ingest_refuses_other_embedder_and_missing_paths(setup, tmp_path):
         ingest(coll, other, [root], progress=False)
     with pytest.raises(ValueError, match="does not exist"):
         ingest(coll, emb, [tmp_path / "nope"], progress=False)
+
+
+def test_transparent_and_rotated_images_decode_as_the_embedder_was_trained():
+    # Ingest must hand the embedder the pixels mm.media.load_image gives (training's decoder):
+    # transparency on white, EXIF orientation applied; a plain convert("RGB") shows what lies under
+    # transparent pixels instead.
+    import io
+
+    from PIL import Image
+
+    from index.ingest import _decode_image
+    from mm.media import load_image
+
+    rgba = Image.new("RGBA", (8, 6), (10, 200, 30, 0))  # fully transparent green
+    rgba.putpixel((0, 0), (255, 0, 0, 255))
+    pal = rgba.convert("RGB").quantize(4)
+    pal.info["transparency"] = bytes(255 if i == 0 else 0 for i in range(4))  # index 0 opaque only
+    rotated = Image.new("RGB", (8, 6), (0, 0, 255))
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees
+    for img, fmt, kw in ((rgba, "PNG", {}), (pal, "PNG", {}), (rotated, "JPEG", {"exif": exif.tobytes()})):
+        buf = io.BytesIO()
+        img.save(buf, format=fmt, **kw)
+        data = buf.getvalue()
+        got, w, h = _decode_image(data)
+        want = load_image(data)
+        assert (w, h) == (8, 6) and got.mode == "RGB" and got.size == want.size
+        assert np.array_equal(np.asarray(got), np.asarray(want))
+    assert got.size == (6, 8)  # the JPEG came back upright
+    got, _, _ = _decode_image(_png_bytes(rgba))
+    assert got.getpixel((3, 3)) == (255, 255, 255) and got.getpixel((0, 0)) == (255, 0, 0)
+
+
+def _png_bytes(img) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
