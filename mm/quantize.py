@@ -27,8 +27,7 @@ Convolutions are not quantized (EfficientNet's 1x1 convolutions run as int8 line
 measured slower than oneDNN's fp32 convolutions: the feature maps are large and memory-bound, and
 dynamic quantization adds passes over them). The frozen EfficientNet folds its BatchNorms into its
 convolutions when it loads (:func:`mm.encoders.efficientnet_lite.fold_batchnorms`, exact, ~1.4-1.5x
-faster images in fp32 too); ``fold_bn`` repeats that for any frozen encoder that still has them (a
-no-op for the shipped ones), so int8's speedup over fp32 is quantization's alone.
+faster images in fp32 too), so int8's speedup over fp32 is quantization's alone.
 
 A quantized checkpoint is an ordinary checkpoint directory plus ``quantization.json`` (the spec and the
 replaced module names); ``mm.model.create_model`` calls :func:`apply_checkpoint_quantization` before it
@@ -68,7 +67,6 @@ class QuantSpec:
     group_size: int = 64  # INT4 group size along the input features (32, 64 or 128)
     encoders: bool | None = None  # quantize frozen packaged encoders too; None: yes for int8, no for int4
     exclude: tuple[str, ...] = ()  # fnmatch patterns of module names kept in fp32
-    fold_bn: bool | None = None  # fold frozen encoders' BatchNorms; None: when int8 quantizes encoders
     residual_fp16: bool | None = None  # store unquantized float tensors in fp16; None: yes for int4
     modules: tuple[str, ...] = ()  # the replaced module names (filled in by quantize_model)
 
@@ -81,12 +79,6 @@ class QuantSpec:
     @property
     def quantize_encoders(self) -> bool:
         return self.mode == "int8" if self.encoders is None else self.encoders
-
-    @property
-    def folds_bn(self) -> bool:
-        if self.fold_bn is not None:
-            return self.fold_bn
-        return self.mode == "int8" and self.quantize_encoders
 
     @property
     def fp16_residuals(self) -> bool:
@@ -232,8 +224,6 @@ def quantize_model(model: nn.Module, spec: QuantSpec) -> QuantSpec:
     When ``spec.modules`` is already set (loading a checkpoint) exactly those modules are replaced.
     """
     names = list(spec.modules) or select_linears(model, spec)
-    if spec.folds_bn:
-        fold_frozen_convs(model)
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -249,23 +239,6 @@ def quantize_model(model: nn.Module, spec: QuantSpec) -> QuantSpec:
         model.requires_grad_(False)  # a quantized model is for inference (or a frozen QLoRA base)
     log.info("quantized %d Linear layers to %s", len(names), spec.mode)
     return dataclasses.replace(spec, modules=tuple(names))
-
-
-def fold_frozen_convs(model: nn.Module) -> int:
-    """Fold every BatchNorm of the frozen encoders into the convolution before it (eval-mode exact).
-
-    Also gives stride-1 "SAME" convolutions with odd kernels plain symmetric padding (the same output,
-    without a padded copy of the input). Returns the number of folded pairs.
-    """
-    from mm.encoders.efficientnet_lite import fold_batchnorms
-
-    n = 0
-    for enc in getattr(model, "encoders", {}).values():
-        if getattr(enc, "frozen", False):
-            n += fold_batchnorms(enc)  # 0 where the encoder already folded its own (it does on load)
-    if n:
-        log.info("folded %d BatchNorms into frozen encoder convolutions", n)
-    return n
 
 
 def read_spec(checkpoint: str | Path) -> QuantSpec | None:

@@ -221,3 +221,24 @@ def test_efficientnet_encoder_folds_its_batchnorms_exactly():
         ref = ref_net.features(pixels)
         got = enc.net.features(pixels.contiguous(memory_format=torch.channels_last))
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+def test_fold_batchnorms_is_exact_with_nontrivial_statistics():
+    from mm.encoders.efficientnet_lite import EfficientNetLite, fold_batchnorms
+
+    torch.manual_seed(4)
+    net = EfficientNetLite(num_classes=10).eval()
+    for bn in net.modules():
+        if isinstance(bn, torch.nn.BatchNorm2d):  # non-trivial statistics, so folding has work to do
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+            torch.nn.init.uniform_(bn.weight, 0.5, 1.5)
+            torch.nn.init.uniform_(bn.bias, -0.2, 0.2)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = net.features(x)
+        assert fold_batchnorms(net) == 49  # stem + head + 16 depthwise + 16 project + 15 expand
+        got = net.features(x)
+        assert fold_batchnorms(net) == 0  # nothing left to fold
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())

@@ -15,7 +15,6 @@ from mm.quantize import (
     QUANT_FILE,
     Int8Linear,
     QuantSpec,
-    fold_frozen_convs,
     full_range_exact,
     quantize_model,
     save_quantized,
@@ -108,30 +107,6 @@ def test_int8_full_range_activations_when_exact():
         pytest.skip("this CPU's int8 kernel saturates 8-bit activations: 7-bit (reduce_range) is used")
     y7 = torch.ops.quantized.linear_dynamic(x, q._pack(), True)
     assert (y - ref).abs().mean() < 0.75 * (y7 - ref).abs().mean()
-
-
-def test_fold_frozen_convs_is_exact():
-    from mm.encoders.efficientnet_lite import EfficientNetLite
-
-    torch.manual_seed(4)
-    net = EfficientNetLite(num_classes=10).eval()
-    for bn in net.modules():
-        if isinstance(bn, nn.BatchNorm2d):  # non-trivial statistics, so folding has work to do
-            bn.running_mean.uniform_(-0.5, 0.5)
-            bn.running_var.uniform_(0.5, 2.0)
-            nn.init.uniform_(bn.weight, 0.5, 1.5)
-            nn.init.uniform_(bn.bias, -0.2, 0.2)
-    enc = nn.Module()
-    enc.net, enc.frozen = net, True
-    holder = nn.Module()
-    holder.encoders = nn.ModuleDict({"image": enc})
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        ref = net.features(x)
-        assert fold_frozen_convs(holder) == 49  # stem + head + 16 depthwise + 16 project + 15 expand
-        got = net.features(x)
-    assert not any(isinstance(m, nn.BatchNorm2d) for m in net.modules())
-    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
 
 
 @pytest.mark.parametrize(("mode", "min_cos"), [("int8", 0.99), ("int4", 0.95)])
