@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -159,13 +159,21 @@ def trainable_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return {k: v for k, v in model.state_dict().items() if not any(k.startswith(p) for p in frozen)}
 
 
-def save_model(model: MultimodalModel, out_dir: str | Path) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` (frozen packaged encoders excluded) atomically."""
+def save_model(
+    model: MultimodalModel, out_dir: str | Path, cast: Callable[[str, Tensor], Tensor] | None = None
+) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` (frozen packaged encoders excluded) atomically.
+
+    ``cast(name, tensor)`` may change how a tensor is stored (e.g. float16 on disk; loading copies it
+    back into the model's own dtype).
+    """
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().clone() for k, v in trainable_state_dict(model).items()}
+    if cast is not None:
+        state = {k: cast(k, v) for k, v in state.items()}
     tmp = out / (WEIGHTS_FILE + ".tmp")
     save_file(state, str(tmp), metadata={"format": "pt", "name": model.cfg.name})
     tmp.replace(out / WEIGHTS_FILE)

@@ -43,6 +43,7 @@ import fnmatch
 import functools
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -263,36 +264,28 @@ def apply_checkpoint_quantization(model: nn.Module, checkpoint: str | Path) -> Q
 
 def save_quantized(model: nn.Module, spec: QuantSpec, out_dir: str | Path) -> Path:
     """Write a quantized model as a checkpoint: config.json, model.safetensors, quantization.json."""
-    from mm.model import WEIGHTS_FILE, save_model
+    from mm.model import save_model
 
     if not spec.modules:
         raise ValueError("spec lists no quantized modules: pass the spec quantize_model returned")
-    out = save_model(model, out_dir)  # type: ignore[arg-type]
-    if spec.fp16_residuals:
-        _halve_residuals(out / WEIGHTS_FILE, spec.modules)
+    cast = _residuals_in_fp16(spec.modules) if spec.fp16_residuals else None
+    out = save_model(model, out_dir, cast)  # type: ignore[arg-type]
     (out / QUANT_FILE).write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
     return out
 
 
-def _halve_residuals(weights: Path, modules: tuple[str, ...]) -> None:
-    """Rewrite a weights file with its unquantized float32 tensors (not scalars) in float16.
+def _residuals_in_fp16(modules: tuple[str, ...]) -> Callable[[str, Tensor], Tensor]:
+    """A ``save_model`` cast storing the unquantized float32 tensors (not scalars) in float16.
 
     Loading upcasts them: ``load_state_dict`` copies into the model's float32 parameters and buffers.
     """
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
     quantized = tuple(f"{m}." for m in modules)
-    with safe_open(str(weights), "pt") as f:
-        metadata = f.metadata()
-    state = load_file(str(weights))
-    for k, v in state.items():
-        keep = k.startswith(quantized) and not k.endswith(".bias")  # codes and scales stay as they are
-        if v.dtype == torch.float32 and v.numel() > 1 and not keep:
-            state[k] = v.half()
-    tmp = weights.with_suffix(".tmp")
-    save_file(state, str(tmp), metadata=metadata)
-    tmp.replace(weights)
+
+    def cast(name: str, t: Tensor) -> Tensor:
+        keep = name.startswith(quantized) and not name.endswith(".bias")  # codes and scales stay as they are
+        return t.half() if t.dtype == torch.float32 and t.numel() > 1 and not keep else t
+
+    return cast
 
 
 def quantize_checkpoint(
