@@ -75,7 +75,7 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
     app.include_router(web.router)  # the page and its assets hold no data: no key
     app.include_router(ws.router)  # checks its key itself: ?api_key= (browsers cannot set WS headers)
 
-    register_models(app, SearchRequest)  # bodies parsed by service.body.parse_json
+    register_models(app, SearchRequest, generate.GenerateRequest)  # bodies parsed by service.body
 
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware

@@ -4,8 +4,9 @@ FastAPI parses a body with the standard ``json`` module and then validates the r
 384-float query vector that is a measurable share of a sub-millisecond search. A route that reads
 ``await parse_json(request, Model)`` instead gets pydantic-core's Rust parser (``model_validate_json``)
 and the same 422 answer as FastAPI's own validation (a :class:`RequestValidationError`, locations
-prefixed with ``body``). :func:`json_body_doc` keeps such a route's request body in the OpenAPI schema,
-and :func:`register_models` adds the models to ``components/schemas``.
+prefixed with ``body``); :func:`validate` gives fields parsed otherwise (a form's) the same answer.
+:func:`json_body_doc` / :func:`schema_ref` keep such a route's request body in the OpenAPI schema, and
+:func:`register_models` adds the models to ``components/schemas``.
 """
 
 from __future__ import annotations
@@ -20,19 +21,29 @@ M = TypeVar("M", bound=BaseModel)
 _REF = "#/components/schemas/{model}"
 
 
-async def parse_json(request: Request, model: type[M]) -> M:
-    """The request body validated as ``model``; 422 (through the app's handler) when it is not."""
+def validate(model: type[M], data: bytes | dict[str, Any]) -> M:
+    """``data`` (JSON bytes, or fields already parsed) validated as ``model``; 422 when it is not."""
     try:
-        return model.model_validate_json(await request.body())
+        return model.model_validate_json(data) if isinstance(data, bytes) else model.model_validate(data)
     except ValidationError as exc:
         errors = [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
         raise RequestValidationError(errors) from exc
 
 
+async def parse_json(request: Request, model: type[M]) -> M:
+    """The request body validated as ``model``; 422 (through the app's handler) when it is not."""
+    return validate(model, await request.body())
+
+
+def schema_ref(model: type[BaseModel]) -> dict[str, str]:
+    """OpenAPI reference to ``model``'s schema (the app must :func:`register_models` it)."""
+    return {"$ref": _REF.format(model=model.__name__)}
+
+
 def json_body_doc(model: type[BaseModel]) -> dict[str, Any]:
     """``openapi_extra`` for a route whose body is ``model`` parsed by :func:`parse_json`."""
-    schema = {"$ref": _REF.format(model=model.__name__)}
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+    content = {"application/json": {"schema": schema_ref(model)}}
+    return {"requestBody": {"required": True, "content": content}}
 
 
 def register_models(app: FastAPI, *models: type[BaseModel]) -> None:

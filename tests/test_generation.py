@@ -254,6 +254,19 @@ def test_bad_parameters_are_4xx(client):
         assert resp.status_code == 422, (body, resp.text)
         assert resp.json()["error"]["message"]
     assert client.post("/generate", files={"file": ("x.txt", b"hi", "text/plain")}).status_code in (415, 422)
+    # JSON and form bodies are validated alike (service.body): the message names the field
+    as_json = client.post("/generate", json={"query": QUESTION, "k": 0})
+    assert as_json.json()["error"]["message"].startswith("k:")
+    form = client.post("/generate", files={"file": ("a.png", b"x", "image/png")}, data={"k": "zero"})
+    assert form.status_code == 422 and form.json()["error"]["message"].startswith("k:")
+
+
+def test_generate_request_body_is_in_the_openapi_schema(client):
+    spec = client.get("/openapi.json").json()
+    body = spec["paths"]["/generate"]["post"]["requestBody"]["content"]
+    assert "multipart/form-data" in body
+    name = body["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
+    assert {"query", "k", "backend", "stream"} <= set(spec["components"]["schemas"][name]["properties"])
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -23,11 +23,12 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from index.types import Hit
 from mm.errors import MediaError
+from service.body import parse_json, schema_ref, validate
 from service.deps import CollectionDep, EmbedderDep, SettingsDep
 from service.errors import APIError
 from service.generation import (
@@ -200,10 +201,7 @@ async def _from_form(request: Request, collection: Any, embedder: Any, settings:
     fields["modalities"] = _form_list(fields.get("modalities"))
     fields["stop"] = _form_list(fields.get("stop"))
     fields = {k: v for k, v in fields.items() if v is not None}
-    try:
-        req = GenerateRequest.model_validate(fields)
-    except ValidationError as exc:
-        raise APIError(422, _first_error(exc), "validation_error") from exc
+    req = validate(GenerateRequest, fields)
     modality = modality_of(upload.filename, upload.content_type)
     fd, tmp = tempfile.mkstemp(prefix="mm-ask-", suffix=safe_suffix(upload.filename, upload.content_type))
     try:
@@ -213,11 +211,6 @@ async def _from_form(request: Request, collection: Any, embedder: Any, settings:
     finally:
         os.unlink(tmp)
     return req, hits
-
-
-def _first_error(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    return f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
 
 
 @router.post(
@@ -230,7 +223,7 @@ def _first_error(exc: ValidationError) -> str:
     openapi_extra={
         "requestBody": {
             "content": {
-                "application/json": {"schema": GenerateRequest.model_json_schema()},
+                "application/json": {"schema": schema_ref(GenerateRequest)},
                 "multipart/form-data": {
                     "schema": {
                         "type": "object",
@@ -256,10 +249,7 @@ async def generate(request: Request, collection: CollectionDep, embedder: Embedd
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
         req, hits = await _from_form(request, collection, embedder, settings)
     else:
-        try:
-            req = GenerateRequest.model_validate_json(await request.body())
-        except ValidationError as exc:
-            raise APIError(422, _first_error(exc), "validation_error") from exc
+        req = await parse_json(request, GenerateRequest)
         hits = partial(retrieve, collection, embedder, k=req.k, modalities=req.modalities, text=req.query)
     answer = await start_answer(
         request.app,
