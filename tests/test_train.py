@@ -46,22 +46,16 @@ def make_corpus(root):
     return root / "manifest.jsonl"
 
 
+def tiny_config(manifest, out_dir, **kw) -> TrainConfig:
+    """A quiet fp32 run of the tiny model on the whole manifest (no validation split)."""
+    quiet = dict(model="tiny", val_split="", progress=False, bf16=False)
+    return TrainConfig(manifest=str(manifest), out_dir=str(out_dir), **quiet, **kw)
+
+
 def test_tiny_contrastive_run_learns_pairs(tmp_path):
     manifest = make_corpus(tmp_path)
-    cfg = TrainConfig(
-        manifest=str(manifest),
-        out_dir=str(tmp_path / "run"),
-        model="tiny",
-        epochs=1,
-        max_steps=60,
-        batch_size=12,
-        lr=5e-3,
-        warmup_steps=5,
-        val_split="",
-        progress=False,
-        ckpt_every=1000,
-        bf16=False,
-    )
+    run = dict(epochs=1, max_steps=60, batch_size=12, lr=5e-3, warmup_steps=5, ckpt_every=1000)
+    cfg = tiny_config(manifest, tmp_path / "run", **run)
     trainer = Trainer(cfg)
     before = trainer.evaluate(trainer.rows)
     result = trainer.train()
@@ -79,21 +73,9 @@ def test_tiny_contrastive_run_learns_pairs(tmp_path):
 
 def test_resume_continues_from_checkpoint(tmp_path):
     manifest = make_corpus(tmp_path)
-    base = dict(
-        manifest=str(manifest),
-        out_dir=str(tmp_path / "run"),
-        model="tiny",
-        epochs=1,
-        batch_size=6,
-        lr=1e-3,
-        warmup_steps=2,
-        val_split="",
-        progress=False,
-        ckpt_every=3,
-        bf16=False,
-    )
-    Trainer(TrainConfig(**base, max_steps=3)).train()
-    t2 = Trainer(TrainConfig(**base, max_steps=5))
+    base = dict(epochs=1, batch_size=6, lr=1e-3, warmup_steps=2, ckpt_every=3)
+    Trainer(tiny_config(manifest, tmp_path / "run", **base, max_steps=3)).train()
+    t2 = Trainer(tiny_config(manifest, tmp_path / "run", **base, max_steps=5))
     assert t2.step == 3
     assert t2.train().steps == 5
     steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
@@ -140,17 +122,8 @@ def test_fill_views_borrows_same_label_views_and_lr_scale_groups(tmp_path):
         if i % 3:
             r["image"] = None  # only the first row of each colour keeps its image
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = TrainConfig(
-        manifest=str(manifest),
-        out_dir=str(tmp_path / "run"),
-        model="tiny",
-        max_steps=2,
-        batch_size=12,
-        val_split="",
-        progress=False,
-        bf16=False,
-        fill_views=("image",),
-        backbone_lr_scale=0.1,
+    cfg = tiny_config(
+        manifest, tmp_path / "run", max_steps=2, batch_size=12, fill_views=("image",), backbone_lr_scale=0.1
     )
     trainer = Trainer(cfg)
     for r in trainer.rows:
