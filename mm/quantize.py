@@ -1,9 +1,11 @@
 """Post-training quantization of a model's ``nn.Linear`` layers and quantized checkpoints.
 
 - ``int8``: dynamic quantization (:class:`Int8Linear`): per-output-channel symmetric int8 weights,
-  activations quantised per call (per tensor, asymmetric uint8). The matmul runs in FBGEMM's
+  activations quantised per call (per tensor, asymmetric uint8). The matmul runs in
   ``quantized::linear_dynamic`` (the kernel behind the deprecated
-  ``torch.ao.quantization.quantize_dynamic``; ``torch._int_mm`` measured 3-5x slower than fp32 here).
+  ``torch.ao.quantization.quantize_dynamic``; ``torch._int_mm`` measured 3-5x slower than fp32 here),
+  with weights packed for oneDNN where the build has it (VNNI/AMX; 2x faster than FBGEMM here, see
+  :mod:`mm.qengine`).
   Activations use the full 8-bit range when the kernel accumulates it exactly (VNNI/AMX CPUs; checked
   once per process by :func:`full_range_exact`), else 7 bits (``reduce_range``, which on the shipped
   default cost 0.5-1.2 points of text cosine per MiniLM layer group). Weights are stored as plain int8
@@ -23,11 +25,15 @@ Frozen packaged encoders (MiniLM) are quantized too for ``int8`` (speed; they ar
 checkpoint, so they are re-quantized from the packaged weights when the checkpoint loads) and left in
 fp32 for ``int4`` (weight-only INT4 would only slow them down, and saves no checkpoint space).
 
-Convolutions are not quantized (EfficientNet's 1x1 convolutions run as int8 linears over channels_last
-measured slower than oneDNN's fp32 convolutions: the feature maps are large and memory-bound, and
-dynamic quantization adds passes over them). The frozen EfficientNet folds its BatchNorms into its
-convolutions when it loads (:func:`mm.encoders.efficientnet_lite.fold_batchnorms`, exact, ~1.4-1.5x
-faster images in fp32 too), so int8's speedup over fp32 is quantization's alone.
+The frozen EfficientNet image encoder's convolutions run in static INT8 for ``int8`` when encoders are
+quantized (:mod:`mm.encoders.efficientnet_int8`: oneDNN's quantized convolutions, calibrated activation
+ranges shipped with the code, bias-corrected depthwise weights; re-applied when the checkpoint loads, and
+left in fp32 where the torch build has no oneDNN). Dynamic INT8 does not suit them: running the 1x1
+convolutions as int8 linears over channels_last measured slower than oneDNN's fp32 convolutions (the
+feature maps are large and memory-bound, and dynamic quantization adds passes over them). The frozen
+EfficientNet folds its BatchNorms into its convolutions when it loads
+(:func:`mm.encoders.efficientnet_lite.fold_batchnorms`, exact, ~1.4-1.5x faster images in fp32 too), so
+int8's speedup over fp32 is quantization's alone.
 
 A quantized checkpoint is an ordinary checkpoint directory plus ``quantization.json`` (the spec and the
 replaced module names); ``mm.model.create_model`` calls :func:`apply_checkpoint_quantization` before it
@@ -53,6 +59,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mm.int4 import GROUP_SIZES, Int4Linear
+from mm.qengine import engine
 
 log = logging.getLogger(__name__)
 
@@ -122,9 +129,9 @@ def full_range_exact() -> bool:
             0,
         )
         try:
-            y = torch.ops.quantized.linear_dynamic(
-                torch.ones(2, k), torch.ops.quantized.linear_prepack(w, None), False
-            )
+            with engine():  # the engine Int8Linear packs for
+                packed = torch.ops.quantized.linear_prepack(w, None)
+            y = torch.ops.quantized.linear_dynamic(torch.ones(2, k), packed, False)
         except (RuntimeError, NotImplementedError):
             return False
     return bool(torch.allclose(y, torch.full_like(y, 127.0 * k), rtol=1e-3))
@@ -143,7 +150,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scale", torch.ones(out_features))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
-        self._packed: Any = None  # FBGEMM's packed weight, built on first use (not state)
+        self._packed: Any = None  # the kernel's packed weight, built on first use (not state)
         self._kernel = _fbgemm_ok()
 
     @classmethod
@@ -174,7 +181,8 @@ class Int8Linear(nn.Module):
                     0,
                 )
                 bias = None if self.bias is None else self.bias.clone()
-                self._packed = torch.ops.quantized.linear_prepack(q, bias)
+                with engine():  # oneDNN where available (mm.qengine)
+                    self._packed = torch.ops.quantized.linear_prepack(q, bias)
         return self._packed
 
     def forward(self, x: Tensor) -> Tensor:
@@ -186,7 +194,7 @@ class Int8Linear(nn.Module):
                     x.reshape(-1, self.in_features).float().contiguous(), self._pack(), not full_range_exact()
                 )  # (M, N); reduce_range (7-bit activations) only where int16 accumulation would saturate
                 return y.reshape(*lead, self.out_features).to(x.dtype)
-            except (RuntimeError, NotImplementedError) as e:  # no FBGEMM in this build: dequantise
+            except (RuntimeError, NotImplementedError) as e:  # no int8 kernel in this build: dequantise
                 log.warning("int8 kernel unavailable (%s); falling back to dequantised matmul", e)
                 self._kernel = False
         bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -236,10 +244,23 @@ def quantize_model(model: nn.Module, spec: QuantSpec) -> QuantSpec:
         else:
             new = Int4Linear.from_linear(lin, spec.group_size)
         setattr(parent, child, new)
-    if names:
+    convs = _quantize_frozen_convs(model) if spec.mode == "int8" and spec.quantize_encoders else []
+    if names or convs:
         model.requires_grad_(False)  # a quantized model is for inference (or a frozen QLoRA base)
-    log.info("quantized %d Linear layers to %s", len(names), spec.mode)
+    log.info(
+        "quantized %d Linear layers to %s, and the convolutions of %s", len(names), spec.mode, convs or "none"
+    )
     return dataclasses.replace(spec, modules=tuple(names))
+
+
+def _quantize_frozen_convs(model: nn.Module) -> list[str]:
+    """Static INT8 convolutions for the frozen encoders that offer them; returns their modality names."""
+    done = []
+    for name, enc in getattr(model, "encoders", {}).items():
+        quantize = getattr(enc, "quantize_convs", None)
+        if quantize is not None and getattr(enc, "frozen", False) and quantize():
+            done.append(name)
+    return done
 
 
 def read_spec(checkpoint: str | Path) -> QuantSpec | None:

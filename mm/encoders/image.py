@@ -75,13 +75,32 @@ class EfficientNetLiteEncoder(Encoder):
         fold_batchnorms(self.net)  # frozen for good: BatchNorms folded into the convs (exact, faster)
         # channels_last lets oneDNN run the depthwise/1x1 convs directly: ~1.6x faster on CPU here.
         self.net.to(memory_format=torch.channels_last)
+        self.int8: nn.Module | None = None  # static INT8 features (quantize_convs), not state
+
+    def quantize_convs(self, calibration: Any = None) -> bool:
+        """Run the frozen network in static INT8 from now on (oneDNN); False if this torch lacks the kernels.
+
+        ``calibration``: a :class:`mm.encoders.efficientnet_int8.Calibration`; default: the shipped one.
+        """
+        from mm.encoders.efficientnet_int8 import (
+            Int8EfficientNetFeatures,
+            default_calibration,
+            int8_convs_available,
+        )
+
+        if not int8_convs_available():
+            logger.warning("no oneDNN quantized convolutions in this torch build: EfficientNet stays fp32")
+            return False
+        self.int8 = Int8EfficientNetFeatures(self.net, calibration or default_calibration())
+        return True
 
     def prepare(self, raw: list[Any]) -> dict[str, Tensor]:
         return {"pixels": to_pixels(raw, self.image_size, self.mean, self.std)}
 
     def encode(self, batch: dict[str, Tensor]) -> EncoderOutput:
         pixels = batch["pixels"].contiguous(memory_format=torch.channels_last)
-        fmap = self.net.features(pixels)  # (B, 1280, S/32, S/32)
+        net = self.int8 if self.int8 is not None else self.net.features
+        fmap = net(pixels)  # (B, 1280, S/32, S/32)
         tokens, mask = _grid_tokens(fmap)  # (B, T, 1280)
         return EncoderOutput(tokens, mask, fmap.mean(dim=(2, 3)))
 
