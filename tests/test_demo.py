@@ -68,3 +68,31 @@ def test_demo_indexes_queries_and_reuses(tmp_path, capsys):
     assert "9 items" in out and "added 9" in out
     assert main(["demo", "--work", str(tmp_path), "--model", "tiny", "--no-serve"]) == 0
     assert "added 0, skipped 9" in capsys.readouterr().out
+
+
+def test_demo_reembeds_its_collection_after_a_model_update(tmp_path, capsys):
+    import torch
+
+    from index.collection import Collection
+    from mm.model import create_model, save_model
+
+    make_corpus(tmp_path)
+    demo(tmp_path, model="tiny", serve=False, progress=False)
+    old = Collection.open(tmp_path / "collection", readonly=True)
+    old_id, (ids, old_vectors) = old.embedder_id, old.all_vectors()
+    old.close()
+    updated = create_model("tiny").model
+    torch.nn.init.normal_(updated.out_proj.weight, std=0.2)  # other weights: another model id
+    ckpt = save_model(updated, tmp_path / "updated")
+    new_id = create_model(ckpt).model_id
+    assert new_id != old_id
+    shown = demo(tmp_path, model=str(ckpt), serve=False, progress=False)  # no "holds vectors of" error
+    assert all(s["results"] for s in shown)
+    coll = Collection.open(tmp_path / "collection", readonly=True)
+    new_ids, new_vectors = coll.all_vectors()
+    assert coll.embedder_id == new_id and coll.count() == 9  # the same items, with the new model's vectors
+    coll.close()
+    order, new_order = np.argsort(ids), np.argsort(new_ids)
+    assert np.array_equal(ids[order], new_ids[new_order])
+    assert not np.allclose(old_vectors[order], new_vectors[new_order], atol=1e-3)
+    assert "added 0, skipped 9" in capsys.readouterr().out
