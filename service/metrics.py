@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -33,9 +33,18 @@ class Metrics:
             buckets=_BUCKETS,
             registry=self.registry,
         )
+        self._latency_children: dict[tuple[str, str, str], Any] = {}
         reg = self.registry
         self.items = Gauge("mm_items", "Items in the collection by modality", ["modality"], registry=reg)
         self.index_bytes = Gauge("mm_index_size_bytes", "Bytes of index files on disk", registry=reg)
+
+    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        """One request into the latency histogram (its labelled child looked up once per label set)."""
+        key = (method, route, str(status))
+        child = self._latency_children.get(key)
+        if child is None:
+            child = self._latency_children.setdefault(key, self.latency.labels(*key))
+        child.observe(seconds)
 
     def render(self, collection: Collection | None) -> bytes:
         if collection is not None:
@@ -79,5 +88,4 @@ class MetricsMiddleware:
         finally:
             route = scope.get("route")
             template = getattr(route, "path", None) or "<unmatched>"
-            elapsed = time.perf_counter() - t0
-            self.metrics.latency.labels(scope["method"], template, str(status)).observe(elapsed)
+            self.metrics.observe(scope["method"], template, status, time.perf_counter() - t0)

@@ -129,12 +129,15 @@ def embed_query(
             raise NotFound(f"item {item_id} not found (or it has no vector)")
         return np.asarray(vec, dtype=np.float32), Query("item", int(item_id))
     vec = np.asarray(vector, dtype=np.float32).reshape(-1)
-    if vec.shape[0] != collection.dim or not np.all(np.isfinite(vec)):
+    # One float64 dot checks and measures at once: it is finite exactly when every value is (a float32
+    # squared cannot overflow float64), and it does not overflow as a float32 norm would.
+    wide = vec.astype(np.float64)
+    squares = float(wide @ wide)
+    if vec.shape[0] != collection.dim or not math.isfinite(squares):
         raise ValueError(f"vector must hold {collection.dim} finite numbers, got {vec.shape[0]}")
-    norm = float(np.linalg.norm(vec))
-    if norm == 0.0:
+    if squares == 0.0:
         raise ValueError("vector must not be all zeros")
-    return vec / norm, Query("vector")
+    return (wide / math.sqrt(squares)).astype(np.float32), Query("vector")
 
 
 def search(

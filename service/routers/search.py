@@ -8,18 +8,21 @@ import tempfile
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
-from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from mm.errors import MediaError
 from service.body import json_body_doc, parse_json
 from service.deps import CollectionDep, EmbedderDep, SettingsDep
 from service.errors import APIError
+from service.responses import FastJSONResponse
+from service.routing import LeanRoute
 from service.schemas import SearchRequest, SearchResponse, error_responses
 from service.search import NotFound, build_filter, embed_query, hit_to_dict, search
 from service.store import copy_limited, modality_of, safe_suffix
 
-router = APIRouter(tags=["search"])
+# LeanRoute: /search takes only the request, so FastAPI's per-request dependency solving is skipped
+# (unless include_router adds one, e.g. the API key check; /search/upload keeps FastAPI's handler).
+router = APIRouter(tags=["search"], route_class=LeanRoute)
 
 
 def _split(value: str | None) -> list[str] | None:
@@ -28,7 +31,7 @@ def _split(value: str | None) -> list[str] | None:
     return [part.strip() for part in value.split(",") if part.strip()]
 
 
-def _respond(collection, vector, query, *, k, offset, **filter_kw) -> JSONResponse:
+def _respond(collection, vector, query, *, k, offset, **filter_kw) -> FastJSONResponse:
     try:
         flt = build_filter(**filter_kw)
         hits, took_ms = search(collection, vector, k=k, filter=flt, offset=offset)
@@ -37,7 +40,7 @@ def _respond(collection, vector, query, *, k, offset, **filter_kw) -> JSONRespon
     # The dicts already have the SearchResponse shape (hit_to_dict); answering them directly skips a
     # second validation pass per result, which is a measurable share of a sub-millisecond search.
     body = {"results": [hit_to_dict(h) for h in hits], "took_ms": round(took_ms, 3), "query": query.to_dict()}
-    return JSONResponse(body)
+    return FastJSONResponse(body)
 
 
 @router.post(
@@ -46,7 +49,7 @@ def _respond(collection, vector, query, *, k, offset, **filter_kw) -> JSONRespon
     responses=error_responses(401, 404, 422),
     openapi_extra=json_body_doc(SearchRequest),
 )
-async def search_json(request: Request) -> JSONResponse:
+async def search_json(request: Request) -> FastJSONResponse:
     """Search by text, by an existing item (more-like-this, the item excluded) or by a raw vector.
 
     The body is a :class:`SearchRequest`. The hottest route parses it in one pass with pydantic-core
@@ -95,7 +98,7 @@ def search_upload(
     path_prefix: Annotated[str | None, Form()] = None,
     since: Annotated[str | None, Form(description="ISO 8601 or unix seconds")] = None,
     until: Annotated[str | None, Form(description="ISO 8601 or unix seconds")] = None,
-) -> JSONResponse:
+) -> FastJSONResponse:
     """Search with an uploaded image or audio clip; the file is only used for the query, never stored."""
     modality = modality_of(file.filename, file.content_type)
     fd, tmp = tempfile.mkstemp(prefix="mm-query-", suffix=safe_suffix(file.filename, file.content_type))

@@ -1,0 +1,184 @@
+"""The /search hot path: LeanRoute, the pydantic-core JSON answer, the vector check, metrics, row reads."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from conftest import FakeEmbedder
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import routing as fastapi_routing
+from fastapi.testclient import TestClient
+
+from index.collection import Collection
+from index.types import Item
+from service.app import create_app
+from service.metrics import Metrics
+from service.responses import FastJSONResponse
+from service.routing import LeanRoute
+from service.search import embed_query
+from service.settings import Settings
+
+TEXTS = ["red apples in a bowl", "a blue sky over hills", "green grass after rain", "a red sports car"]
+
+
+@pytest.fixture()
+def solved(monkeypatch) -> list[str]:
+    """Paths whose request went through FastAPI's dependency solver."""
+    calls: list[str] = []
+    real = fastapi_routing.solve_dependencies
+
+    async def counting(*, request, **kw):
+        calls.append(request.url.path)
+        return await real(request=request, **kw)
+
+    monkeypatch.setattr(fastapi_routing, "solve_dependencies", counting)
+    return calls
+
+
+def _client(tmp_path, **settings) -> TestClient:
+    return TestClient(create_app(Settings(collection=tmp_path / "c", **settings), embedder=FakeEmbedder()))
+
+
+def _add_texts(client: TestClient, headers: dict[str, str] | None = None) -> list[int]:
+    ids = []
+    for text in TEXTS:
+        resp = client.post("/items/text", json={"text": text, "tags": ["t"]}, headers=headers)
+        assert resp.status_code == 201, resp.text
+        ids.append(resp.json()["id"])
+    return ids
+
+
+def test_search_skips_the_dependency_solver_without_keys(tmp_path, solved):
+    with _client(tmp_path) as c:
+        ids = _add_texts(c)
+        solved.clear()
+        resp = c.post("/search", json={"query": "red apples", "k": 2})
+        assert resp.status_code == 200 and resp.json()["results"][0]["id"] == ids[0]
+        assert solved == []  # the lean handler answered
+        vec = FakeEmbedder().encode_text(["red sports car"])[0]
+        by_vec = c.post("/search", json={"vector": vec.tolist(), "k": 1}).json()
+        assert by_vec["results"][0]["id"] == ids[3] and by_vec["query"] == {"type": "vector", "value": None}
+        bad = c.post("/search", json={"query": "x", "k": "many"})
+        assert bad.status_code == 422 and bad.json()["error"]["message"].startswith("k:")
+        assert c.post("/search", json={"item_id": 999999}).status_code == 404
+        assert solved == []
+        assert c.get("/items").status_code == 200 and solved == ["/items"]  # other routes: FastAPI's handler
+        text = c.get("/metrics").text
+        assert 'route="/search",status="200"' in text and 'route="/search",status="422"' in text
+
+
+def test_search_with_keys_keeps_the_key_check(tmp_path, solved):
+    with _client(tmp_path, api_keys=["k1"]) as c:
+        key = {"X-API-Key": "k1"}
+        ids = _add_texts(c, key)
+        solved.clear()
+        denied = c.post("/search", json={"query": "red apples"})
+        assert denied.status_code == 401 and denied.json()["error"]["code"] == "unauthorized"
+        assert c.post("/search", json={"query": "red apples"}, headers={"X-API-Key": "no"}).status_code == 401
+        ok = c.post("/search", json={"query": "red apples", "k": 1}, headers=key)
+        assert ok.status_code == 200 and ok.json()["results"][0]["id"] == ids[0]
+        assert solved.count("/search") == 3  # the dependency (the key check) ran for each
+
+
+def test_openapi_keeps_the_search_operation(tmp_path):
+    with _client(tmp_path) as c:
+        op = c.get("/openapi.json").json()["paths"]["/search"]["post"]
+    assert op["operationId"] == "search_json_search_post" and op["tags"] == ["search"]
+    assert op["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/SearchRequest")
+    assert op["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/SearchResponse")
+    assert {"401", "404", "422"} <= set(op["responses"])
+
+
+def test_lean_route_falls_back_for_parameters_and_dependencies(solved):
+    async def lean(request: Request) -> FastJSONResponse:
+        return FastJSONResponse({"path": request.url.path})
+
+    async def with_param(request: Request, n: int = 1) -> FastJSONResponse:
+        return FastJSONResponse({"n": n})
+
+    async def not_a_response(request: Request) -> dict:
+        return {"x": 1}
+
+    async def marker(request: Request) -> None:
+        request.state.marked = True
+
+    router = APIRouter(route_class=LeanRoute)
+    router.add_api_route("/lean", lean, methods=["GET"])
+    router.add_api_route("/param", with_param, methods=["GET"])
+    router.add_api_route("/dict", not_a_response, methods=["GET"])
+    app = FastAPI()
+    app.include_router(router)
+    app.include_router(router, prefix="/dep", dependencies=[Depends(marker)])
+    with TestClient(app, raise_server_exceptions=False) as c:
+        assert c.get("/lean").json() == {"path": "/lean"} and solved == []
+        assert c.get("/param", params={"n": 3}).json() == {"n": 3} and solved == ["/param"]
+        assert c.get("/dep/lean").json() == {"path": "/dep/lean"} and solved[-1] == "/dep/lean"
+        assert c.get("/dict").status_code == 500  # a lean endpoint must answer a Response
+
+
+def test_fast_json_matches_starlette_json():
+    from starlette.responses import JSONResponse
+
+    content = {
+        "results": [{"id": 3, "score": 0.123457, "caption": "café ☕ \u2028", "tags": ["a"], "w": None}],
+        "took_ms": 0.25,
+        "query": {"type": "text", "value": "x"},
+    }
+    fast = FastJSONResponse(content)
+    assert fast.body == JSONResponse(content).body
+    assert fast.headers["content-type"] == "application/json"
+    assert json.loads(FastJSONResponse({"s": math.nan}).body) == {"s": None}  # valid JSON, never NaN
+
+
+def test_vector_query_check_and_normalisation(tmp_path):
+    coll = Collection.create(tmp_path / "v", dim=4, embedder_id="fake:0001", index_spec="Flat")
+    try:
+        vec, query = embed_query(coll, FakeEmbedder(), vector=[3.0, 0.0, 4.0, 0.0])
+        assert vec.dtype == np.float32 and query.kind == "vector"
+        np.testing.assert_allclose(vec, [0.6, 0.0, 0.8, 0.0], rtol=1e-6)
+        big, _ = embed_query(coll, FakeEmbedder(), vector=[3e30, 0.0, 4e30, 0.0])  # a float32 norm overflows
+        np.testing.assert_allclose(big, [0.6, 0.0, 0.8, 0.0], rtol=1e-6)
+        for bad in ([1.0, 2.0], [1.0, math.nan, 0.0, 0.0], [math.inf, 0.0, 0.0, 0.0], [1e39, 0.0, 0.0, 0.0]):
+            with pytest.raises(ValueError, match="finite numbers"), np.errstate(over="ignore"):
+                embed_query(coll, FakeEmbedder(), vector=bad)
+        with pytest.raises(ValueError, match="all zeros"):
+            embed_query(coll, FakeEmbedder(), vector=[0.0, 0.0, 0.0, 0.0])
+    finally:
+        coll.close()
+
+
+def test_metrics_observe_reuses_label_children():
+    m = Metrics()
+    for status in (200, 200, 422):
+        m.observe("POST", "/search", status, 0.002)
+    assert len(m._latency_children) == 2
+    text = m.render(None).decode()
+    assert 'mm_http_request_duration_seconds_count{method="POST",route="/search",status="200"} 2.0' in text
+    assert 'mm_http_request_duration_seconds_count{method="POST",route="/search",status="422"} 1.0' in text
+
+
+def test_rows_read_fresh_after_writes(tmp_path):
+    coll = Collection.create(tmp_path / "r", dim=4, embedder_id="fake:0001", index_spec="Flat")
+    try:
+        vecs = np.eye(4, dtype=np.float32)[:3]
+        items = [Item(id=0, modality="text", uri="", sha256=f"{i:064x}", caption=f"c{i}") for i in range(3)]
+        ids = coll.add(vecs, items)
+        first = coll.search(vecs[0], k=3)[0]
+        assert [h.item.tags for h in first] == [[], [], []] and first[0].item.extra == {}
+        first[0].item.tags.append("mutated")  # parsed rows never share their lists
+        assert coll.get(ids[1]).tags == [] and coll.get(ids[0]).tags == []
+        coll.update_metadata(ids[0], tags=["x", "y"], caption="new")
+        coll.delete([ids[1]])
+        hits = coll.search(vecs[0], k=3)[0]
+        assert [h.id for h in hits] == [ids[0], ids[2]]
+        assert hits[0].item.tags == ["x", "y"] and hits[0].item.caption == "new"
+        reader = Collection.open(tmp_path / "r", readonly=True)  # another connection sees the same
+        try:
+            assert reader.get(ids[0]).tags == ["x", "y"] and reader.get(ids[1]) is None
+        finally:
+            reader.close()
+    finally:
+        coll.close()
