@@ -62,12 +62,14 @@ class MultimodalModel(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(float(np.log(1.0 / cfg.init_temperature))))
 
     def embed(
-        self, modality: str, feats: EncoderOutput, pooled_drop: float = 0.0
+        self, modality: str, feats: EncoderOutput, pooled_drop: float = 0.0, detach_pooled: bool = False
     ) -> tuple[Tensor, BackboneOutput | None]:
         """Encoder outputs -> (B, E) normalised embeddings (and the backbone's output for its stats).
 
         ``pooled_drop`` (training only): the probability that a sample's pooled-feature residual is left
         out, so that the backbone path must stand on its own (a path drop, as in stochastic depth).
+        ``detach_pooled`` (training only): no gradient flows back through the pooled residual, so the loss
+        on this embedding trains the backbone path only (the trainer's ``pooled_probe``).
         """
         if self.cfg.head == "linear":
             return l2_normalize(self.pooled_proj[modality](feats.pooled.float())), None
@@ -81,6 +83,8 @@ class MultimodalModel(nn.Module):
         z = self.out_proj(masked_mean(out.hidden, mask))  # (B, E)
         if self.cfg.residual_pooled:
             res = self.pooled_proj[modality](feats.pooled.float())  # (B, E)
+            if detach_pooled:
+                res = res.detach()
             if self.training and pooled_drop > 0:
                 keep = torch.rand(res.shape[0], 1, device=res.device) >= pooled_drop  # (B, 1)
                 res = res * keep

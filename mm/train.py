@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mm.backbone import l2_normalize
 from mm.config import MODALITIES
 from mm.evaluate import evaluate_rows
 from mm.features import FeatureCache
@@ -61,6 +62,9 @@ class TrainConfig:
     backbone_lr_scale: float = 1.0  # lr multiplier for the token path (in_proj, backbone, out_proj)
     pooled_drop: float = 0.0  # per-sample probability of dropping the pooled residual (model.embed)
     fill_views: tuple[str, ...] = ()  # views a row lacks, borrowed per batch from a same-label train row
+    # The pooled linear path trains as a linear probe with its own contrastive loss, and the main loss sees
+    # it detached: the backbone learns a residual on top of the probe instead of co-adapting with it.
+    pooled_probe: bool = False
 
 
 @dataclass
@@ -115,6 +119,8 @@ class Trainer:
             for m in mods
         }
         self.view_pool = _view_pool(self.rows, tuple(cfg.fill_views))
+        if cfg.pooled_probe and not hasattr(self.model, "pooled_proj"):
+            raise ValueError("pooled_probe needs a model with the pooled residual (residual_pooled=True)")
         self.fill_rng = np.random.default_rng(cfg.seed + 1)
         labels = [r.get("label") or r.get("id") or str(i) for i, r in enumerate(self.rows)]
         lookup = {lab: i for i, lab in enumerate(dict.fromkeys(labels))}
@@ -149,6 +155,7 @@ class Trainer:
     def _micro_batch(self, idx: Sequence[int]) -> tuple[torch.Tensor, dict[str, float]]:
         rows = [self._fill(self.rows[i]) for i in idx]
         emb: dict[str, torch.Tensor] = {}
+        probe: dict[str, torch.Tensor] = {}
         present: dict[str, torch.Tensor] = {}
         aux = torch.zeros(())
         for m, cache in self.caches.items():
@@ -156,14 +163,19 @@ class Trainer:
             if int(has.sum()) == 0:
                 continue
             keys = [str(r[m]) for r, h in zip(rows, has, strict=True) if h]
+            feats = cache.batch(keys)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.bf16):
-                z, out = self.model.embed(m, cache.batch(keys), self.cfg.pooled_drop)  # (n_m, E)
-            full = torch.zeros(len(rows), z.shape[1])
-            full[has] = z.float()
-            emb[m], present[m] = full, has
+                z, out = self.model.embed(m, feats, self.cfg.pooled_drop, self.cfg.pooled_probe)  # (n_m, E)
+            emb[m], present[m] = _scatter(z, has), has
+            if self.cfg.pooled_probe:
+                probe[m] = _scatter(l2_normalize(self.model.pooled_proj[m](feats.pooled.float())), has)
             if out is not None:
                 aux = aux + out.aux_loss.float()
-        loss, logs = multi_pair_loss(emb, present, self.model.logit_scale, self.labels[list(idx)])
+        labels = self.labels[list(idx)]
+        loss, logs = multi_pair_loss(emb, present, self.model.logit_scale, labels)
+        if probe:
+            probe_loss, _ = multi_pair_loss(probe, present, self.model.logit_scale, labels)
+            loss, logs = loss + probe_loss, {**logs, "probe": float(probe_loss.detach())}
         return loss + aux, {**logs, "aux": float(aux.detach())}
 
     def cache_path(self, modality: str) -> Path:
@@ -293,6 +305,13 @@ def load_trained(out_dir: str | Path) -> MultimodalEmbedder:
 
 
 TOKEN_PATH = ("in_proj.", "backbone.", "out_proj.")  # parameter prefixes of the backbone path
+
+
+def _scatter(z: torch.Tensor, has: torch.Tensor) -> torch.Tensor:
+    """(n, E) embeddings of the rows where ``has`` (B,) is True -> (B, E), zeros elsewhere."""
+    full = torch.zeros(len(has), z.shape[1])
+    full[has] = z.float()
+    return full
 
 
 def _param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:

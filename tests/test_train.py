@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 from PIL import Image, ImageDraw
 
 from mm.evaluate import chance_metrics, evaluate_rows, recall_metrics
@@ -137,3 +138,36 @@ def test_fill_views_borrows_same_label_views_and_lr_scale_groups(tmp_path):
     token = [g for g in trainer.opt.param_groups if g["lr_scale"] == 0.1]
     other = [g for g in trainer.opt.param_groups if g["lr_scale"] == 1.0]
     assert token[0]["lr"] == pytest.approx(0.1 * other[0]["lr"])
+
+
+def test_pooled_probe_trains_the_pooled_path_on_its_own_loss_only(tmp_path):
+    # With pooled_probe the main loss sees the pooled residual detached: the pooled maps' gradient is
+    # exactly the probe loss's, and the backbone path still gets the main loss's gradient.
+    from mm.backbone import l2_normalize
+    from mm.losses import multi_pair_loss
+
+    manifest = make_corpus(tmp_path)
+    trainer = Trainer(tiny_config(manifest, tmp_path / "run", max_steps=1, batch_size=12, pooled_probe=True))
+    trainer.fill_caches()
+    model, idx = trainer.model, list(range(12))
+    loss, logs = trainer._micro_batch(idx)
+    assert logs["probe"] > 0
+    model.zero_grad()
+    loss.backward()
+    got = model.pooled_proj["image"].weight.grad.clone()
+    assert model.out_proj.weight.grad.abs().sum() > 0
+    model.zero_grad()
+    emb, present = {}, {}
+    for m, cache in trainer.caches.items():
+        has = torch.tensor([trainer.rows[i].get(m) is not None for i in idx])
+        keys = [str(trainer.rows[i][m]) for i, h in zip(idx, has, strict=True) if h]
+        z = l2_normalize(model.pooled_proj[m](cache.batch(keys).pooled.float()))
+        emb[m] = torch.zeros(len(idx), z.shape[1]).index_put((has,), z)
+        present[m] = has
+    probe_loss = multi_pair_loss(emb, present, model.logit_scale, trainer.labels[idx])[0]
+    assert float(probe_loss.detach()) == pytest.approx(logs["probe"], rel=1e-5)
+    probe_loss.backward()
+    torch.testing.assert_close(got, model.pooled_proj["image"].weight.grad, rtol=1e-4, atol=1e-7)
+    no_pool = {"residual_pooled": False}
+    with pytest.raises(ValueError, match="pooled_probe"):
+        Trainer(tiny_config(manifest, tmp_path / "run2", pooled_probe=True, overrides=no_pool))
