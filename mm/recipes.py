@@ -24,6 +24,9 @@ RECIPES: dict[str, dict[str, Any]] = {
         "seed": 0,
         "eval_every": 100,
         "ckpt_every": 100,
+        # rows without an image borrow a same-label one (~4.9k more image-audio pairs): chosen on the
+        # validation split (every audio direction +8-11 points R@10, text<->image within a point)
+        "fill_views": ("image",),
     },
 }
 
