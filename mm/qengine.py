@@ -4,8 +4,10 @@ PyTorch's quantized ops take weights "prepacked" for one engine (FBGEMM, oneDNN,
 keeps its engine, so the global ``torch.backends.quantized.engine`` only matters while packing. On x86,
 oneDNN's int8 kernels use VNNI / AMX and measured 2x faster than FBGEMM's for dynamic linears and 2-4x
 faster than fp32 (``quantized::linear_dynamic``, 1 thread, shapes of MiniLM and the backbone), and FBGEMM's
-static convolutions were slower than fp32 here while oneDNN's were ~7x faster. So we pack for oneDNN
-where the build has it, else for the default engine.
+static convolutions were slower than fp32 here while oneDNN's were ~7x faster. But a oneDNN call has a
+higher fixed cost: below ~256 rows (an MoE expert's share of a batch) FBGEMM's dynamic linear is faster
+(16 x 256 -> 128: 47 us against 69 us). So convolutions pack for oneDNN, and dynamic linears pack for
+both and pick per call by row count (:func:`linear_engine`).
 """
 
 from __future__ import annotations
@@ -27,9 +29,28 @@ def onednn_available() -> bool:
     return ONEDNN in torch.backends.quantized.supported_engines
 
 
+ONEDNN_MIN_ROWS = 256  # dynamic linears with fewer rows run on the default engine (lower fixed cost)
+
+
 def packing_engine() -> str:
     """The engine int8 weights are packed for: oneDNN where available, else the build's default."""
-    return ONEDNN if onednn_available() else torch.backends.quantized.engine
+    return ONEDNN if onednn_available() else default_engine()
+
+
+@functools.cache
+def default_engine() -> str:
+    """The build's default quantized engine (FBGEMM-based "x86" or "fbgemm" on x86)."""
+    return torch.backends.quantized.engine
+
+
+def linear_engine(rows: int) -> str:
+    """The engine a dynamic int8 linear over ``rows`` input rows should run on."""
+    return ONEDNN if onednn_available() and rows >= ONEDNN_MIN_ROWS else default_engine()
+
+
+def linear_engines() -> tuple[str, ...]:
+    """Every engine :func:`linear_engine` may pick here."""
+    return tuple(dict.fromkeys((default_engine(), ONEDNN if onednn_available() else default_engine())))
 
 
 @contextlib.contextmanager

@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mm.int4 import GROUP_SIZES, Int4Linear
-from mm.qengine import engine
+from mm.qengine import engine, linear_engine, linear_engines
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,8 @@ class QuantSpec:
     encoders: bool | None = None  # quantize frozen packaged encoders too; None: yes for int8, no for int4
     exclude: tuple[str, ...] = ()  # fnmatch patterns of module names kept in fp32
     residual_fp16: bool | None = None  # store unquantized float tensors in fp16; None: yes for int4
+    # static INT8 convolutions' calibration (efficientnet_int8.Calibration.to_dict()); None: the shipped one
+    calibration: dict[str, Any] | None = None
     modules: tuple[str, ...] = ()  # the replaced module names (filled in by quantize_model)
 
     def __post_init__(self) -> None:
@@ -128,13 +130,16 @@ def full_range_exact() -> bool:
             torch.zeros(4, dtype=torch.long),
             0,
         )
-        try:
-            with engine():  # the engine Int8Linear packs for
-                packed = torch.ops.quantized.linear_prepack(w, None)
-            y = torch.ops.quantized.linear_dynamic(torch.ones(2, k), packed, False)
-        except (RuntimeError, NotImplementedError):
-            return False
-    return bool(torch.allclose(y, torch.full_like(y, 127.0 * k), rtol=1e-3))
+        for name in linear_engines():  # every engine Int8Linear may run on must be exact
+            try:
+                with engine(name):
+                    packed = torch.ops.quantized.linear_prepack(w, None)
+                y = torch.ops.quantized.linear_dynamic(torch.ones(2, k), packed, False)
+            except (RuntimeError, NotImplementedError):
+                return False
+            if not torch.allclose(y, torch.full_like(y, 127.0 * k), rtol=1e-3):
+                return False
+    return True
 
 
 class Int8Linear(nn.Module):
@@ -150,7 +155,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scale", torch.ones(out_features))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
-        self._packed: Any = None  # the kernel's packed weight, built on first use (not state)
+        self._packed: dict[str, Any] = {}  # the kernels' packed weights by engine, built on first use
         self._kernel = _fbgemm_ok()
 
     @classmethod
@@ -168,11 +173,12 @@ class Int8Linear(nn.Module):
         return self.qweight.float() * self.scale[:, None]  # (N, K)
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        self._packed = None  # new weights: repack on the next forward
+        self._packed = {}  # new weights: repack on the next forward
         super()._load_from_state_dict(*args, **kwargs)
 
-    def _pack(self) -> Any:
-        if self._packed is None:
+    def _pack(self, name: str) -> Any:
+        """The weight packed for engine ``name`` (oneDNN for many rows, else the default: mm.qengine)."""
+        if name not in self._packed:
             with torch.inference_mode(False), torch.no_grad():
                 q = torch._make_per_channel_quantized_tensor(
                     self.qweight.clone(),
@@ -181,18 +187,19 @@ class Int8Linear(nn.Module):
                     0,
                 )
                 bias = None if self.bias is None else self.bias.clone()
-                with engine():  # oneDNN where available (mm.qengine)
-                    self._packed = torch.ops.quantized.linear_prepack(q, bias)
-        return self._packed
+                with engine(name):
+                    self._packed[name] = torch.ops.quantized.linear_prepack(q, bias)
+        return self._packed[name]
 
     def forward(self, x: Tensor) -> Tensor:
         # x (..., K) -> (..., N)
         lead = x.shape[:-1]
         if self._kernel and x.numel():
             try:
-                y = torch.ops.quantized.linear_dynamic(
-                    x.reshape(-1, self.in_features).float().contiguous(), self._pack(), not full_range_exact()
-                )  # (M, N); reduce_range (7-bit activations) only where int16 accumulation would saturate
+                x2 = x.reshape(-1, self.in_features).float().contiguous()  # (M, K)
+                packed = self._pack(linear_engine(x2.shape[0]))
+                # (M, N); reduce_range (7-bit activations) only where int16 accumulation would saturate
+                y = torch.ops.quantized.linear_dynamic(x2, packed, not full_range_exact())
                 return y.reshape(*lead, self.out_features).to(x.dtype)
             except (RuntimeError, NotImplementedError) as e:  # no int8 kernel in this build: dequantise
                 log.warning("int8 kernel unavailable (%s); falling back to dequantised matmul", e)
@@ -244,23 +251,38 @@ def quantize_model(model: nn.Module, spec: QuantSpec) -> QuantSpec:
         else:
             new = Int4Linear.from_linear(lin, spec.group_size)
         setattr(parent, child, new)
-    convs = _quantize_frozen_convs(model) if spec.mode == "int8" and spec.quantize_encoders else []
+    convs = (
+        _quantize_frozen_convs(model, spec.calibration)
+        if spec.mode == "int8" and spec.quantize_encoders
+        else []
+    )
     if names or convs:
         model.requires_grad_(False)  # a quantized model is for inference (or a frozen QLoRA base)
     log.info(
-        "quantized %d Linear layers to %s, and the convolutions of %s", len(names), spec.mode, convs or "none"
+        "quantized %d Linear layers to %s; static INT8 convs: %s", len(names), spec.mode, convs or "none"
     )
     return dataclasses.replace(spec, modules=tuple(names))
 
 
-def _quantize_frozen_convs(model: nn.Module) -> list[str]:
+def _quantize_frozen_convs(model: nn.Module, calibration: dict[str, Any] | None) -> list[str]:
     """Static INT8 convolutions for the frozen encoders that offer them; returns their modality names."""
     done = []
     for name, enc in getattr(model, "encoders", {}).items():
         quantize = getattr(enc, "quantize_convs", None)
-        if quantize is not None and getattr(enc, "frozen", False) and quantize():
+        if quantize is not None and getattr(enc, "frozen", False) and quantize(calibration):
             done.append(name)
     return done
+
+
+def calibrate_convs(model: nn.Module, images: list[str | Path]) -> dict[str, Any]:
+    """Calibrate the image encoder's static INT8 convolutions on ``images`` (files like those to index)."""
+    encoders = getattr(model, "encoders", {})
+    enc = encoders["image"] if "image" in encoders else None
+    if enc is None or not hasattr(enc, "calibrate_convs"):
+        raise ValueError("this model's image encoder has no static INT8 convolutions to calibrate")
+    if not images:
+        raise ValueError("no calibration images given")
+    return enc.calibrate_convs(images).to_dict()
 
 
 def read_spec(checkpoint: str | Path) -> QuantSpec | None:
@@ -310,16 +332,29 @@ def _residuals_in_fp16(modules: tuple[str, ...]) -> Callable[[str, Tensor], Tens
 
 
 def quantize_checkpoint(
-    model: str | Path, mode: str, out_dir: str | Path, group_size: int = 64, encoders: bool | None = None
+    model: str | Path,
+    mode: str,
+    out_dir: str | Path,
+    group_size: int = 64,
+    encoders: bool | None = None,
+    calibration_images: list[str | Path] | None = None,
 ) -> tuple[Path, QuantSpec]:
-    """Load ``model`` (a name or checkpoint), quantize it and save it to ``out_dir``."""
+    """Load ``model`` (a name or checkpoint), quantize it and save it to ``out_dir``.
+
+    ``calibration_images``: recalibrate the static INT8 convolutions on these (int8 only); the result is
+    stored in ``quantization.json``. Default: the shipped calibration of the packaged image encoder.
+    """
     from mm.model import create_model, resolve
 
     spec = QuantSpec(mode=mode, group_size=group_size, encoders=encoders)  # type: ignore[arg-type]
+    if calibration_images and not (spec.mode == "int8" and spec.quantize_encoders):
+        raise ValueError("calibration images are for int8 with quantized encoders (static INT8 convolutions)")
     ckpt = resolve(model)[1]
     if ckpt is not None and read_spec(ckpt) is not None:
         raise ValueError(f"{model} is already quantized; quantize the fp32 checkpoint instead")
     emb = create_model(model)
+    if calibration_images:
+        spec = dataclasses.replace(spec, calibration=calibrate_convs(emb.model, calibration_images))
     spec = quantize_model(emb.model, spec)
     return save_quantized(emb.model, spec, out_dir), spec
 

@@ -149,3 +149,72 @@ def test_int8_checkpoint_runs_and_reloads_static_int8_convs(tmp_path):
     linears_only = create_model(base)
     quantize_model(linears_only.model, QuantSpec(mode="int8", encoders=False))
     assert linears_only.model.encoders["image"].int8 is None
+
+
+def test_cli_quantize_recalibrates_on_given_images(tmp_path, capsys):
+    from PIL import Image
+
+    from mm.model import create_model, save_model
+    from service.cli import main
+
+    overrides = {"image": {"kind": "efficientnet_lite0", "image_size": 64}}
+    base = save_model(create_model("tiny", overrides=overrides).model, tmp_path / "base")
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).resize((64, 64)).save(
+            pics / f"{i}.png"
+        )
+    out = tmp_path / "q"
+    assert (
+        main(
+            ["quantize", "--model", str(base), "--mode", "int8", "--out", str(out), "--calibrate", str(pics)]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    spec = json.loads((out / "quantization.json").read_text())
+    cal = Calibration.from_dict(spec["calibration"])
+    assert cal.ranges.keys() == default_calibration().ranges.keys()
+    assert cal.ranges != default_calibration().ranges  # measured on these images, not the shipped ones
+    int8 = create_model(out).model.encoders["image"].int8
+    from mm.encoders.efficientnet_int8 import _qparams
+
+    assert (int8.in_scale, int8.in_zero_point) == _qparams(*cal.ranges["input"])
+    # bad input: one-line errors, nothing written
+    assert (
+        main(
+            [
+                "quantize",
+                "--model",
+                str(base),
+                "--mode",
+                "int8",
+                "--out",
+                str(tmp_path / "x"),
+                "--calibrate",
+                str(tmp_path / "nope"),
+            ]
+        )
+        == 2
+    )
+    assert "no such file or folder" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "quantize",
+                "--model",
+                "tiny",
+                "--mode",
+                "int8",
+                "--out",
+                str(tmp_path / "y"),
+                "--calibrate",
+                str(pics),
+            ]
+        )
+        == 1
+    )
+    assert "no static INT8 convolutions" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

@@ -105,8 +105,28 @@ def test_int8_full_range_activations_when_exact():
     assert torch.nn.functional.cosine_similarity(y, ref).min() > 0.999
     if not full_range_exact():
         pytest.skip("this CPU's int8 kernel saturates 8-bit activations: 7-bit (reduce_range) is used")
-    y7 = torch.ops.quantized.linear_dynamic(x, q._pack(), True)
+    from mm.qengine import linear_engine
+
+    y7 = torch.ops.quantized.linear_dynamic(x, q._pack(linear_engine(len(x))), True)
     assert (y - ref).abs().mean() < 0.75 * (y7 - ref).abs().mean()
+
+
+def test_int8_linear_picks_its_engine_by_rows_and_engines_agree():
+    # oneDNN (where available) for many rows, the default engine for few: both give the same answer.
+    from mm.qengine import ONEDNN_MIN_ROWS, default_engine, linear_engine, onednn_available
+
+    torch.manual_seed(5)
+    lin = nn.Linear(128, 32)
+    q = Int8Linear.from_linear(lin)
+    few, many = torch.randn(8, 128), torch.randn(ONEDNN_MIN_ROWS, 128)
+    assert linear_engine(len(few)) == default_engine()
+    assert linear_engine(len(many)) == ("onednn" if onednn_available() else default_engine())
+    y_few, y_many = q(few), q(many)
+    assert set(q._packed) == {linear_engine(len(few)), linear_engine(len(many))}
+    for x, y in ((few, y_few), (many, y_many)):
+        assert torch.nn.functional.cosine_similarity(y, lin(x)).min() > 0.999
+    both = q(torch.cat([few, many]))  # many rows: one engine for all; the few rows agree with their own call
+    torch.testing.assert_close(both[: len(few)], y_few, rtol=0, atol=0.05 * y_few.abs().max().item())
 
 
 @pytest.mark.parametrize(("mode", "min_cos"), [("int8", 0.99), ("int4", 0.95)])

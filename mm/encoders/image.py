@@ -77,12 +77,14 @@ class EfficientNetLiteEncoder(Encoder):
         self.net.to(memory_format=torch.channels_last)
         self.int8: nn.Module | None = None  # static INT8 features (quantize_convs), not state
 
-    def quantize_convs(self, calibration: Any = None) -> bool:
+    def quantize_convs(self, calibration: dict[str, Any] | None = None) -> bool:
         """Run the frozen network in static INT8 from now on (oneDNN); False if this torch lacks the kernels.
 
-        ``calibration``: a :class:`mm.encoders.efficientnet_int8.Calibration`; default: the shipped one.
+        ``calibration``: ``Calibration.to_dict()`` of :mod:`mm.encoders.efficientnet_int8`; default: the
+        shipped one.
         """
         from mm.encoders.efficientnet_int8 import (
+            Calibration,
             Int8EfficientNetFeatures,
             default_calibration,
             int8_convs_available,
@@ -91,8 +93,18 @@ class EfficientNetLiteEncoder(Encoder):
         if not int8_convs_available():
             logger.warning("no oneDNN quantized convolutions in this torch build: EfficientNet stays fp32")
             return False
-        self.int8 = Int8EfficientNetFeatures(self.net, calibration or default_calibration())
+        cal = Calibration.from_dict(calibration) if calibration is not None else default_calibration()
+        self.int8 = Int8EfficientNetFeatures(self.net, cal)
         return True
+
+    def calibrate_convs(self, images: list[Any], batch_size: int = 32) -> Any:
+        """Activation ranges and depthwise input means of the fp32 network on ``images`` (a Calibration)."""
+        from mm.encoders.efficientnet_int8 import calibrate
+
+        batches = (
+            self.prepare(images[s : s + batch_size])["pixels"] for s in range(0, len(images), batch_size)
+        )
+        return calibrate(self.net, batches)
 
     def prepare(self, raw: list[Any]) -> dict[str, Tensor]:
         return {"pixels": to_pixels(raw, self.image_size, self.mean, self.std)}

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
+
+from service.cli.common import UsageError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,15 +32,41 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     enc.add_argument(
         "--no-encoders", dest="encoders", action="store_false", help="keep packaged encoders fp32"
     )
+    p.add_argument(
+        "--calibrate",
+        nargs="+",
+        metavar="PATH",
+        help="int8: recalibrate the image encoder's static INT8 convolutions on these images or folders "
+        "(a few hundred like the ones you index; default: the shipped calibration)",
+    )
     p.set_defaults(func=run)
+
+
+def _images(paths: list[str]) -> list[Path]:
+    """Image files among ``paths``, folders searched recursively; a one-line error when there are none."""
+    from mm.media import IMAGE_EXTS
+
+    found: list[Path] = []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            found += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTS and f.is_file())
+        elif p.is_file():
+            found.append(p)
+        else:
+            raise UsageError(f"--calibrate: no such file or folder: {raw}")
+    if not found:
+        raise UsageError("--calibrate: no image files found")
+    return found
 
 
 def run(args: argparse.Namespace) -> int:
     from mm.model import default_model_name
     from mm.quantize import checkpoint_size_mb, quantize_checkpoint
 
+    images = _images(args.calibrate) if args.calibrate else None
     out, spec = quantize_checkpoint(
-        args.model or default_model_name(), args.mode, args.out, args.group_size, args.encoders
+        args.model or default_model_name(), args.mode, args.out, args.group_size, args.encoders, images
     )
     print(
         json.dumps(
