@@ -276,8 +276,7 @@ def _quantize_frozen_convs(model: nn.Module, calibration: dict[str, Any] | None)
 
 def calibrate_convs(model: nn.Module, images: list[str | Path]) -> dict[str, Any]:
     """Calibrate the image encoder's static INT8 convolutions on ``images`` (files like those to index)."""
-    encoders = getattr(model, "encoders", {})
-    enc = encoders["image"] if "image" in encoders else None
+    enc = dict(getattr(model, "encoders", {}).items()).get("image")
     if enc is None or not hasattr(enc, "calibrate_convs"):
         raise ValueError("this model's image encoder has no static INT8 convolutions to calibrate")
     if not images:
