@@ -44,6 +44,8 @@ def test_same_padding_by_grown_kernel_is_exact(kernel, size):
         w = q._grow(conv.weight, parity)
         got = F.conv2d(x, w, conv.bias, stride=2, padding=q._padding(parity), groups=4)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="strides 1 and 2"):
+        Int8Conv2d(SameConv2d(4, 4, kernel, stride=3, groups=4, bias=True), (-1.0, 1.0), relu6=False)
 
 
 def test_int8_conv_matches_float_and_fuses_relu6():

@@ -86,6 +86,8 @@ class Int8Conv2d(nn.Module):
         self.scale, self.zero_point = _qparams(*out_range)
         self.kernel, self.stride = conv.kernel_size, conv.stride
         self.same = isinstance(conv, SameConv2d)
+        if self.same and max(self.stride) > 2:
+            raise ValueError("Int8Conv2d supports SAME padding for strides 1 and 2 only")
         w = conv.weight.detach().float()  # (C_out, C_in / groups, kh, kw)
         scales = w.abs().amax(dim=(1, 2, 3)).clamp_min(1e-8) / 127.0  # (C_out,)
         bias = conv.bias.detach().float().clone()  # (C_out,)
@@ -123,8 +125,6 @@ class Int8Conv2d(nn.Module):
         return out
 
     def forward(self, x: Tensor) -> Tensor:  # quint8 (B, C_in, H, W) -> quint8 (B, C_out, H', W')
-        if self.same and max(self.stride) > 2:
-            raise ValueError("Int8Conv2d supports SAME padding for strides 1 and 2 only")
         key = (x.shape[-2] % 2, x.shape[-1] % 2) if self.same else None
         op = torch.ops.quantized.conv2d_relu if self.relu6 else torch.ops.quantized.conv2d
         return op(x, self._packed[key], self.scale, self.zero_point)
