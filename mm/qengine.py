@@ -20,6 +20,7 @@ from collections.abc import Iterator
 import torch
 
 ONEDNN = "onednn"
+ONEDNN_MIN_ROWS = 256  # dynamic linears with fewer rows run on the default engine (lower fixed cost)
 _lock = threading.Lock()
 
 
@@ -27,14 +28,6 @@ _lock = threading.Lock()
 def onednn_available() -> bool:
     """Whether this torch build has oneDNN's quantized kernels (x86 builds do)."""
     return ONEDNN in torch.backends.quantized.supported_engines
-
-
-ONEDNN_MIN_ROWS = 256  # dynamic linears with fewer rows run on the default engine (lower fixed cost)
-
-
-def packing_engine() -> str:
-    """The engine int8 weights are packed for: oneDNN where available, else the build's default."""
-    return ONEDNN if onednn_available() else default_engine()
 
 
 @functools.cache
@@ -50,15 +43,15 @@ def linear_engine(rows: int) -> str:
 
 def linear_engines() -> tuple[str, ...]:
     """Every engine :func:`linear_engine` may pick here."""
-    return tuple(dict.fromkeys((default_engine(), ONEDNN if onednn_available() else default_engine())))
+    return tuple(dict.fromkeys((linear_engine(0), linear_engine(ONEDNN_MIN_ROWS))))
 
 
 @contextlib.contextmanager
-def engine(name: str | None = None) -> Iterator[None]:
-    """Pack weights for ``name`` (default: :func:`packing_engine`) inside the block; restores the old one."""
+def engine(name: str) -> Iterator[None]:
+    """Pack weights for engine ``name`` inside the block; restores the previous engine after it."""
     with _lock:
         old = torch.backends.quantized.engine
-        torch.backends.quantized.engine = name or packing_engine()
+        torch.backends.quantized.engine = name
         try:
             yield
         finally:

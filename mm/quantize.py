@@ -91,6 +91,11 @@ class QuantSpec:
         return self.mode == "int8" if self.encoders is None else self.encoders
 
     @property
+    def static_convs(self) -> bool:
+        """Whether frozen encoders' convolutions run in static INT8 (int8 with quantized encoders)."""
+        return self.mode == "int8" and self.quantize_encoders
+
+    @property
     def fp16_residuals(self) -> bool:
         return self.mode == "int4" if self.residual_fp16 is None else self.residual_fp16
 
@@ -142,6 +147,17 @@ def full_range_exact() -> bool:
     return True
 
 
+def per_channel_int8(w: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 codes of ``w`` (N, ...) with one scale per output channel (dim 0): codes, scales (N,).
+
+    ``codes * scales`` (broadcast over the trailing dims) is the weight the int8 kernels compute with.
+    """
+    w = w.float()
+    scale = w.abs().amax(dim=tuple(range(1, w.dim()))).clamp_min(1e-8) / 127.0  # (N,)
+    view = scale.view(-1, *([1] * (w.dim() - 1)))
+    return torch.round(w / view).clamp(-127, 127).to(torch.int8), scale
+
+
 class Int8Linear(nn.Module):
     """A frozen ``nn.Linear`` with per-channel symmetric int8 weights and dynamically quantised inputs."""
 
@@ -161,10 +177,7 @@ class Int8Linear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
         mod = cls(linear.in_features, linear.out_features, linear.bias is not None)
-        w = linear.weight.detach().float()  # (N, K)
-        scale = w.abs().amax(dim=1).clamp_min(1e-8) / 127.0  # (N,)
-        mod.qweight = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
-        mod.scale = scale
+        mod.qweight, mod.scale = per_channel_int8(linear.weight.detach())
         if linear.bias is not None:
             mod.bias = linear.bias.detach().float().clone()
         return mod
@@ -251,11 +264,7 @@ def quantize_model(model: nn.Module, spec: QuantSpec) -> QuantSpec:
         else:
             new = Int4Linear.from_linear(lin, spec.group_size)
         setattr(parent, child, new)
-    convs = (
-        _quantize_frozen_convs(model, spec.calibration)
-        if spec.mode == "int8" and spec.quantize_encoders
-        else []
-    )
+    convs = _quantize_frozen_convs(model, spec.calibration) if spec.static_convs else []
     if names or convs:
         model.requires_grad_(False)  # a quantized model is for inference (or a frozen QLoRA base)
     log.info(
@@ -346,7 +355,7 @@ def quantize_checkpoint(
     from mm.model import create_model, resolve
 
     spec = QuantSpec(mode=mode, group_size=group_size, encoders=encoders)  # type: ignore[arg-type]
-    if calibration_images and not (spec.mode == "int8" and spec.quantize_encoders):
+    if calibration_images and not spec.static_convs:
         raise ValueError("calibration images are for int8 with quantized encoders (static INT8 convolutions)")
     ckpt = resolve(model)[1]
     if ckpt is not None and read_spec(ckpt) is not None:

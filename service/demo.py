@@ -141,25 +141,27 @@ def run_examples(collection: Any, embedder: Any, exs: list[Example], k: int = 3)
     return out
 
 
-def _reembed_if_stale(coll_dir: Path, embedder: Any, progress: bool) -> None:
-    """The demo's collection is derived data: after a model update, re-embed it instead of refusing it."""
-    from index.collection import Collection
+def _open_collection(coll_dir: Path, embedder: Any, progress: bool) -> Any:
+    """The demo's collection, created when missing. It is derived data: after a model update it is
+    re-embedded instead of refused (a model of another width still fails, with reembed's message)."""
+    from index.collection import META_FILE, Collection
     from service.reembed import reembed
 
-    if not (coll_dir / "collection.json").exists():
-        return
+    if not (coll_dir / META_FILE).exists():
+        return Collection.create(coll_dir, dim=embedder.dim, embedder_id=embedder.model_id)
     coll = Collection.open(coll_dir)
-    try:
-        if coll.embedder_id != embedder.model_id and coll.dim == embedder.dim:
-            log.info("the model changed since %s was indexed: re-embedding it", coll_dir)
+    if coll.embedder_id != embedder.model_id:
+        log.info("the model changed since %s was indexed: re-embedding it", coll_dir)
+        try:
             reembed(coll, embedder, progress=progress)
-    finally:
-        coll.close()
+        except BaseException:
+            coll.close()
+            raise
+    return coll
 
 
 def prepare(work: Path, model: str | None = None, progress: bool = True) -> dict[str, Any]:
     """Corpus, library and collection under ``work`` (reused when present). Returns a summary."""
-    from index.collection import Collection
     from index.ingest import ingest
     from mm.model import create_model, default_model_name
     from service.samples import build_corpus
@@ -170,8 +172,7 @@ def prepare(work: Path, model: str | None = None, progress: bool = True) -> dict
         build_corpus(corpus, progress=progress)
     build_library(corpus, library)
     embedder = create_model(model or default_model_name())
-    _reembed_if_stale(coll_dir, embedder, progress)
-    coll = Collection.open_or_create(coll_dir, dim=embedder.dim, embedder_id=embedder.model_id)
+    coll = _open_collection(coll_dir, embedder, progress)
     report = ingest(coll, embedder, [library], progress=progress)
     return {"collection": coll, "embedder": embedder, "report": report}
 

@@ -74,16 +74,18 @@ def test_depthwise_bias_correction_removes_the_mean_shift():
     with torch.no_grad():
         ref = conv(x)[..., 1:-1, 1:-1]
         scales = conv.weight.abs().amax(dim=(1, 2, 3)) / 127
-        wq = torch.round(conv.weight / scales[:, None, None, None]) * scales[:, None, None, None]
+        codes = torch.round(conv.weight / scales[:, None, None, None]).to(torch.int8)
+        wq = codes.float() * scales[:, None, None, None]
         from mm.encoders.efficientnet_int8 import _weight_error_shift
 
-        shift = _weight_error_shift(conv.weight, scales, mean, groups=6)
+        shift = _weight_error_shift(conv.weight, codes, scales, mean, groups=6)
         got = F.conv2d(x, wq, conv.bias - shift, padding=1, groups=6)[..., 1:-1, 1:-1]
         uncorrected = F.conv2d(x, wq, conv.bias, padding=1, groups=6)[..., 1:-1, 1:-1]
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
     assert (uncorrected - ref).abs().max() > 1e-4  # there was a shift to correct
     with pytest.raises(ValueError, match="depthwise"):
-        _weight_error_shift(torch.zeros(4, 2, 3, 3), torch.ones(4), torch.zeros(4), groups=2)
+        w = torch.zeros(4, 2, 3, 3)
+        _weight_error_shift(w, w.to(torch.int8), torch.ones(4), torch.zeros(4), groups=2)
 
 
 def _smooth_images(n: int, size: int, seed: int) -> torch.Tensor:

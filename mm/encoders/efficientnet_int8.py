@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from mm.encoders.efficientnet_lite import EfficientNetLite, MBConv, SameConv2d
 from mm.qengine import ONEDNN, engine, onednn_available
+from mm.quantize import per_channel_int8
 
 log = logging.getLogger(__name__)
 
@@ -89,24 +90,24 @@ class Int8Conv2d(nn.Module):
         if self.same and max(self.stride) > 2:
             raise ValueError("Int8Conv2d supports SAME padding for strides 1 and 2 only")
         w = conv.weight.detach().float()  # (C_out, C_in / groups, kh, kw)
-        scales = w.abs().amax(dim=(1, 2, 3)).clamp_min(1e-8) / 127.0  # (C_out,)
+        codes, scales = per_channel_int8(w)  # (C_out, C_in / groups, kh, kw) int8, (C_out,)
         bias = conv.bias.detach().float().clone()  # (C_out,)
         if input_mean is not None:
-            bias -= _weight_error_shift(w, scales, input_mean, conv.groups)
+            bias -= _weight_error_shift(w, codes, scales, input_mean, conv.groups)
         with engine(ONEDNN), torch.inference_mode(False), torch.no_grad():
             if self.same:
                 self._packed = {
                     parity: self._pack(
-                        self._grow(w, parity), bias, scales, self._padding(parity), conv.groups
+                        self._grow(codes, parity), bias, scales, self._padding(parity), conv.groups
                     )
                     for parity in ((0, 0), (0, 1), (1, 0), (1, 1))
                 }
             else:
-                self._packed = {None: self._pack(w, bias, scales, conv.padding, conv.groups)}
+                self._packed = {None: self._pack(codes, bias, scales, conv.padding, conv.groups)}
 
-    def _pack(self, w: Tensor, bias: Tensor, scales: Tensor, padding, groups: int):
+    def _pack(self, codes: Tensor, bias: Tensor, scales: Tensor, padding, groups: int):
         zeros = torch.zeros(len(scales), dtype=torch.long)
-        qw = torch.quantize_per_channel(w, scales.double(), zeros, 0, torch.qint8)
+        qw = torch._make_per_channel_quantized_tensor(codes, scales.double(), zeros, 0)
         return torch.ops.quantized.conv2d_prepack(qw, bias, list(self.stride), list(padding), [1, 1], groups)
 
     def _pads(self, parity: tuple[int, int]) -> list[tuple[int, int]]:
@@ -177,11 +178,11 @@ class Int8EfficientNetFeatures(nn.Module):
         return self.head(q).dequantize()
 
 
-def _weight_error_shift(w: Tensor, scales: Tensor, input_mean: Tensor, groups: int) -> Tensor:
-    """(C_out,) mean output shift the int8 rounding of a depthwise ``w`` causes: (W_q - W) . E[x]."""
+def _weight_error_shift(w: Tensor, codes: Tensor, scales: Tensor, input_mean: Tensor, groups: int) -> Tensor:
+    """(C_out,) mean output shift the int8 ``codes * scales`` of a depthwise ``w`` cause: (W_q - W) . E[x]."""
     if groups != w.shape[0] or w.shape[1] != 1 or input_mean.shape != (w.shape[0],):
         raise ValueError("bias correction is implemented for depthwise convs (one input channel each)")
-    q = torch.round(w / scales[:, None, None, None]).clamp(-127, 127) * scales[:, None, None, None]
+    q = codes.float() * scales[:, None, None, None]
     return (q - w).sum(dim=(1, 2, 3)) * input_mean.float()
 
 
