@@ -61,6 +61,7 @@ from mm.quantize import (  # noqa: E402
     quantize_model,
     save_quantized,
 )
+from mm.runtime import tune_allocator  # noqa: E402
 from mm.train import load_rows  # noqa: E402
 
 log = logging.getLogger("bench_quant")
@@ -171,9 +172,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5, help="timing rounds (medians are reported)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--glibc-malloc",
+        action="store_true",
+        help="keep glibc's allocator defaults (what mm does: see mm.runtime)",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
+    allocator_tuned = False if args.glibc_malloc else tune_allocator()
     model = args.model or default_model_name()
 
     rows = load_rows(args.manifest, args.split)
@@ -181,7 +188,12 @@ def main(argv: list[str] | None = None) -> dict:
         rng = np.random.default_rng(0)
         rows = [rows[i] for i in sorted(rng.choice(len(rows), min(args.limit, len(rows)), replace=False))]
     items, _ = galleries(rows)
-    out: dict[str, Any] = {"model": model, "rows": len(rows), "threads": args.threads}
+    out: dict[str, Any] = {
+        "model": model,
+        "rows": len(rows),
+        "threads": args.threads,
+        "allocator_tuned": allocator_tuned,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         embs, ckpts = {}, {}
         for mode in MODES:

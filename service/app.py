@@ -36,9 +36,11 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        from mm.runtime import tune_allocator
         from service.embedding import load_embedder
         from service.store import open_collection
 
+        tune_allocator()
         emb = embedder if embedder is not None else load_embedder(settings.model, settings.adapter)
         collection = open_collection(
             settings.collection, emb, create=True, memory_budget_mb=settings.memory_budget_mb

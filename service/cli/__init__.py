@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    from mm.runtime import tune_allocator
+
+    tune_allocator()
     try:
         return int(args.func(args) or 0)
     except UsageError as exc:
