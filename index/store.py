@@ -43,6 +43,8 @@ CREATE INDEX IF NOT EXISTS items_uri ON items(uri);
 CREATE INDEX IF NOT EXISTS items_sha256 ON items(sha256);
 CREATE INDEX IF NOT EXISTS items_modality ON items(modality);
 CREATE INDEX IF NOT EXISTS items_created ON items(created_at);
+-- counts and id lists of items with vectors read this small index, not every row's 1.5 KB vector
+CREATE INDEX IF NOT EXISTS items_with_vector ON items(modality) WHERE vector IS NOT NULL;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
