@@ -6,9 +6,9 @@ A forward pass over a batch of images allocates and frees activations of tens to
 page: one EfficientNet-Lite0 batch of 32 images took ~10,000 minor page faults per image and spent a
 third of its CPU time in the kernel. :func:`tune_allocator` raises the mmap threshold and the heap-trim
 threshold to :data:`KEEP_BYTES`, so freed blocks below that stay in the heap and are reused without
-faults (image encoding 1.6x faster on the 2-core reference machine; see ``docs/results.md``). The cost
-is that the heap keeps up to ``KEEP_BYTES`` of freed memory instead of returning it to the system, the
-trade every arena allocator (jemalloc, tcmalloc) makes. Set ``MM_TUNE_MALLOC=0`` to keep glibc's defaults.
+faults (image encoding 1.4-1.7x faster on the 2-core reference machine; see ``docs/results.md``). The
+cost is that the heap keeps up to ``KEEP_BYTES`` of freed memory instead of returning it to the system,
+as jemalloc and tcmalloc also do. Set ``MM_TUNE_MALLOC=0`` to keep glibc's defaults.
 
 Only glibc is tuned; on other C libraries the call does nothing.
 """
