@@ -357,11 +357,13 @@ def test_counts_read_the_vector_index_and_stay_right(tmp_path):
         assert c.count() == 27
         assert {m: c.count(m) for m in ("image", "audio", "text")} == {"image": 9, "audio": 9, "text": 9}
         assert c.stats()["by_modality"] == {"image": 9, "audio": 9, "text": 9}
+        assert c.store.all_ids().tolist() == sorted(ids[3:])
         plans = [
             " ".join(str(r[-1]) for r in c.store.conn.execute("EXPLAIN QUERY PLAN " + sql, args))
             for sql, args in (
                 ("SELECT COUNT(*) FROM items WHERE vector IS NOT NULL", ()),
                 ("SELECT COUNT(*) FROM items WHERE vector IS NOT NULL AND modality = ?", ("image",)),
+                ("SELECT id FROM items WHERE vector IS NOT NULL", ()),  # all_ids
             )
         ]
         assert all("items_with_vector" in p for p in plans), plans
