@@ -127,22 +127,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for_server(port: int, proc: subprocess.Popen, timeout_s: float = 120.0) -> HTTPConnection:
-    """A connected keep-alive client once ``GET /health`` answers 200; raises if the server died."""
+def wait_for_server(port: int, proc: subprocess.Popen, timeout_s: float = 120.0) -> None:
+    """Return once ``GET /health`` answers 200; raises if the server died or never answered."""
     deadline = time.monotonic() + timeout_s
     while True:
+        client = HTTPConnection("127.0.0.1", port, timeout=30)
         try:
-            client = HTTPConnection("127.0.0.1", port, timeout=30)
-            client.connect()
-            # no Nagle: a request must not wait for a delayed ACK of the previous one
-            client.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             client.request("GET", "/health")
             resp = client.getresponse()
             resp.read()
             if resp.status == 200:
-                return client
+                return
         except OSError:
             pass
+        finally:
+            client.close()
         if proc.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"server did not start: {proc.stderr.read().decode()[-2000:]}")
         time.sleep(0.2)
@@ -233,7 +232,7 @@ def bench_http(base: np.ndarray, queries: np.ndarray, k: int, n_requests: int, s
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
         try:
-            wait_for_server(port, proc).close()
+            wait_for_server(port, proc)
             client = RawClient(port)
             bodies = [json.dumps({"vector": q.tolist(), "k": k}).encode() for q in queries[:n_requests]]
             for body in bodies[:20]:  # warm up (thread pool, caches)
