@@ -3,7 +3,8 @@
 The lifespan loads the embedder and opens (or creates) the collection into ``app.state``; routes get
 them through ``service.deps``. Every route but ``/health`` needs an API key when ``MM_API_KEYS`` is set.
 Request bodies larger than ``MM_MAX_UPLOAD_MB`` are refused with 413 while they are read
-(``service.limits``).
+(``service.limits``). ``POST /search`` is answered in front of the framework where it can be
+(``service.fastpath``).
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
 from fastapi import Depends, FastAPI
+from starlette.types import Receive, Scope, Send
 
 from service.auth import require_api_key
 from service.body import register_models
 from service.errors import install_error_handlers
+from service.fastpath import SearchFastPath
 from service.jobs import JobManager
 from service.limits import BodyLimitMiddleware
 from service.metrics import Metrics, MetricsMiddleware
@@ -28,6 +31,19 @@ if TYPE_CHECKING:
     from index.protocol import Embedder
 
 log = logging.getLogger(__name__)
+
+
+class ServiceApp(FastAPI):
+    """FastAPI with :class:`service.fastpath.SearchFastPath` in front of it (``create_app`` sets it)."""
+
+    fast_search: SearchFastPath | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        fast = self.fast_search
+        if fast is not None and fast.handles(scope):
+            await fast(scope, receive, send, super().__call__)
+        else:
+            await super().__call__(scope, receive, send)
 
 
 def create_app(settings: Settings | None = None, *, embedder: Embedder | None = None) -> FastAPI:
@@ -57,7 +73,7 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
 
     from service.routers import generate, health, ingest, items, metrics, openai_compat, search, web, ws
 
-    app = FastAPI(
+    app = ServiceApp(
         title="mm",
         summary="Multimodal retrieval: any-to-any search over text, images and audio",
         version="0.1.0",
@@ -89,4 +105,5 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
             allow_headers=["Authorization", "X-API-Key", "Content-Type", "Range"],
         )
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)  # outermost: times every answer
+    app.fast_search = SearchFastPath(app)  # POST /search in front of all of the above (it falls back to it)
     return app

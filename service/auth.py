@@ -18,7 +18,7 @@ _bearer = HTTPBearer(auto_error=False, description="API key as a bearer token")
 _header = APIKeyHeader(name="X-API-Key", auto_error=False, description="API key")
 
 
-def _valid(key: str | None, keys: list[str]) -> bool:
+def key_matches(key: str | None, keys: list[str]) -> bool:
     if not key:
         return False
     # compare against every key so timing does not reveal which one almost matched
@@ -34,7 +34,7 @@ async def require_api_key(
     keys = request.app.state.settings.api_keys
     if not keys:
         return
-    if _valid(bearer.credentials if bearer else None, keys) or _valid(header_key, keys):
+    if key_matches(bearer.credentials if bearer else None, keys) or key_matches(header_key, keys):
         return
     raise APIError(
         401,

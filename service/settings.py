@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     openai_model: str = "gpt-4o-mini"
     openai_timeout: float = Field(30.0, gt=0)  # seconds
     gguf_path: Path | None = None  # gguf backend: model file (needs llama-cpp-python)
+    fast_search: bool = True  # answer POST /search in front of the framework (service.fastpath)
     adapter: Path | None = None  # LoRA adapter directory (from `mm finetune`) merged into the model at start
 
     @field_validator("allowed_roots", "api_keys", "cors_origins", mode="before")

@@ -1,4 +1,5 @@
-"""The /search hot path: LeanRoute, the pydantic-core JSON answer, the vector check, metrics, row reads."""
+"""The /search hot path: the fast path in front of the app, LeanRoute, the pydantic-core JSON answer,
+the vector check, metrics, row reads."""
 
 from __future__ import annotations
 
@@ -80,7 +81,11 @@ def test_search_with_keys_keeps_the_key_check(tmp_path, solved):
         assert c.post("/search", json={"query": "red apples"}, headers={"X-API-Key": "no"}).status_code == 401
         ok = c.post("/search", json={"query": "red apples", "k": 1}, headers=key)
         assert ok.status_code == 200 and ok.json()["results"][0]["id"] == ids[0]
-        assert solved.count("/search") == 3  # the dependency (the key check) ran for each
+        assert solved.count("/search") == 2  # the app's key check refused both; the fast path took the third
+        c.app.fast_search.enabled = False
+        ok = c.post("/search", json={"query": "red apples", "k": 1}, headers={"Authorization": "Bearer k1"})
+        assert ok.status_code == 200 and ok.json()["results"][0]["id"] == ids[0]
+        assert solved.count("/search") == 3  # without the fast path the dependency (the key check) runs
 
 
 def test_openapi_keeps_the_search_operation(tmp_path):
@@ -182,3 +187,97 @@ def test_rows_read_fresh_after_writes(tmp_path):
             reader.close()
     finally:
         coll.close()
+
+
+@pytest.fixture()
+def full_app(monkeypatch) -> list[str]:
+    """Paths of the requests that reached the full FastAPI app (not answered by the fast path)."""
+    calls: list[str] = []
+    real = FastAPI.__call__
+
+    async def counting(self, scope, receive, send):
+        if scope["type"] == "http":
+            calls.append(scope["path"])
+        await real(self, scope, receive, send)
+
+    monkeypatch.setattr(FastAPI, "__call__", counting)
+    return calls
+
+
+def _without_time(resp) -> tuple[int, dict]:
+    body = resp.json()
+    body.pop("took_ms", None)
+    return resp.status_code, body
+
+
+def test_fast_path_answers_as_the_route_does(tmp_path, full_app):
+    with _client(tmp_path) as c:
+        ids = _add_texts(c)
+        vec = FakeEmbedder().encode_text(["a blue sky"])[0].tolist()
+        bodies = [
+            {"query": "red apples", "k": 3},
+            {"query": "red", "k": 2, "offset": 1, "modalities": ["text"], "filters": {"tags": ["t"]}},
+            {"vector": vec, "k": 4},
+            {"item_id": ids[0], "k": 2},
+            {"query": "red", "filters": {"tags": ["absent"]}},
+        ]
+        full_app.clear()
+        fast = [_without_time(c.post("/search", json=b)) for b in bodies]
+        assert full_app == []  # all answered in front of the app
+        metrics = c.get("/metrics").text
+        assert 'route="/search",status="200"} 5.0' in metrics
+        c.app.fast_search.enabled = False
+        full_app.clear()
+        slow = [_without_time(c.post("/search", json=b)) for b in bodies]
+        assert full_app == ["/search"] * len(bodies)
+    assert fast == slow
+    assert [r["id"] for r in fast[0][1]["results"]][:1] == [ids[0]] and fast[4][1]["results"] == []
+    assert ids[0] not in [r["id"] for r in fast[3][1]["results"]]  # more-like-this excludes the item
+
+
+def test_fast_path_hands_failures_to_the_app(tmp_path, full_app):
+    bad = [
+        b'{"query": "x", "k": "many"}',  # 422 field
+        b'{"query": "x", "surprise": 1}',  # 422 extra field
+        b'{"query": "x"',  # 422 malformed JSON
+        b'{"item_id": 999999}',  # 404
+        b'{"vector": [1.0, 2.0]}',  # 422 wrong dimension
+        b'{"query": "x", "filters": {"since": "not a date"}}',  # 422 filter
+    ]
+
+    def answers(c: TestClient) -> list[tuple[int, dict]]:
+        replies = [c.post("/search", content=b, headers={"content-type": "application/json"}) for b in bad]
+        return [(r.status_code, r.json()) for r in replies]
+
+    with _client(tmp_path) as c:
+        _add_texts(c)
+        full_app.clear()
+        fast = answers(c)
+        assert full_app == ["/search"] * len(bad)  # each handed over, with its body replayed
+        c.app.fast_search.enabled = False
+        slow = answers(c)
+        metrics = c.get("/metrics").text
+    assert fast == slow
+    assert [status for status, _ in fast] == [422, 422, 422, 404, 422, 422]
+    assert all(body["error"]["code"] in ("validation_error", "not_found") for _, body in fast)
+    assert 'route="/search",status="404"} 2.0' in metrics and 'route="/search",status="422"} 10.0' in metrics
+
+
+def test_fast_path_leaves_what_it_cannot_take_to_the_app(tmp_path, full_app):
+    with _client(tmp_path, max_upload_mb=0.001) as c:  # a 1,048-byte body limit
+        ids = _add_texts(c)
+        full_app.clear()
+        chunked = c.post("/search", content=iter([b'{"query": ', b'"red apples", "k": 1}']))
+        assert chunked.status_code == 200 and chunked.json()["results"][0]["id"] == ids[0]
+        big = c.post("/search", json={"query": "red " * 400})
+        assert big.status_code == 413 and big.json()["error"]["code"] == "payload_too_large"
+        assert full_app == ["/search", "/search"]
+    with _client(tmp_path, fast_search=False) as c:  # MM_FAST_SEARCH=false
+        full_app.clear()
+        assert c.post("/search", json={"query": "red apples", "k": 1}).status_code == 200
+        assert full_app == ["/search"]
+    with _client(tmp_path, cors_origins=["http://example.org"]) as c:  # CORS headers come from the app
+        full_app.clear()
+        resp = c.post("/search", json={"query": "red", "k": 1}, headers={"Origin": "http://example.org"})
+        assert resp.status_code == 200 and resp.headers["access-control-allow-origin"] == "http://example.org"
+        assert full_app == ["/search"]

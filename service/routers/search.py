@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import tempfile
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
@@ -43,21 +43,13 @@ def _respond(collection, vector, query, *, k, offset, **filter_kw) -> FastJSONRe
     return FastJSONResponse(body)
 
 
-@router.post(
-    "/search",
-    response_model=SearchResponse,
-    responses=error_responses(401, 404, 422),
-    openapi_extra=json_body_doc(SearchRequest),
-)
-async def search_json(request: Request) -> FastJSONResponse:
-    """Search by text, by an existing item (more-like-this, the item excluded) or by a raw vector.
+async def answer_search(state: Any, req: SearchRequest) -> FastJSONResponse:
+    """The answer to ``req`` over ``state.collection`` with ``state.embedder`` (an app's ``state``).
 
-    The body is a :class:`SearchRequest`. The hottest route parses it in one pass with pydantic-core
-    and reads the app's objects directly: FastAPI's own body parsing and per-request dependency
-    resolution cost more than the FAISS search of a small collection.
+    Raises :class:`APIError` (404 unknown item, 422 a query or filter that cannot be used). Shared by the
+    route below and :mod:`service.fastpath`, so both answer alike.
     """
-    req = await parse_json(request, SearchRequest)
-    collection, embedder = request.app.state.collection, request.app.state.embedder
+    collection, embedder = state.collection, state.embedder
     # Only the model runs in the thread pool; a FAISS search takes well under a millisecond, less than
     # the two thread hand-offs it would cost, so it runs on the event loop.
     embed = functools.partial(
@@ -83,6 +75,24 @@ async def search_json(request: Request) -> FastJSONResponse:
         until=f.until if f else None,
         exclude_ids=[req.item_id] if req.item_id is not None else None,
     )
+
+
+@router.post(
+    "/search",
+    response_model=SearchResponse,
+    responses=error_responses(401, 404, 422),
+    openapi_extra=json_body_doc(SearchRequest),
+)
+async def search_json(request: Request) -> FastJSONResponse:
+    """Search by text, by an existing item (more-like-this, the item excluded) or by a raw vector.
+
+    The body is a :class:`SearchRequest`. The hottest route parses it in one pass with pydantic-core
+    and reads the app's objects directly: FastAPI's own body parsing and per-request dependency
+    resolution cost more than the FAISS search of a small collection. Most requests do not even get
+    here: :mod:`service.fastpath` answers them in front of the framework, through the same
+    :func:`answer_search`.
+    """
+    return await answer_search(request.app.state, await parse_json(request, SearchRequest))
 
 
 @router.post("/search/upload", response_model=SearchResponse, responses=error_responses(401, 413, 415, 422))

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
 from mm.errors import MediaError
-from service.auth import _valid
+from service.auth import key_matches
 from service.generation import GeneratorUnavailable
 from service.routers.generate import Backend, find_hits, start_answer
 from service.schemas import Modality
@@ -72,7 +72,8 @@ def _authorised(ws: WebSocket, keys: list[str]) -> bool:
         return True
     auth = ws.headers.get("authorization", "")
     bearer = auth[7:].strip() if auth.lower().startswith("bearer ") else None
-    return any(_valid(k, keys) for k in (ws.query_params.get("api_key"), ws.headers.get("x-api-key"), bearer))
+    given = (ws.query_params.get("api_key"), ws.headers.get("x-api-key"), bearer)
+    return any(key_matches(k, keys) for k in given)
 
 
 class Connection:
