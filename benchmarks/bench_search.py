@@ -22,7 +22,12 @@ slowdown and ``p50_gap_served_ms`` (HTTP minus the served search) is what the HT
 Targets: HNSW recall_at_10 >= 0.95, HTTP p50 <= in-process p50 + 1 ms (``p50_ok``), HTTP p99 <= 2 x
 in-process p99 + 2 ms.
 
-Usage: ``python benchmarks/bench_search.py [--n 100000 --dim 384] [--quick]``; the last line is JSON.
+``--ab-fast-path`` also starts a server with ``MM_FAST_SEARCH=false`` (every search through the whole
+framework, see ``service.fastpath``); the two take turns in chunks of the requests and the JSON gains
+``http.fast_path_off`` with its figures and ``p50_ratio_on_off``.
+
+Usage: ``python benchmarks/bench_search.py [--n 100000 --dim 384] [--quick] [--ab-fast-path]``; the last
+line is JSON.
 """
 
 from __future__ import annotations
@@ -108,7 +113,7 @@ class VectorsOnly:
     encode_text = encode_image = encode_audio = _no
 
 
-def serve(collection: str, port: int, dim: int) -> None:
+def serve(collection: str, port: int, dim: int, fast_search: bool = True) -> None:
     """Subprocess entry: the real app over ``collection`` on 127.0.0.1:``port``."""
     import faiss
     import uvicorn
@@ -117,7 +122,8 @@ def serve(collection: str, port: int, dim: int) -> None:
     from service.app import create_app
     from service.settings import Settings
 
-    app = create_app(Settings(collection=Path(collection)), embedder=VectorsOnly(dim))
+    settings = Settings(collection=Path(collection), fast_search=fast_search)
+    app = create_app(settings, embedder=VectorsOnly(dim))
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
@@ -208,7 +214,55 @@ def inprocess_times(path: Path, queries: np.ndarray, k: int) -> list[float]:
     return times
 
 
-def bench_http(base: np.ndarray, queries: np.ndarray, k: int, n_requests: int, spec: str) -> dict:
+def http_times(
+    path: Path, dim: int, bodies: list[bytes], k: int, modes: tuple[bool, ...], rounds: int = 6
+) -> dict[bool, tuple[list[float], list[float]]]:
+    """Per fast-path mode (``MM_FAST_SEARCH``): seconds per HTTP request, and per search inside the server.
+
+    One server per mode, all running at once; with two modes the requests go in ``rounds`` chunks,
+    each chunk to each server in turn (the order alternating), so both see the same machine.
+    """
+    procs, clients = {}, {}
+    try:
+        for mode in modes:
+            port = free_port()
+            cmd = [sys.executable, __file__, "--serve", str(path), "--port", str(port), "--dim", str(dim)]
+            cmd += [] if mode else ["--serve-without-fast-path"]
+            env = {**os.environ, "OMP_NUM_THREADS": "1"}
+            procs[mode] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+        for mode, proc in procs.items():
+            wait_for_server(port_of(proc), proc)
+            clients[mode] = RawClient(port_of(proc))
+            for body in bodies[:20]:  # warm up (caches, first-call paths)
+                clients[mode].post_json("/search", body)
+        out: dict[bool, tuple[list[float], list[float]]] = {mode: ([], []) for mode in modes}
+        n_chunks = rounds if len(modes) > 1 else 1
+        chunks = [bodies[i::n_chunks] for i in range(n_chunks)]
+        for r, chunk in enumerate(chunks):
+            for mode in modes[r % len(modes) :] + modes[: r % len(modes)]:
+                times, served = out[mode]
+                for body in chunk:
+                    t = time.perf_counter()
+                    status, answer = clients[mode].post_json("/search", body)
+                    times.append(time.perf_counter() - t)
+                    assert status == 200 and len(answer["results"]) == k, answer
+                    served.append(answer["took_ms"] / 1000.0)  # the search alone, timed inside the server
+        return out
+    finally:
+        for client in clients.values():
+            client.close()
+        for proc in procs.values():
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
+def port_of(proc: subprocess.Popen) -> int:
+    return int(proc.args[proc.args.index("--port") + 1])
+
+
+def bench_http(
+    base: np.ndarray, queries: np.ndarray, k: int, n_requests: int, spec: str, ab_fast_path: bool = False
+) -> dict:
     from index.collection import Collection
     from index.types import Item
 
@@ -227,30 +281,13 @@ def bench_http(base: np.ndarray, queries: np.ndarray, k: int, n_requests: int, s
         in_times = inprocess_times(path, queries[:n_requests], k)
         in_p50, in_p99 = percentiles(in_times)
 
-        port = free_port()
-        cmd = [sys.executable, __file__, "--serve", str(path), "--port", str(port), "--dim", str(dim)]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-        try:
-            wait_for_server(port, proc)
-            client = RawClient(port)
-            bodies = [json.dumps({"vector": q.tolist(), "k": k}).encode() for q in queries[:n_requests]]
-            for body in bodies[:20]:  # warm up (thread pool, caches)
-                client.post_json("/search", body)
-            times, served = [], []
-            for body in bodies:
-                t = time.perf_counter()
-                status, answer = client.post_json("/search", body)
-                times.append(time.perf_counter() - t)
-                assert status == 200 and len(answer["results"]) == k, answer
-                served.append(answer["took_ms"] / 1000.0)  # the search alone, timed inside the server
-            client.close()
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
-        http_p50, http_p99 = percentiles(times)
-        served_p50, _ = percentiles(served)
-    return {
+        bodies = [json.dumps({"vector": q.tolist(), "k": k}).encode() for q in queries[:n_requests]]
+        modes = (True, False) if ab_fast_path else (True,)
+        runs = http_times(path, dim, bodies, k, modes)
+        times, served = runs[modes[0]]
+    http_p50, http_p99 = percentiles(times)
+    served_p50, _ = percentiles(served)
+    out = {
         "spec": spec,
         "n": len(base),
         "requests": len(times),
@@ -264,6 +301,15 @@ def bench_http(base: np.ndarray, queries: np.ndarray, k: int, n_requests: int, s
         "p50_gap_ms": round(http_p50 - in_p50, 4),
         "p50_gap_served_ms": round(http_p50 - served_p50, 4),
     }
+    if ab_fast_path:
+        off_p50, off_p99 = percentiles(runs[False][0])
+        out["fast_path_off"] = {
+            "http_p50_ms": round(off_p50, 4),
+            "http_p99_ms": round(off_p99, 4),
+            "served_search_p50_ms": round(percentiles(runs[False][1])[0], 4),
+            "p50_ratio_on_off": round(http_p50 / off_p50, 4),
+        }
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -279,10 +325,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="FAISS OpenMP threads (default 1)")
     p.add_argument("--serve", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--ab-fast-path",
+        action="store_true",
+        help="also time a server with MM_FAST_SEARCH=false, the two taking turns (fast_path_off)",
+    )
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--serve-without-fast-path", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.serve:
-        serve(args.serve, args.port, args.dim)
+        serve(args.serve, args.port, args.dim, fast_search=not args.serve_without_fast_path)
         return 0
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.quick:
@@ -324,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     out["hnsw_recall_ok"] = hnsw["recall_at_10"] >= 0.95
     if not args.no_http:
         n_http = min(args.http_n, args.n)
-        http = bench_http(base[:n_http], queries, args.k, args.http_requests, "HNSW32")
+        http = bench_http(base[:n_http], queries, args.k, args.http_requests, "HNSW32", args.ab_fast_path)
         log.info(
             "HTTP (n=%d, %s): in-process p50 %.3f / p99 %.3f ms (inside the server: p50 %.3f ms), "
             "HTTP p50 %.3f / p99 %.3f ms",
