@@ -14,23 +14,28 @@ it reads the body, validates it as a :class:`SearchRequest` and answers through 
 :class:`service.metrics.MetricsMiddleware` does.
 
 Everything else goes to the full app untouched: other requests, requests it does not take (no
-Content-Length, too large, a missing or wrong key: the app answers 413 / 401), and every request that
-fails here. A failed request is handed over with its body replayed, so its error answer (422, 404, a
-500 with its log line) and its metrics come from the app's own handlers, exactly as without the fast
-path; the price is that such a request is validated twice (and a text query that fails after being
-embedded is embedded twice). ``MM_FAST_SEARCH=false`` turns it off.
+Content-Length or a chunked body, too large, a missing or wrong key: the app answers 413 / 401, and
+middleware added to the app after ``create_app``), and every request that fails here. A failed request
+(including a body that grows past the limit, or a client that goes away while it is read) is handed
+over with the messages read so far replayed, so its answer (422, 404, 413, a 500 with its log line) and
+its metrics come from the app's own handlers, exactly as without the fast path; the price is that such
+a request is validated twice (and a text query that fails after being embedded is embedded twice).
+``MM_FAST_SEARCH=false`` turns it off.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
+from starlette._utils import get_route_path
 from starlette.types import Message, Receive, Scope, Send
 
 from service.auth import key_matches
 from service.body import validate
+from service.metrics import STARTED_KEY
 from service.schemas import SearchRequest
 
 if TYPE_CHECKING:
@@ -40,30 +45,31 @@ PATH = "/search"
 ASGICall = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
-def _replay(body: bytes, receive: Receive) -> Receive:
-    """A ``receive`` that gives ``body`` (already read) once, then defers to ``receive`` (disconnects)."""
-    pending = True
+def _replay(messages: list[Message], receive: Receive) -> Receive:
+    """A ``receive`` that gives ``messages`` (already read) again, then defers to ``receive``."""
+    pending = list(messages)
 
     async def replay() -> Message:
-        nonlocal pending
-        if pending:
-            pending = False
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
+        return pending.pop(0) if pending else await receive()
 
     return replay
 
 
-async def _read_body(receive: Receive) -> bytes | None:
-    """The whole request body; None when the client went away first."""
-    chunks = []
+async def _read_body(receive: Receive, limit: int) -> tuple[list[Message], bytes | None]:
+    """The messages read and the whole body; the body is None when the client went away first or the
+    body grew past ``limit`` bytes (reading stops there)."""
+    messages: list[Message] = []
+    size = 0
     while True:
         message = await receive()
-        if message["type"] == "http.disconnect":
-            return None
-        chunks.append(message.get("body", b""))
+        messages.append(message)
+        if message["type"] != "http.request":
+            return messages, None
+        size += len(message.get("body", b""))
+        if size > limit:
+            return messages, None
         if not message.get("more_body", False):
-            return b"".join(chunks)
+            return messages, b"".join(m.get("body", b"") for m in messages)
 
 
 class SearchFastPath:
@@ -73,19 +79,25 @@ class SearchFastPath:
         self.enabled = settings.fast_search and not settings.cors_origins
         self.keys = list(settings.api_keys)
         self.max_bytes = settings.max_upload_bytes
+        # middleware added after create_app (an OpenTelemetry instrumentor, say) must see every request
+        self.middleware = len(app.user_middleware)
 
     def handles(self, scope: Scope) -> bool:
         """Whether ``scope`` is a request this fast path looks at (it may still hand it over)."""
-        http = scope["type"] == "http"
-        return self.enabled and http and scope["path"] == PATH and scope["method"] == "POST"
+        if not self.enabled or scope["type"] != "http" or scope["method"] != "POST":
+            return False
+        path = get_route_path(scope) if scope.get("root_path") else scope["path"]  # mounted: prefix off
+        return path == PATH and len(self.app.user_middleware) == self.middleware
 
     def _admits(self, scope: Scope) -> bool:
         """A Content-Length within the limit, a valid key when keys are set, and no telemetry to feed."""
         length = bearer = header_key = None
-        for name, value in scope["headers"]:  # the first of repeated headers counts, as in Starlette
-            if name == b"content-length" and length is None:
+        for name, value in scope["headers"]:
+            if name == b"content-length":  # the last one, as service.limits reads it
                 length = value
-            elif name == b"authorization" and bearer is None:
+            elif name == b"transfer-encoding":
+                return False  # chunked: the app reads it, counting against the limit as it arrives
+            elif name == b"authorization" and bearer is None:  # the first, as Starlette's headers.get
                 bearer = value.decode("latin-1")
             elif name == b"x-api-key" and header_key is None:
                 header_key = value.decode("latin-1")
@@ -105,17 +117,16 @@ class SearchFastPath:
         if not self._admits(scope):
             await full(scope, receive, send)
             return
-        body = await _read_body(receive)
-        if body is None:
-            return
-        from service.routers.search import answer_search
+        messages, body = await _read_body(receive, self.max_bytes)
+        response = None
+        if body is not None:
+            from service.routers.search import answer_search
 
-        try:
-            if len(body) > self.max_bytes:
-                raise ValueError("body longer than declared")
-            response = await answer_search(self.app.state, validate(SearchRequest, body))
-        except Exception:  # noqa: BLE001 - the app answers every failure itself (see the module docstring)
-            await full(scope, _replay(body, receive), send)
+            with contextlib.suppress(Exception):  # the app answers every failure itself (module docstring)
+                response = await answer_search(self.app.state, validate(SearchRequest, body))
+        if response is None:  # a failure, a body past the limit or a client gone: the app's own answer
+            scope[STARTED_KEY] = t0  # its latency histogram counts the time spent here too
+            await full(scope, _replay(messages, receive), send)
             return
         try:
             await response(scope, receive, send)

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _INDEX_SUFFIXES = (".faiss", ".index", ".ivf", ".hnsw")
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+STARTED_KEY = "mm.started"  # scope key: when service.fastpath took a request it then handed over
 
 
 class Metrics:
@@ -75,7 +76,7 @@ class MetricsMiddleware:
             await self.app(scope, receive, send)
             return
         status = 500
-        t0 = time.perf_counter()
+        t0 = scope.get(STARTED_KEY) or time.perf_counter()  # a request service.fastpath handed over
 
         async def send_status(message: Message) -> None:
             nonlocal status

@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 
 from index.collection import Collection
 from index.types import Item
+from service import fastpath
 from service.app import create_app
 from service.metrics import Metrics
 from service.responses import FastJSONResponse
@@ -82,10 +83,17 @@ def test_search_with_keys_keeps_the_key_check(tmp_path, solved):
         ok = c.post("/search", json={"query": "red apples", "k": 1}, headers=key)
         assert ok.status_code == 200 and ok.json()["results"][0]["id"] == ids[0]
         assert solved.count("/search") == 2  # the app's key check refused both; the fast path took the third
+        as_bearer = {"Authorization": "Bearer k1"}
+        bearer = c.post("/search", json={"query": "red apples", "k": 1}, headers=as_bearer)
+        assert bearer.status_code == 200 and solved.count("/search") == 2
+        for wrong in ("Basic k1", "Bearer k2", "Bearer", "k1"):
+            resp = c.post("/search", json={"query": "red"}, headers={"Authorization": wrong})
+            assert resp.status_code == 401, wrong
+        assert solved.count("/search") == 6  # each refusal came from the app's own key check
         c.app.fast_search.enabled = False
         ok = c.post("/search", json={"query": "red apples", "k": 1}, headers={"Authorization": "Bearer k1"})
         assert ok.status_code == 200 and ok.json()["results"][0]["id"] == ids[0]
-        assert solved.count("/search") == 3  # without the fast path the dependency (the key check) runs
+        assert solved.count("/search") == 7  # without the fast path the dependency (the key check) runs
 
 
 def test_openapi_keeps_the_search_operation(tmp_path):
@@ -263,7 +271,15 @@ def test_fast_path_hands_failures_to_the_app(tmp_path, full_app):
     assert 'route="/search",status="404"} 2.0' in metrics and 'route="/search",status="422"} 10.0' in metrics
 
 
-def test_fast_path_leaves_what_it_cannot_take_to_the_app(tmp_path, full_app):
+def test_fast_path_leaves_what_it_cannot_take_to_the_app(tmp_path, full_app, monkeypatch):
+    reads: list[int] = []
+    real_read = fastpath._read_body
+
+    async def counting_read(receive, limit):
+        reads.append(limit)
+        return await real_read(receive, limit)
+
+    monkeypatch.setattr(fastpath, "_read_body", counting_read)
     with _client(tmp_path, max_upload_mb=0.001) as c:  # a 1,048-byte body limit
         ids = _add_texts(c)
         full_app.clear()
@@ -271,7 +287,7 @@ def test_fast_path_leaves_what_it_cannot_take_to_the_app(tmp_path, full_app):
         assert chunked.status_code == 200 and chunked.json()["results"][0]["id"] == ids[0]
         big = c.post("/search", json={"query": "red " * 400})
         assert big.status_code == 413 and big.json()["error"]["code"] == "payload_too_large"
-        assert full_app == ["/search", "/search"]
+        assert full_app == ["/search", "/search"] and reads == []  # neither body was read by the fast path
     with _client(tmp_path, fast_search=False) as c:  # MM_FAST_SEARCH=false
         full_app.clear()
         assert c.post("/search", json={"query": "red apples", "k": 1}).status_code == 200
@@ -281,3 +297,51 @@ def test_fast_path_leaves_what_it_cannot_take_to_the_app(tmp_path, full_app):
         resp = c.post("/search", json={"query": "red", "k": 1}, headers={"Origin": "http://example.org"})
         assert resp.status_code == 200 and resp.headers["access-control-allow-origin"] == "http://example.org"
         assert full_app == ["/search"]
+
+
+def _asgi_post(c: TestClient, messages: list[dict], length: int) -> tuple[str | None, list[int]]:
+    """POST /search straight into the app with these receive messages: (exception raised, statuses sent)."""
+    sent: list[int] = []
+
+    async def run() -> str | None:
+        pending = list(messages)
+
+        async def receive() -> dict:
+            return pending.pop(0) if pending else {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                sent.append(message["status"])
+
+        scope = {
+            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+            "scheme": "http", "path": "/search", "raw_path": b"/search", "query_string": b"", "root_path": "",
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(length).encode())],
+            "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80), "state": {},
+        }  # fmt: skip
+        try:
+            await c.app(scope, receive, send)
+        except Exception as exc:  # noqa: BLE001 - the outcome is compared, whatever it is
+            return type(exc).__name__
+        return None
+
+    return c.portal.call(run), sent
+
+
+def test_fast_path_hands_over_long_bodies_and_disconnects_as_read(tmp_path, full_app):
+    longer = [  # declares 10 bytes, sends 1,600: past the 1,048-byte limit while it is read
+        {"type": "http.request", "body": b"x" * 800, "more_body": True},
+        {"type": "http.request", "body": b"x" * 800, "more_body": False},
+    ]
+    gone = [{"type": "http.request", "body": b'{"query": ', "more_body": True}, {"type": "http.disconnect"}]
+    with _client(tmp_path, max_upload_mb=0.001) as c:
+        _add_texts(c)
+        full_app.clear()
+        fast = [_asgi_post(c, longer, 10), _asgi_post(c, gone, 20)]
+        assert full_app == ["/search", "/search"]  # both handed over with what had been read
+        c.app.fast_search.enabled = False
+        slow = [_asgi_post(c, longer, 10), _asgi_post(c, gone, 20)]
+        metrics = c.get("/metrics").text
+    assert fast == slow
+    assert fast[0] == (None, [413])
+    assert 'route="/search",status="413"} 2.0' in metrics
