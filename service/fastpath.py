@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 from starlette._utils import get_route_path
 from starlette.types import Message, Receive, Scope, Send
 
-from service.auth import key_matches
+from service.auth import bearer_token, key_matches
 from service.body import validate
 from service.metrics import STARTED_KEY
 from service.schemas import SearchRequest
@@ -89,6 +89,10 @@ class SearchFastPath:
         path = get_route_path(scope) if scope.get("root_path") else scope["path"]  # mounted: prefix off
         return path == PATH and len(self.app.user_middleware) == self.middleware
 
+    def _keyed(self, authorization: str | None, header_key: str | None) -> bool:
+        """A valid key as ``Authorization: Bearer`` or ``X-API-Key``, read as service.auth reads them."""
+        return key_matches(bearer_token(authorization), self.keys) or key_matches(header_key, self.keys)
+
     def _admits(self, scope: Scope) -> bool:
         """A Content-Length within the limit, a valid key when keys are set, and no telemetry to feed."""
         length = bearer = header_key = None
@@ -103,11 +107,8 @@ class SearchFastPath:
                 header_key = value.decode("latin-1")
         if length is None or not length.isdigit() or int(length) > self.max_bytes:
             return False
-        if self.keys:
-            scheme, _, credentials = (bearer or "").partition(" ")
-            token = credentials if scheme.lower() == "bearer" else None
-            if not (key_matches(token, self.keys) or key_matches(header_key, self.keys)):
-                return False
+        if self.keys and not self._keyed(bearer, header_key):
+            return False
         telemetry = getattr(self.app, "_native_telemetry", None)  # FastAPI's OpenTelemetry spans
         return telemetry is None or not telemetry.enabled()
 

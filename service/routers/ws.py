@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
 from mm.errors import MediaError
-from service.auth import key_matches
+from service.auth import bearer_token, key_matches
 from service.generation import GeneratorUnavailable
 from service.routers.generate import Backend, find_hits, start_answer
 from service.schemas import Modality
@@ -70,8 +70,7 @@ class WSGenerate(BaseModel):
 def _authorised(ws: WebSocket, keys: list[str]) -> bool:
     if not keys:
         return True
-    auth = ws.headers.get("authorization", "")
-    bearer = auth[7:].strip() if auth.lower().startswith("bearer ") else None
+    bearer = bearer_token(ws.headers.get("authorization"))
     given = (ws.query_params.get("api_key"), ws.headers.get("x-api-key"), bearer)
     return any(key_matches(k, keys) for k in given)
 
