@@ -222,17 +222,17 @@ def http_times(
     One server per mode, all running at once; with two modes the requests go in ``rounds`` chunks,
     each chunk to each server in turn (the order alternating), so both see the same machine.
     """
-    procs, clients = {}, {}
+    procs, ports, clients = {}, {}, {}
     try:
         for mode in modes:
-            port = free_port()
+            ports[mode] = port = free_port()
             cmd = [sys.executable, __file__, "--serve", str(path), "--port", str(port), "--dim", str(dim)]
             cmd += [] if mode else ["--serve-without-fast-path"]
             env = {**os.environ, "OMP_NUM_THREADS": "1"}
             procs[mode] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
         for mode, proc in procs.items():
-            wait_for_server(port_of(proc), proc)
-            clients[mode] = RawClient(port_of(proc))
+            wait_for_server(ports[mode], proc)
+            clients[mode] = RawClient(ports[mode])
             for body in bodies[:20]:  # warm up (caches, first-call paths)
                 clients[mode].post_json("/search", body)
         out: dict[bool, tuple[list[float], list[float]]] = {mode: ([], []) for mode in modes}
@@ -254,10 +254,6 @@ def http_times(
         for proc in procs.values():
             proc.terminate()
             proc.wait(timeout=30)
-
-
-def port_of(proc: subprocess.Popen) -> int:
-    return int(proc.args[proc.args.index("--port") + 1])
 
 
 def bench_http(
