@@ -36,6 +36,7 @@ from starlette.types import Message, Receive, Scope, Send
 from service.auth import bearer_token, key_matches
 from service.body import validate
 from service.metrics import STARTED_KEY
+from service.routers.search import answer_search
 from service.schemas import SearchRequest
 
 if TYPE_CHECKING:
@@ -121,8 +122,6 @@ class SearchFastPath:
         messages, body = await _read_body(receive, self.max_bytes)
         response = None
         if body is not None:
-            from service.routers.search import answer_search
-
             with contextlib.suppress(Exception):  # the app answers every failure itself (module docstring)
                 response = await answer_search(self.app.state, validate(SearchRequest, body))
         if response is None:  # a failure, a body past the limit or a client gone: the app's own answer
