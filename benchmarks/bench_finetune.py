@@ -31,6 +31,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.paths import default_manifest  # noqa: E402
+
 MODES = ("base", "lora", "qlora", "full")
 
 
@@ -111,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None)
-    p.add_argument("--manifest", default="/tmp/corpus/manifest.jsonl")
+    p.add_argument("--manifest", default=None, help="training manifest (default: the demo corpus)")
     p.add_argument("--source", default="sonicpi", help="the held-out domain (a manifest 'source')")
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--max-steps", type=int, default=40)
@@ -126,6 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--work-dir", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.model = args.model or default_model_name()
+    args.manifest = args.manifest or str(default_manifest())
     if args.worker:
         work = Path(args.work_dir)
         res = worker(args.worker, args, work / "domain.jsonl", work / args.worker)

@@ -36,6 +36,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.paths import default_manifest  # noqa: E402
+
 CAPTIONS = [
     "A frog.", "A drum hit.", "A cat.", "A guitar slide.", "A red apple.", "A dog barking.", "A piano chord.",
     "A sailing boat.", "A bell ringing.", "A bird singing.", "A car horn.", "An elephant.", "A violin note.",
@@ -45,7 +47,7 @@ QUESTIONS = ["what makes a sound like a frog?", "show me an animal", "a musical 
 
 
 def corpus_captions(limit: int) -> list[str]:
-    path = Path("/tmp/corpus/manifest.jsonl")
+    path = default_manifest(build=False)
     if not path.exists():
         return CAPTIONS
     seen: dict[str, None] = {}

@@ -57,6 +57,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.paths import default_manifest  # noqa: E402
 from mm.config import MODALITIES  # noqa: E402
 from mm.evaluate import evaluate_rows, galleries  # noqa: E402
 from mm.model import MultimodalEmbedder, create_model, default_model_name, save_model  # noqa: E402
@@ -199,7 +200,7 @@ def _ratios(out: dict, mode: str, key: str, mods: list[str]) -> dict[str, float]
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="config/checkpoint (default: the shipped model)")
-    p.add_argument("--manifest", default="/tmp/corpus/manifest.jsonl")
+    p.add_argument("--manifest", default=None, help="evaluation manifest (default: the demo corpus)")
     p.add_argument("--split", default="test")
     p.add_argument("--limit", type=int, default=300, help="test rows used for cosine and recall (0: all)")
     p.add_argument("--speed-items", type=int, default=64, help="items per modality in each timed call")
@@ -217,6 +218,7 @@ def main(argv: list[str] | None = None) -> dict:
         help="keep glibc's allocator defaults (what mm does: see mm.runtime)",
     )
     args = p.parse_args(argv)
+    args.manifest = args.manifest or default_manifest()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
     allocator_tuned = False if args.glibc_malloc else tune_allocator()

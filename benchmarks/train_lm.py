@@ -34,6 +34,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.paths import cache_dir, default_manifest  # noqa: E402
+
 log = logging.getLogger("train_lm")
 
 QUESTIONS = [
@@ -227,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="default", help="embedder giving the prefix vectors")
     p.add_argument("--config", default="lm_fast", help="LM config name or JSON")
-    p.add_argument("--manifest", type=Path, default=Path("/tmp/corpus/manifest.jsonl"))
+    p.add_argument("--manifest", type=Path, default=None, help="item manifest (default: the demo corpus)")
     p.add_argument("--out", type=Path, default=Path("mm/checkpoints/lm"))
     p.add_argument("--minutes", type=float, default=8.0, help="training time budget")
     p.add_argument("--batch", type=int, default=16)
@@ -240,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--init", type=Path, default=None, help="initial weights: a checkpoint of the same config")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    args.manifest = args.manifest or default_manifest()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     import torch
@@ -256,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         if len(vecs) != len(items):
             raise ValueError(f"--vectors holds {len(vecs)} rows for {len(items)} items")
     else:
-        vecs = encode_items(items, model_name, Path("/tmp/mm_lm_cache"))
+        vecs = encode_items(items, model_name, cache_dir("lm"))
     train_idx = [i for i, it in enumerate(items) if it["split"] == "train"]
     test_idx = [i for i, it in enumerate(items) if it["split"] == "test"]
     log.info(
