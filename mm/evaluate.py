@@ -104,3 +104,54 @@ def evaluate_rows(
         if with_chance:
             out[name]["chance"] = chance_metrics([rel[i] for i in qi], len(keys[dst]))
     return out
+
+
+def mixed_gallery_metrics(
+    rows: Sequence[dict],
+    encode: Callable[[str, list[str]], np.ndarray],
+    calibrate: Callable[[str, str, np.ndarray], np.ndarray] | None = None,
+    query: str = "text",
+    k: int = 10,
+    k_absent: int = 3,
+) -> dict[str, float]:
+    """One ranking over images and sounds together, as a mixed search returns it.
+
+    ``both_at_10``: of the ``query`` queries whose concept has both an image and a sound in the gallery,
+    the share whose top ``k`` holds a relevant image and a relevant sound. ``sound_when_absent_at_3`` (the
+    counterweight, lower is better): of the queries whose concept has no sound, the share with any sound
+    in the top ``k_absent``; blindly alternating modalities cannot pass both. ``calibrate(src, dst, raw)``
+    maps raw scores before merging (None: raw scores).
+    """
+    keys, row_idx = galleries(rows)
+    use_labels = any(label is not None for _, label in row_idx)
+    if not (keys[query] and keys["image"] and keys["audio"]):
+        return {}
+    q = encode(query, keys[query])
+    scores, is_audio, rel = [], [], []
+    for dst in ("image", "audio"):
+        raw = q @ encode(dst, keys[dst]).T  # (n, m_dst)
+        scores.append(calibrate(query, dst, raw) if calibrate else raw)
+        is_audio.append(np.full(raw.shape[1], dst == "audio"))
+        rel.append(relevance(row_idx, query, dst, len(keys[query]), use_labels))
+    merged = np.concatenate(scores, axis=1)  # (n, m_image + m_audio)
+    audio = np.concatenate(is_audio)
+    n_img = len(keys["image"])
+    both, absent = [], []
+    for i in range(len(q)):
+        rel_img, rel_aud = rel[0][i], rel[1][i]
+        if not rel_img:
+            continue
+        order = np.argsort(-merged[i], kind="stable")
+        if rel_aud:
+            top = order[:k]
+            has_img = any(j < n_img and j in rel_img for j in top)
+            has_aud = any(j >= n_img and (j - n_img) in rel_aud for j in top)
+            both.append(has_img and has_aud)
+        else:
+            absent.append(bool(audio[order[:k_absent]].any()))
+    return {
+        f"both_at_{k}": float(np.mean(both)) if both else float("nan"),
+        "n_both": len(both),
+        f"sound_when_absent_at_{k_absent}": float(np.mean(absent)) if absent else float("nan"),
+        "n_absent": len(absent),
+    }

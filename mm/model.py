@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from mm.backbone import Backbone, BackboneOutput, l2_normalize, masked_mean, sinusoidal_positions
+from mm.calibration import Calibration
 from mm.config import ModelConfig
 from mm.encoders import EncoderOutput, build_audio_encoder, build_image_encoder, build_text_encoder
 from mm.errors import ConfigError
@@ -104,6 +105,8 @@ class MultimodalEmbedder:
         self.name = name
         self.batch_size = batch_size
         self._model_id: str | None = None
+        # raw cosine -> P(relevant) per modality pair (identity until a checkpoint brings a fitted one)
+        self.calibration = Calibration()
 
     @property
     def config(self) -> ModelConfig:
@@ -256,7 +259,10 @@ def create_model(
         apply_checkpoint_quantization(model, weights)  # a quantized checkpoint: swap in its layer types
         load_weights(model, weights)
     name = Path(str(name_or_path)).name if Path(str(name_or_path)).exists() else str(name_or_path)
-    return MultimodalEmbedder(model, name=name)
+    embedder = MultimodalEmbedder(model, name=name)
+    if weights is not None:
+        embedder.calibration = Calibration.load_dir(weights if weights.is_dir() else weights.parent)
+    return embedder
 
 
 def default_model_name() -> str:

@@ -26,6 +26,7 @@ COMMANDS = (
     "export",
     "serve",
     "eval",
+    "calibrate",
     "train",
     "samples",
     "demo",

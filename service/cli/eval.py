@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -19,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mm.evaluate import evaluate_rows
+    from mm.evaluate import evaluate_rows, mixed_gallery_metrics
     from mm.model import create_model, default_model_name
     from mm.train import load_rows
 
@@ -27,13 +28,28 @@ def run(args: argparse.Namespace) -> int:
     if not rows:
         raise ValueError(f"no rows in split {args.split!r} of {args.manifest}")
     emb = create_model(args.model or default_model_name())
-    metrics = evaluate_rows(rows, emb.encode, with_chance=args.chance)
+    cache: dict[str, Any] = {}
+
+    def encode(modality: str, keys: list[str]) -> Any:  # each gallery is encoded once for both metrics
+        if modality not in cache:
+            cache[modality] = emb.encode(modality, keys)
+        return cache[modality]
+
+    metrics: dict[str, Any] = evaluate_rows(rows, encode, with_chance=args.chance)
+    # one ranking over images and sounds, merged by calibrated score as search merges them
+    mixed = mixed_gallery_metrics(rows, encode, emb.calibration.score if emb.calibration.fitted else None)
     if args.json:
-        print(json.dumps(metrics))
+        print(json.dumps({**metrics, "mixed": mixed} if mixed else metrics))
         return 0
     print(f"{'direction':<16}{'R@1':>7}{'R@5':>7}{'R@10':>7}{'mean rank':>11}{'n':>6}")
     for name, m in metrics.items():
         print(
             f"{name:<16}{m['R@1']:>7.3f}{m['R@5']:>7.3f}{m['R@10']:>7.3f}{m['mean_rank']:>11.1f}{m['n']:>6}"
+        )
+    if mixed:
+        print(
+            f"mixed gallery (text -> images + sounds): both in top 10 {mixed['both_at_10']:.3f} "
+            f"(n={mixed['n_both']}); a sound in the top 3 where the concept has none "
+            f"{mixed['sound_when_absent_at_3']:.3f} (n={mixed['n_absent']}, lower is better)"
         )
     return 0
