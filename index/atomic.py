@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
@@ -31,7 +32,7 @@ def fsync_dir(directory: str | Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
     """Call ``write(tmp_path)`` to fill a temp file next to ``path``, then atomically put it in place."""
     path = Path(path)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -46,6 +47,23 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+_TEMP_RANDOM = r"[a-z0-9_]{8}"  # what tempfile.mkstemp puts between the prefix and the suffix
+
+
+def atomic_temp_files(*targets: str | Path) -> list[Path]:
+    """Temp files :func:`atomic_write` left next to ``targets`` (a writer killed before its rename).
+
+    Only names of exactly the form it makes (``.<name>.<8 random>.tmp``) match. Remove them only while
+    holding the lock every writer of those targets holds, or a running write loses its file.
+    """
+    found: list[Path] = []
+    for target in map(Path, targets):
+        pattern = re.compile(rf"\.{re.escape(target.name)}\.{_TEMP_RANDOM}\.tmp")
+        with contextlib.suppress(OSError):
+            found += [p for p in target.parent.iterdir() if pattern.fullmatch(p.name) and p.is_file()]
+    return sorted(set(found))
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

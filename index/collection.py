@@ -12,6 +12,11 @@ Every committed change bumps the generation in SQLite; :meth:`Collection.save` w
 then its sidecar with that generation. On open the two must agree: if they do not (a crash between the
 SQLite commit and the FAISS write, a missing or corrupt ``.faiss``), the index is rebuilt from the vectors
 in SQLite and a warning says so.
+
+Creation commits at one point: the config row in ``meta.sqlite``, written under the writer lock. A
+``meta.sqlite`` without it (and without items) is a creation killed half-way: the next writable open
+removes it (and :meth:`Collection.open_or_create` then creates afresh); the files written after the
+commit point are derived and repaired on open. :meth:`Collection.check` reports the invariants.
 """
 
 from __future__ import annotations
@@ -20,15 +25,16 @@ import contextlib
 import dataclasses
 import json
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
-from index.atomic import FileLock, RWLock, atomic_write, atomic_write_json
+from index.atomic import FileLock, RWLock, atomic_temp_files, atomic_write, atomic_write_json, fsync_dir
 from index.filters import exclude, filter_where, needs_sql
 from index.store import MetaStore
 from index.types import Filter, Hit, Item
@@ -90,8 +96,6 @@ class Collection:
     ) -> Collection:
         """Make a new empty collection in directory ``path`` (created if needed)."""
         path = Path(path).expanduser()
-        if (path / CONFIG_FILE).exists() or (path / META_FILE).exists():
-            raise ValueError(f"a collection already exists at {path}: open it with Collection.open")
         if path.exists() and not path.is_dir():
             raise ValueError(f"{path} is a file; a collection needs a directory")
         if int(dim) <= 0 or not embedder_id:
@@ -103,6 +107,8 @@ class Collection:
         spec = (index_spec or "auto").strip()
         if spec != "auto":
             _check_spec(spec, int(dim))
+        if _creation_state(path) == "committed":
+            raise _AlreadyExists(f"a collection already exists at {path}: open it with Collection.open")
         path.mkdir(parents=True, exist_ok=True)
         config = {
             "format": FORMAT,
@@ -114,8 +120,15 @@ class Collection:
             "created_at": time.time(),
             "generation": 0,
         }
-        store = MetaStore(path / META_FILE, dim=int(dim))
-        store.set_meta("config", config)
+        # Under the writer lock, so that a concurrent open never takes this creation for a dead one.
+        with FileLock(path / LOCK_FILE):
+            state = _creation_state(path)
+            if state == "committed":
+                raise _AlreadyExists(f"a collection already exists at {path}: open it with Collection.open")
+            if state == "partial":
+                _discard_partial(path)
+            store = MetaStore(path / META_FILE, dim=int(dim))
+            store.set_meta("config", config)  # the commit point: from here on the collection exists
         coll = cls(path, config, store, readonly=False)
         coll._vindex = coll._rebuild_index()
         coll.generation = store.generation()
@@ -127,25 +140,45 @@ class Collection:
     def open(cls, path: str | Path, *, readonly: bool = False) -> Collection:
         """Open an existing collection, repairing the FAISS file from SQLite if the two disagree."""
         path = Path(path).expanduser()
-        if not (path / META_FILE).exists():
+        state = _creation_state(path)
+        if state == "partial":
+            if readonly:
+                raise ValueError(
+                    f"the creation of the collection at {path} was interrupted; open it writable "
+                    f"(e.g. `mm index FILES --collection {path}`) to clean it up"
+                )
+            state = _clean_partial(path)
+        if state == "none":
             raise ValueError(
                 f"no collection at {path}: create one with `mm index FILES --collection {path}` "
                 "or Collection.create(path, dim=..., embedder_id=...)"
             )
-        store = MetaStore(path / META_FILE, dim=1, readonly=readonly)
-        config = store.get_meta("config")
         try:
-            config = json.loads((path / CONFIG_FILE).read_text())
+            store = MetaStore(path / META_FILE, dim=1, readonly=readonly)
+            config = store.get_meta("config")
+        except sqlite3.DatabaseError as e:
+            raise ValueError(f"{path / META_FILE} cannot be read ({e}); restore it from a backup") from e
+        saved = config
+        try:
+            on_disk = json.loads((path / CONFIG_FILE).read_text())
+            if not isinstance(on_disk, dict):
+                raise ValueError("not a JSON object")
         except (OSError, ValueError) as e:
-            if config is None:
+            on_disk = None
+            if saved is None:
                 store.close()
                 raise ValueError(f"{path} has no readable {CONFIG_FILE} and no config in SQLite") from e
             log.warning("collection %s: %s unreadable (%s); using the copy in SQLite", path, CONFIG_FILE, e)
-        if config is None:
-            store.close()
-            raise ValueError(f"{path}/{META_FILE} is not a collection database")
+        # SQLite's copy commits with the data it describes (a re-embedding changes both at once), so it
+        # wins; the file adds what save() records (generation, index type, updated_at).
+        config = {**(on_disk or {}), **(saved or {})}
         store.dim = int(config["dim"])
         coll = cls(path, config, store, readonly=readonly)
+        if not readonly:
+            stale = on_disk is None or any(
+                on_disk.get(k) != v for k, v in (saved or {}).items() if k != "generation"
+            )
+            coll._finish_open(rewrite_config=stale)
         coll._load_index(on_open=True)
         return coll
 
@@ -153,17 +186,23 @@ class Collection:
     def open_or_create(cls, path: str | Path, *, dim: int, embedder_id: str, **kw: Any) -> Collection:
         """Open the collection at ``path`` (its ``embedder_id`` and ``dim`` must match), else create it."""
         path = Path(path).expanduser()
-        if (path / META_FILE).exists():
-            coll = cls.open(path, readonly=kw.get("readonly", False))
-            if coll.embedder_id != embedder_id or coll.dim != int(dim):
-                coll.close()
-                raise ValueError(
-                    f"collection {path} holds vectors of {coll.embedder_id!r} (dim {coll.dim}), not "
-                    f"{embedder_id!r} (dim {dim}): use another collection path or the same model"
-                )
-            return coll
-        kw.pop("readonly", None)
-        return cls.create(path, dim=dim, embedder_id=embedder_id, **kw)
+        readonly = kw.pop("readonly", False)
+        state = _creation_state(path)
+        if state == "partial" and not readonly:
+            state = _clean_partial(path)
+        if state in ("none", "partial"):
+            try:
+                return cls.create(path, dim=dim, embedder_id=embedder_id, **kw)
+            except _AlreadyExists:
+                pass  # another process created it meanwhile: open that one
+        coll = cls.open(path, readonly=readonly)
+        if coll.embedder_id != embedder_id or coll.dim != int(dim):
+            coll.close()
+            raise ValueError(
+                f"collection {path} holds vectors of {coll.embedder_id!r} (dim {coll.dim}), not "
+                f"{embedder_id!r} (dim {dim}): use another collection path or the same model"
+            )
+        return coll
 
     def close(self) -> None:
         if not self.readonly and self._vindex is not None:
@@ -178,6 +217,16 @@ class Collection:
 
     def __repr__(self) -> str:
         return f"Collection({str(self.path)!r}, dim={self.dim}, embedder_id={self.embedder_id!r})"
+
+    def _finish_open(self, *, rewrite_config: bool) -> None:
+        """Complete what a killed process left: a missing or outdated ``collection.json``, temp files."""
+        with self._wlock, self._flock:
+            if rewrite_config:
+                atomic_write_json(self.path / CONFIG_FILE, self._config)
+            for tmp in atomic_temp_files(*(self.path / n for n in (VECTORS_FILE, SIDECAR_FILE, CONFIG_FILE))):
+                # every writer of these files holds the lock we hold: a temp file here is a dead write's
+                log.info("collection %s: removing %s left by an interrupted save", self.path, tmp.name)
+                tmp.unlink(missing_ok=True)
 
     # persistence --------------------------------------------------------------------------------------
     def save(self) -> None:
@@ -326,6 +375,7 @@ class Collection:
                 if remove:
                     self._vindex.remove(np.asarray(remove, dtype=np.int64))
                 if add_ids:
+                    assert add_vecs is not None  # ids to add come with their vectors
                     self._vindex.add(np.asarray(add_ids, dtype=np.int64), add_vecs)
         except Exception:
             log.exception("collection %s: FAISS update failed; rebuilding from SQLite", self.path)
@@ -581,6 +631,77 @@ class Collection:
             "path": str(self.path),
         }
 
+    def check(self) -> dict[str, Any]:
+        """The invariants a crash must not break, for crash tests and operators; ``ok`` is all of them.
+
+        - ``integrity_check``: SQLite's own verdict, ``"ok"`` when sound
+        - ``sqlite_vectors`` / ``faiss_live``: items with a vector in SQLite, live ids in the served index;
+          ``missing_in_faiss`` / ``extra_in_faiss``: the first 20 ids where they differ (after a refresh)
+        - ``disk_index``: the FAISS file against SQLite: ``"current"`` (same generation, same ids),
+          ``"stale"`` (an older generation: rebuilt on the next open), ``"missing"``, or the problems
+          ``"mismatch"`` (same generation, other ids) and ``"unreadable"``
+        - ``config``: ``collection.json`` against the copy in SQLite: ``"ok"``, ``"missing"``, ``"differs"``
+        - ``leftovers``: temp files of interrupted saves still in the folder
+        """
+        self.refresh()
+        integrity = [str(r[0]) for r in self.store.conn.execute("PRAGMA integrity_check")]
+        gen = self.store.generation()
+        sql_ids = self.store.all_ids()
+        with self._rw.read():
+            assert self._vindex is not None
+            live = np.sort(self._vindex.live_ids())
+        side = self._read_sidecar()
+        if side is None or not (self.path / VECTORS_FILE).exists():
+            disk = "missing"
+        elif int(side["generation"]) != gen:
+            disk = "stale"
+        else:
+            try:
+                on_disk = VectorIndex.read(
+                    self.path / VECTORS_FILE, str(side.get("spec", "Flat")), self.policy
+                )
+            except (RuntimeError, ValueError, OSError):
+                disk = "unreadable"
+            else:
+                disk = "current" if np.array_equal(np.sort(on_disk.live_ids()), sql_ids) else "mismatch"
+        saved = self.store.get_meta("config") or {}
+        try:
+            file_config = json.loads((self.path / CONFIG_FILE).read_text())
+            same = all(file_config.get(k) == v for k, v in saved.items() if k != "generation")
+            config = "ok" if same else "differs"
+        except (OSError, ValueError, AttributeError):
+            config = "missing"
+        leftovers = [
+            str(p)
+            for p in atomic_temp_files(*(self.path / n for n in (VECTORS_FILE, SIDECAR_FILE, CONFIG_FILE)))
+        ]
+        missing = np.setdiff1d(sql_ids, live)
+        extra = np.setdiff1d(live, sql_ids)
+        problems = []
+        if integrity != ["ok"]:
+            problems.append(f"SQLite integrity_check: {'; '.join(integrity[:3])}")
+        if len(missing) or len(extra):
+            problems.append(f"served index lacks {len(missing)} ids of SQLite and has {len(extra)} others")
+        if disk in ("mismatch", "unreadable"):
+            problems.append(f"{VECTORS_FILE} is {disk} at the current generation")
+        if config == "differs":
+            problems.append(f"{CONFIG_FILE} differs from the config in SQLite")
+        if leftovers:
+            problems.append(f"{len(leftovers)} temp files of interrupted saves")
+        return {
+            "ok": not problems,
+            "problems": problems,
+            "integrity_check": "; ".join(integrity),
+            "generation": gen,
+            "sqlite_vectors": len(sql_ids),
+            "faiss_live": len(live),
+            "missing_in_faiss": missing[:20].tolist(),
+            "extra_in_faiss": extra[:20].tolist(),
+            "disk_index": disk,
+            "config": config,
+            "leftovers": leftovers,
+        }
+
     def all_vectors(self) -> tuple[np.ndarray, np.ndarray]:
         """``(ids (n,), vectors (n, dim))`` of every item with a vector, in id order."""
         return self.store.vectors()
@@ -603,3 +724,67 @@ def _check_spec(spec: str, dim: int) -> None:
             f"invalid FAISS index spec {spec!r}; use a factory string like "
             '"Flat", "HNSW32", "IVF256,SQ8" or "IVF1024,PQ16"'
         ) from e
+
+
+class _AlreadyExists(ValueError):
+    pass
+
+
+_CreationState = Literal["none", "partial", "committed"]
+_PARTIAL_FILES = (
+    META_FILE,
+    META_FILE + "-wal",
+    META_FILE + "-shm",
+    META_FILE + "-journal",
+    VECTORS_FILE,
+    SIDECAR_FILE,
+    CONFIG_FILE,
+)
+
+
+def _creation_state(path: Path) -> _CreationState:
+    """Whether ``path`` holds no collection, one whose creation was killed before its commit, or one.
+
+    Committed means: a config row in ``meta.sqlite`` (or a readable ``collection.json``), or any item
+    row at all (data is never treated as a leftover). An unreadable database counts as committed, so
+    that opening it reports the damage instead of deleting it.
+    """
+    db = path / META_FILE
+    if not db.is_file():
+        return "none"
+    try:
+        if isinstance(json.loads((path / CONFIG_FILE).read_text()), dict):
+            return "committed"
+    except (OSError, ValueError):
+        pass
+    try:
+        conn = sqlite3.connect(db.resolve().as_uri() + "?mode=ro", uri=True)
+        try:
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            config = "meta" in tables and conn.execute("SELECT 1 FROM meta WHERE key = 'config'").fetchone()
+            rows = "items" in tables and conn.execute("SELECT 1 FROM items LIMIT 1").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError:
+        return "committed"
+    return "committed" if (config or rows) else "partial"
+
+
+def _clean_partial(path: Path) -> _CreationState:
+    """Remove a half-created collection's files under the writer lock; returns the state found there."""
+    with FileLock(path / LOCK_FILE):
+        state = _creation_state(path)  # again: the creator may have committed while we waited
+        if state == "partial":
+            _discard_partial(path)
+            state = "none"
+    return state
+
+
+def _discard_partial(path: Path) -> None:
+    """Delete what an interrupted creation left (the caller holds the writer lock), nothing else."""
+    log.warning("collection %s: removing what an interrupted creation left behind", path)
+    for name in _PARTIAL_FILES:
+        (path / name).unlink(missing_ok=True)
+    for tmp in atomic_temp_files(path / VECTORS_FILE, path / SIDECAR_FILE, path / CONFIG_FILE):
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path)

@@ -369,3 +369,151 @@ def test_counts_read_the_vector_index_and_stay_right(tmp_path):
         assert all("items_with_vector" in p for p in plans), plans
     finally:
         c.close()
+
+
+# crash safety ---------------------------------------------------------------------------------------
+# A child process creates a collection and SIGKILLs itself at one point of the creation; the parent then
+# opens the folder as `mm index` / `mm serve` / `mm info` would.
+_CREATE_AND_DIE = r"""
+import os, signal, sys
+from pathlib import Path
+import index.atomic as atomic
+import index.collection as c
+
+path, point = Path(sys.argv[1]), sys.argv[2]
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+if point == "lock":  # the folder and its lock file exist, nothing else
+    real_state = c._creation_state
+    calls = []
+    def state(p):
+        calls.append(p)
+        if len(calls) == 2:
+            die()
+        return real_state(p)
+    c._creation_state = state
+elif point in ("empty-db", "schema"):
+    real_init = c.MetaStore.__init__
+    def init(self, p, **kw):
+        if point == "empty-db":  # killed while SQLite was creating the file
+            Path(p).touch()
+            die()
+        real_init(self, p, **kw)
+        die()
+    c.MetaStore.__init__ = init
+elif point == "config":
+    real_set = c.MetaStore.set_meta
+    def set_meta(self, key, value, conn=None):
+        real_set(self, key, value, conn)
+        if key == "config":
+            die()
+    c.MetaStore.set_meta = set_meta
+else:  # killed inside the atomic write of one file, its temp file filled, before the rename
+    target = {"vectors": c.VECTORS_FILE, "sidecar": c.SIDECAR_FILE, "json": c.CONFIG_FILE}[point]
+    real_write = atomic.atomic_write
+    def write(p, fill):
+        if Path(p).name != target:
+            return real_write(p, fill)
+        def fill_and_die(tmp):
+            fill(tmp)
+            die()
+        return real_write(p, fill_and_die)
+    atomic.atomic_write = c.atomic_write = write
+c.Collection.create(path, dim=16, embedder_id="fake:1")
+print("created without dying", flush=True)
+"""
+
+_UNCOMMITTED = ["lock", "empty-db", "schema"]
+_COMMITTED = ["config", "vectors", "sidecar", "json"]
+
+
+def _create_and_die(path, point: str) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.run(
+        [sys.executable, "-c", _CREATE_AND_DIE, str(path), point], env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stdout, proc.stderr)
+
+
+@pytest.mark.parametrize("point", _UNCOMMITTED + _COMMITTED)
+def test_kill_during_create_never_bricks_the_collection(tmp_path, point):
+    path = tmp_path / "c"
+    _create_and_die(path, point)
+    assert path.is_dir()
+    if point != "lock":
+        assert (path / "meta.sqlite").exists()  # the state that used to fail every later open
+    if point in _UNCOMMITTED:
+        with pytest.raises(ValueError, match="no collection|interrupted"):
+            Collection.open(path, readonly=True)  # `mm info`: says so, and deletes nothing
+        with pytest.raises(ValueError, match="no collection"):
+            Collection.open(path)  # writable: cleans up what the dead creation left
+        assert not (path / "meta.sqlite").exists()
+    else:
+        with Collection.open(path, readonly=True) as c:  # committed: readable as it is
+            assert c.count() == 0
+    # `mm index` / `mm serve` open or create; either way the collection works from here on
+    with Collection.open_or_create(path, dim=DIM, embedder_id="fake:1") as c:
+        ids = c.add(unit(3), items(3))
+        assert c.search(unit(3)[1], k=1)[0][0].id == ids[1]
+        report = c.check()
+        assert report["ok"], report
+        assert report["leftovers"] == [] and report["config"] == "ok"
+    with Collection.open(path) as c:
+        report = c.check()
+        assert report["ok"] and report["disk_index"] == "current" and report["sqlite_vectors"] == 3
+    assert sorted(p.name for p in path.iterdir() if p.name.endswith(".tmp")) == []
+
+
+def test_half_created_collection_with_data_is_never_discarded(tmp_path):
+    """Rows without a config are not a dead creation's leftovers: opening refuses, and deletes nothing."""
+    path = tmp_path / "c"
+    with Collection.create(path, dim=DIM, embedder_id="fake:1") as c:
+        c.add(unit(2), items(2))
+    import sqlite3
+
+    with sqlite3.connect(path / "meta.sqlite") as conn:
+        conn.execute("DELETE FROM meta WHERE key = 'config'")
+    (path / "collection.json").unlink()
+    with pytest.raises(ValueError, match="no readable collection.json"):
+        Collection.open(path)
+    with pytest.raises(ValueError, match="no readable collection.json"):
+        Collection.open_or_create(path, dim=DIM, embedder_id="fake:1")
+    with sqlite3.connect(path / "meta.sqlite") as conn:
+        assert conn.execute("SELECT COUNT(*) FROM items").fetchone()[0] == 2
+
+
+def test_open_prefers_the_sqlite_config_and_rewrites_a_stale_file(tmp_path):
+    """A kill between a config change in SQLite (re-embedding) and the file write must not revert it."""
+    path = tmp_path / "c"
+    with Collection.create(path, dim=DIM, embedder_id="old:1") as c:
+        c.add(unit(2), items(2))
+        c.store.set_meta("config", {**c.store.get_meta("config"), "embedder_id": "new:2"})
+    import json
+
+    assert json.loads((path / "collection.json").read_text())["embedder_id"] == "old:1"
+    with Collection.open(path) as c:
+        assert c.embedder_id == "new:2" and c.check()["config"] == "ok"
+    assert json.loads((path / "collection.json").read_text())["embedder_id"] == "new:2"
+
+
+def test_check_reports_broken_invariants(tmp_path):
+    path = tmp_path / "c"
+    c = Collection.create(path, dim=DIM, embedder_id="fake:1")
+    ids = c.add(unit(5), items(5))
+    assert c.check()["ok"]
+    with c._rw.write():  # the served index loses an id SQLite has
+        c._vindex.remove(np.asarray([ids[0]], dtype=np.int64))
+    (path / ".vectors.faiss.abcd1234.tmp").write_bytes(b"x")
+    report = c.check()
+    assert not report["ok"] and report["missing_in_faiss"] == [ids[0]]
+    assert report["leftovers"] == [str(path / ".vectors.faiss.abcd1234.tmp")]
+    c.close()
