@@ -1,5 +1,8 @@
 """Shared fixtures: a generated media folder (images, sounds, texts, sidecar captions, bad files) and the
-session's embedder (the ``tiny`` model when ``mm.model`` works, else a small deterministic fake)."""
+session's embedder (the ``tiny`` model; a broken ``mm.model`` fails every test that uses it).
+
+``FakeEmbedder`` is a deterministic stand-in that tests opt into by name (for a fixed dim or exact features);
+it is never substituted silently for the real model."""
 
 from __future__ import annotations
 
@@ -165,21 +168,12 @@ class FakeEmbedder:
         return self._norm(np.stack(feats) @ self._aud) if feats else np.zeros((0, self.dim), np.float32)
 
 
-def _tiny_model():
-    try:
-        from mm.model import create_model
-
-        model = create_model("tiny")
-        model.encode_text(["probe"])
-        return model
-    except Exception:  # mm not ready: the fake keeps the service tests meaningful
-        return None
-
-
 @pytest.fixture(scope="session")
 def embedder():
-    """The ``tiny`` model, loaded once per session (the fake only while ``mm.model`` cannot load)."""
-    return _tiny_model() or FakeEmbedder()
+    """The ``tiny`` model, loaded once per session. No fallback: if it cannot be built, the tests fail."""
+    from mm.model import create_model
+
+    return create_model("tiny")
 
 
 @pytest.fixture(scope="module")

@@ -34,12 +34,18 @@ QUERIES = {
     "an arachnid": "spider",
 }
 
-pytestmark = pytest.mark.skipif(
-    not (CHECKPOINT_DIR / "default" / "model.safetensors").exists() or not (STAMPS / TARGETS["dog"]).exists(),
-    reason="needs the shipped default checkpoint and the tuxpaint-stamps-default Debian package",
+# The checkpoint ships in the repository: its absence is a break, not a reason to skip. The stamps come
+# from a Debian package (`make setup` installs it), so only they may be missing.
+needs_stamps = pytest.mark.skipif(
+    not (STAMPS / TARGETS["dog"]).exists(), reason="needs the tuxpaint-stamps-default Debian package"
 )
 
 
+def test_default_checkpoint_is_shipped():
+    assert (CHECKPOINT_DIR / "default" / "model.safetensors").is_file()
+
+
+@needs_stamps
 def test_unseen_words_find_the_right_stamp():
     emb = create_model("default")
     distractors = sorted(p for p in STAMPS.glob("*/*.png"))[:10]

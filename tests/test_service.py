@@ -332,7 +332,8 @@ def test_metrics_histogram_and_gauges(client):
     assert 'route="/items/{item_id}"' in text  # the template, not the raw path
     assert f'mm_items{{modality="image"}} {float(len(IMAGES))}' in text
     size = [ln for ln in text.splitlines() if ln.startswith("mm_index_size_bytes ")]
-    assert size and float(size[0].split()[1]) >= 0
+    on_disk = client.app.state.collection.stats()["bytes"]
+    assert on_disk > 0 and size and float(size[0].split()[1]) == on_disk
 
 
 def test_api_keys(tmp_path, embedder):
