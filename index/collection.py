@@ -36,6 +36,7 @@ import numpy as np
 
 from index.atomic import FileLock, RWLock, atomic_temp_files, atomic_write, atomic_write_json, fsync_dir
 from index.filters import exclude, filter_where, needs_sql
+from index.lexical import lexical_search
 from index.store import MetaStore
 from index.types import Filter, Hit, Item
 from index.vectors import (
@@ -565,6 +566,19 @@ class Collection:
             scores, labels = self._exact_search(q, k, allowed)
         return scores, labels
 
+    def lexical_search(self, text: str, k: int = 10, filter: Filter | None = None) -> list[Hit]:
+        """Items whose words match ``text`` by BM25 (higher is better), after ``filter`` (index.lexical)."""
+        if k < 1:
+            raise ValueError(f"k must be >= 1 (got {k})")
+        where, args = filter_where(filter) if needs_sql(filter) else ("1", [])
+        n_excluded = len(filter.exclude_ids) if filter is not None and filter.exclude_ids else 0
+        ids, scores = lexical_search(self.store.conn, text, k + n_excluded, where, args)
+        keep = np.isin(ids, exclude(ids, filter))
+        ids, scores = ids[keep][:k], scores[keep][:k]
+        items = self.store.get_many(int(i) for i in ids)
+        pairs = zip(ids.tolist(), scores.tolist(), strict=True)
+        return [Hit(i, s, items[i]) for i, s in pairs if i in items]
+
     def _exact_search(self, q: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Brute force over the stored vectors of ``allowed`` ids: (q, k) scores and ids, padded with -1."""
         ids, vecs = self.store.vectors(allowed)
@@ -589,6 +603,10 @@ class Collection:
 
     def find_by_uri(self, uri: str) -> Item | None:
         return self.store.find_by_uri(uri)
+
+    def uris_under(self, prefix: str) -> set[str]:
+        """Every stored ``uri`` (items and recorded errors) starting with ``prefix``, e.g. a media folder."""
+        return self.store.uris_with_prefix(prefix)
 
     def find_by_sha256(self, sha256: str) -> list[Item]:
         return self.store.find_by_sha256(sha256)

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from index.lexical import ensure_lexical
 from index.types import Item
 
 SCHEMA = """
@@ -126,6 +127,7 @@ class MetaStore:
         self._conns_lock = threading.Lock()
         if not readonly:
             self.conn.executescript(SCHEMA)
+            ensure_lexical(self.conn)  # FTS5 words index + its triggers (filled once for older collections)
             self.conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('generation', '0')")
 
     # connections -----------------------------------------------------------------------------------
@@ -201,7 +203,8 @@ class MetaStore:
             f"INSERT INTO items({cols}, vector) VALUES ({marks})",
             [*_item_values(item), None if vector is None else _blob(vector)],
         )
-        return int(cur.lastrowid)
+        assert cur.lastrowid is not None  # set by every successful INSERT
+        return cur.lastrowid
 
     def update(self, conn: sqlite3.Connection, id: int, item: Item, vector: np.ndarray | None) -> None:
         sets = ", ".join(f"{c} = ?" for c in _WRITABLE)
@@ -312,6 +315,13 @@ class MetaStore:
         """Ids of items with a vector matching ``where`` (SQL built by :mod:`index.filters`)."""
         sql = f"SELECT id FROM items WHERE vector IS NOT NULL AND ({where})"
         return np.fromiter((r[0] for r in self.conn.execute(sql, args)), dtype=np.int64)
+
+    def uris_with_prefix(self, prefix: str) -> set[str]:
+        """Every ``uri`` (items and recorded errors alike) starting with ``prefix``, read off its index."""
+        rows = self.conn.execute(
+            "SELECT uri FROM items WHERE uri >= ? AND uri < ?", (prefix, prefix + "\U0010ffff")
+        )
+        return {r[0] for r in rows}
 
     def all_ids(self) -> np.ndarray:
         """Sorted ids of the items with vectors (checked against the FAISS file on every open)."""
