@@ -37,6 +37,7 @@ test: setup
 lint: $(STAMP)
 	$(BIN)/ruff check mm index service tests benchmarks
 	$(BIN)/ruff format --check mm index service tests benchmarks
+	$(BIN)/mypy  # index/ and service/, configured in pyproject.toml
 
 clean:
 	rm -rf $(VENV) .pytest_cache

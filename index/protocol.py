@@ -16,9 +16,16 @@ class Embedder(Protocol):
     pairs. Bad media raise a ``ValueError`` subclass (``mm.errors.MediaError``) naming the file.
     """
 
-    dim: int
-    modalities: tuple[str, ...]
-    model_id: str  # identifies the weights; stored in collection.json so vectors are never mixed
+    # read-only (properties), so that an embedder may compute them or store them as plain attributes
+    @property
+    def dim(self) -> int: ...
+
+    @property
+    def modalities(self) -> tuple[str, ...]: ...
+
+    @property
+    def model_id(self) -> str:  # identifies the weights; stored in collection.json so vectors are never mixed
+        ...
 
     def encode_text(self, texts: Sequence[str]) -> np.ndarray: ...
 

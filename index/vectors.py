@@ -311,6 +311,7 @@ class VectorIndex:
                     break
                 ef = min(ef * 4, max(self.ntotal, k))
             else:
+                assert self._ivf is not None  # kind == "ivf"
                 if nprobe >= self._ivf.nlist:
                     break
                 nprobe = min(nprobe * 4, self._ivf.nlist)

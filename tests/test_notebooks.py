@@ -7,10 +7,13 @@ Each notebook reads its sizes from environment variables (``MODEL``, ``NB_*``); 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
 import pytest
+
+log = logging.getLogger(__name__)
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 PATHS = sorted(NOTEBOOKS.glob("*.ipynb"))
@@ -47,8 +50,13 @@ def test_committed_notebook_has_no_outputs(path):
     assert "widgets" not in nb["metadata"]
 
 
+SLOW = {"03_finetune_and_quantize"}  # over 30 s on 2 cores
+
+
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("path", PATHS, ids=[p.stem for p in PATHS])
+@pytest.mark.parametrize(
+    "path", [pytest.param(p, id=p.stem, marks=[pytest.mark.slow] if p.stem in SLOW else []) for p in PATHS]
+)
 def test_notebook_runs_top_to_bottom(path, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
@@ -74,4 +82,4 @@ def test_notebook_runs_top_to_bottom(path, monkeypatch):
     assert rich, f"{path.name} showed no {mime} output"
     for needle in needles:
         assert any(needle in r for r in rich), f"{path.name} showed no {needle}"
-    print(f"{path.name}: {seconds:.1f} s")
+    log.info("%s: %.1f s", path.name, seconds)

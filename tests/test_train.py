@@ -53,6 +53,7 @@ def tiny_config(manifest, out_dir, **kw) -> TrainConfig:
     return TrainConfig(manifest=str(manifest), out_dir=str(out_dir), **quiet, **kw)
 
 
+@pytest.mark.slow
 def test_tiny_contrastive_run_learns_pairs(tmp_path):
     manifest = make_corpus(tmp_path)
     run = dict(epochs=1, max_steps=60, batch_size=12, lr=5e-3, warmup_steps=5, ckpt_every=1000)

@@ -23,7 +23,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from service.store import open_collection
 
-    removed, missing = [], []
+    removed: list[int] = []
+    missing: list[int] = []
     with open_collection(args.collection) as coll:
         for item_id in dict.fromkeys(args.ids):
             (removed if coll.get(item_id) is not None else missing).append(item_id)
