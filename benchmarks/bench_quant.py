@@ -58,16 +58,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.paths import default_manifest  # noqa: E402
+from mm.checkpoint import checkpoint_size_mb  # noqa: E402
 from mm.config import MODALITIES  # noqa: E402
 from mm.evaluate import evaluate_rows, galleries  # noqa: E402
 from mm.model import MultimodalEmbedder, create_model, default_model_name, save_model  # noqa: E402
-from mm.quantize import (  # noqa: E402
-    Int8Linear,
-    QuantSpec,
-    checkpoint_size_mb,
-    quantize_model,
-    save_quantized,
-)
+from mm.quantize import Int8Linear, QuantSpec, quantize_model  # noqa: E402
+from mm.quantize_checkpoint import save_quantized  # noqa: E402
 from mm.runtime import tune_allocator  # noqa: E402
 from mm.train import load_rows  # noqa: E402
 

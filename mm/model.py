@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from mm.backbone import Backbone, BackboneOutput, l2_normalize, masked_mean, sinusoidal_positions
 from mm.calibration import Calibration
+from mm.checkpoint import apply_checkpoint_quantization
 from mm.config import ModelConfig
 from mm.encoders import EncoderOutput, build_audio_encoder, build_image_encoder, build_text_encoder
 from mm.errors import ConfigError
@@ -254,8 +255,6 @@ def create_model(
         model = MultimodalModel(cfg)
     weights = ckpt if pretrained is None else (None if pretrained is False else Path(str(pretrained)))
     if weights is not None:
-        from mm.quantize import apply_checkpoint_quantization
-
         apply_checkpoint_quantization(model, weights)  # a quantized checkpoint: swap in its layer types
         load_weights(model, weights)
     name = Path(str(name_or_path)).name if Path(str(name_or_path)).exists() else str(name_or_path)

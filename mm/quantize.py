@@ -35,9 +35,10 @@ EfficientNet folds its BatchNorms into its convolutions when it loads
 (:func:`mm.encoders.efficientnet_lite.fold_batchnorms`, exact, ~1.4-1.5x faster images in fp32 too), so
 int8's speedup over fp32 is quantization's alone.
 
-A quantized checkpoint is an ordinary checkpoint directory plus ``quantization.json`` (the spec and the
-replaced module names); ``mm.model.create_model`` calls :func:`apply_checkpoint_quantization` before it
-loads the weights, so the checkpoint serves like any other.
+This module works on layers: which ones, and what replaces them. A quantized checkpoint is an ordinary
+checkpoint directory plus ``quantization.json`` (the spec and the replaced module names):
+:mod:`mm.checkpoint` reads it and re-applies the spec before the weights load, so the checkpoint serves
+like any other, and :mod:`mm.quantize_checkpoint` writes one from a model.
 
 Index letters: n output features, k input features, m rows (tokens).
 """
@@ -47,9 +48,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import functools
-import json
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -63,7 +62,6 @@ from mm.qengine import engine, linear_engine, linear_engines
 
 log = logging.getLogger(__name__)
 
-QUANT_FILE = "quantization.json"
 FORMAT = 1
 MODES = ("int8", "int4")
 SKIP_PARTS = frozenset({"router", "gate"})  # module-name parts never quantized (see the module docstring)
@@ -291,84 +289,3 @@ def calibrate_convs(model: nn.Module, images: list[str | Path]) -> dict[str, Any
     if not images:
         raise ValueError("no calibration images given")
     return enc.calibrate_convs(images).to_dict()
-
-
-def read_spec(checkpoint: str | Path) -> QuantSpec | None:
-    """The quantization spec stored beside a checkpoint (a directory, or its weights file), or None."""
-    p = Path(checkpoint)
-    f = (p if p.is_dir() else p.parent) / QUANT_FILE
-    if not p.exists() or not f.exists():
-        return None
-    try:
-        return QuantSpec.from_dict(json.loads(f.read_text()))
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"{f} is not a valid quantization spec: {e}") from e
-
-
-def apply_checkpoint_quantization(model: nn.Module, checkpoint: str | Path) -> QuantSpec | None:
-    """Make ``model`` match a quantized checkpoint's layout before its weights load (no-op otherwise)."""
-    spec = read_spec(checkpoint)
-    if spec is not None:
-        quantize_model(model, spec)
-    return spec
-
-
-def save_quantized(model: nn.Module, spec: QuantSpec, out_dir: str | Path) -> Path:
-    """Write a quantized model as a checkpoint: config.json, model.safetensors, quantization.json."""
-    from mm.model import save_model
-
-    if not spec.modules:
-        raise ValueError("spec lists no quantized modules: pass the spec quantize_model returned")
-    cast = _residuals_in_fp16(spec.modules) if spec.fp16_residuals else None
-    out = save_model(model, out_dir, cast)  # type: ignore[arg-type]
-    (out / QUANT_FILE).write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
-    return out
-
-
-def _residuals_in_fp16(modules: tuple[str, ...]) -> Callable[[str, Tensor], Tensor]:
-    """A ``save_model`` cast storing the unquantized float32 tensors (not scalars) in float16.
-
-    Loading upcasts them: ``load_state_dict`` copies into the model's float32 parameters and buffers.
-    """
-    quantized = tuple(f"{m}." for m in modules)
-
-    def cast(name: str, t: Tensor) -> Tensor:
-        keep = name.startswith(quantized) and not name.endswith(".bias")  # codes and scales stay as they are
-        return t.half() if t.dtype == torch.float32 and t.numel() > 1 and not keep else t
-
-    return cast
-
-
-def quantize_checkpoint(
-    model: str | Path,
-    mode: str,
-    out_dir: str | Path,
-    group_size: int = 64,
-    encoders: bool | None = None,
-    calibration_images: list[str | Path] | None = None,
-) -> tuple[Path, QuantSpec]:
-    """Load ``model`` (a name or checkpoint), quantize it and save it to ``out_dir``.
-
-    ``calibration_images``: recalibrate the static INT8 convolutions on these (int8 only); the result is
-    stored in ``quantization.json``. Default: the shipped calibration of the packaged image encoder.
-    """
-    from mm.model import create_model, resolve
-
-    spec = QuantSpec(mode=mode, group_size=group_size, encoders=encoders)  # type: ignore[arg-type]
-    if calibration_images and not spec.static_convs:
-        raise ValueError("calibration images are for int8 with quantized encoders (static INT8 convolutions)")
-    ckpt = resolve(model)[1]
-    if ckpt is not None and read_spec(ckpt) is not None:
-        raise ValueError(f"{model} is already quantized; quantize the fp32 checkpoint instead")
-    emb = create_model(model)
-    if calibration_images:
-        spec = dataclasses.replace(spec, calibration=calibrate_convs(emb.model, calibration_images))
-    spec = quantize_model(emb.model, spec)
-    return save_quantized(emb.model, spec, out_dir), spec
-
-
-def checkpoint_size_mb(path: str | Path) -> float:
-    """Bytes on disk of a checkpoint directory (all files), in MB."""
-    p = Path(path)
-    files = [p] if p.is_file() else [f for f in p.rglob("*") if f.is_file()]
-    return sum(f.stat().st_size for f in files) / 1e6

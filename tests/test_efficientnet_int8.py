@@ -134,7 +134,8 @@ def test_int8_checkpoint_runs_and_reloads_static_int8_convs(tmp_path):
     from PIL import Image
 
     from mm.model import create_model, save_model
-    from mm.quantize import QuantSpec, quantize_model, save_quantized
+    from mm.quantize import QuantSpec, quantize_model
+    from mm.quantize_checkpoint import save_quantized
 
     overrides = {"image": {"kind": "efficientnet_lite0", "image_size": 64}}
     base = save_model(create_model("tiny", overrides=overrides).model, tmp_path / "base")

@@ -9,17 +9,11 @@ import pytest
 import torch
 from torch import nn
 
+from mm.checkpoint import QUANT_FILE
 from mm.int4 import Int4Linear, dequantize_int4, pack_int4, quantize_int4, unpack_int4
 from mm.model import create_model
-from mm.quantize import (
-    QUANT_FILE,
-    Int8Linear,
-    QuantSpec,
-    full_range_exact,
-    quantize_model,
-    save_quantized,
-    select_linears,
-)
+from mm.quantize import Int8Linear, QuantSpec, full_range_exact, quantize_model, select_linears
+from mm.quantize_checkpoint import save_quantized
 
 TEXTS = [f"a {c} {s}" for c in ("red", "blue", "green") for s in ("circle", "square")]
 

@@ -21,7 +21,7 @@ weight-only int8 from 0.994 to 0.999.
 
 The calibration of the packaged ImageNet weights (ranges and depthwise input means) ships beside this file
 (``CALIBRATION_FILE``, measured by :func:`calibrate` on the sample corpus' training images); regenerate it
-with ``python -m mm.encoders.efficientnet_int8 IMAGE...``.
+with ``python -m mm.encoders.recalibrate IMAGE...``.
 
 TensorFlow "SAME" padding of stride-2 convolutions is asymmetric on even inputs (one more zero after than
 before). Padding a quantized tensor is a slow copy here, so those convolutions instead get a kernel one
@@ -32,7 +32,6 @@ Index letters: b batch, c channels, h/w spatial.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -262,32 +261,3 @@ def calibrate(net: EfficientNetLite, batches: Iterable[Tensor]) -> Calibration:
 def default_calibration() -> Calibration:
     """The shipped calibration of the packaged EfficientNet-Lite0 ImageNet weights."""
     return Calibration.from_dict(json.loads(CALIBRATION_FILE.read_text()))
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Recalibrate the packaged weights on a set of images and write the calibration as JSON."""
-    from mm.encoders.efficientnet_lite import LITE_MEAN, LITE_STD, efficientnet_lite0, fold_batchnorms
-    from mm.encoders.image import to_pixels
-
-    p = argparse.ArgumentParser(description=main.__doc__)
-    p.add_argument("images", nargs="+", help="image files (a few hundred, like the ones you will index)")
-    p.add_argument("--size", type=int, default=224)
-    p.add_argument("--out", type=Path, default=CALIBRATION_FILE)
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
-    net = efficientnet_lite0().eval()
-    fold_batchnorms(net)
-    paths = sorted(args.images)
-    batches = (to_pixels(paths[s : s + 32], args.size, LITE_MEAN, LITE_STD) for s in range(0, len(paths), 32))
-    cal = calibrate(net, batches)
-    about = (
-        "EfficientNet-Lite0 (packaged ImageNet weights, BatchNorms folded): activation min/max and "
-        f"depthwise input means on {len(paths)} images at {args.size}px; see mm/encoders/efficientnet_int8.py"
-    )
-    args.out.write_text(json.dumps({"format": 1, "about": about, **cal.to_dict()}) + "\n")
-    log.info("wrote the calibration of %d tensors to %s", len(cal.ranges), args.out)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

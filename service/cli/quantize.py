@@ -61,8 +61,9 @@ def _images(paths: list[str]) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mm.checkpoint import checkpoint_size_mb
     from mm.model import default_model_name
-    from mm.quantize import checkpoint_size_mb, quantize_checkpoint
+    from mm.quantize_checkpoint import quantize_checkpoint
 
     images = _images(args.calibrate) if args.calibrate else None
     out, spec = quantize_checkpoint(
