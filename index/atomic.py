@@ -75,31 +75,39 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 
 class FileLock:
-    """An exclusive ``fcntl.flock`` on a lock file, re-entrant within one process (counted).
+    """An ``fcntl.flock`` on a lock file, re-entrant within one process (counted); exclusive by default.
 
     Other processes that take the same lock wait; the OS drops it if the holder dies, so a crash never
-    leaves a stale lock behind.
+    leaves a stale lock behind. ``shared=True`` holders coexist with each other, and keep out an
+    exclusive holder (e.g. uploads in progress against a sweep of unreferenced files).
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, shared: bool = False):
         self.path = Path(path)
+        self.shared = shared
         self._fd: int | None = None
         self._depth = 0
         self._mutex = threading.Lock()
 
-    def acquire(self) -> None:
+    def acquire(self, blocking: bool = True) -> bool:
+        """Take the lock (waiting, unless ``blocking`` is False); whether it was taken."""
         import fcntl
 
         with self._mutex:
             if self._depth == 0:
                 fd = os.open(str(self.path), os.O_RDWR | os.O_CREAT, 0o644)
+                mode = fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX
                 try:
-                    fcntl.flock(fd, fcntl.LOCK_EX)
+                    fcntl.flock(fd, mode if blocking else mode | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    return False
                 except BaseException:
                     os.close(fd)
                     raise
                 self._fd = fd
             self._depth += 1
+            return True
 
     def release(self) -> None:
         import fcntl

@@ -54,7 +54,7 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         from mm.runtime import tune_allocator
         from service.embedding import load_embedder
-        from service.store import open_collection
+        from service.store import open_collection, remove_orphan_uploads
 
         tune_allocator()
         emb = embedder if embedder is not None else load_embedder(settings.model, settings.adapter)
@@ -62,6 +62,7 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
             settings.collection, emb, create=True, memory_budget_mb=settings.memory_budget_mb
         )
         settings.media_path.mkdir(parents=True, exist_ok=True)
+        remove_orphan_uploads(collection, settings.media_path)  # what a kill mid-upload left
         app.state.embedder, app.state.collection, app.state.jobs = emb, collection, JobManager()
         log.info("serving collection %s (%d items)", settings.collection, collection.count())
         try:

@@ -15,6 +15,7 @@ from index.ingest import IMAGE_EXTS as IMAGE_SUFFIXES
 from mm.errors import MediaError
 
 if TYPE_CHECKING:
+    from index.atomic import FileLock
     from index.collection import Collection
     from index.protocol import Embedder
     from index.types import Item
@@ -133,6 +134,59 @@ def save_upload(src: IO[bytes], media_dir: Path, suffix: str, max_bytes: int) ->
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+UPLOADS_LOCK = ".uploads.lock"
+_UPLOAD_NAME = re.compile(r"[0-9a-f]{24}(\.[a-z0-9]{1,8})?")  # what save_upload names a stored upload
+_UPLOAD_TEMP = re.compile(r"\.upload-[a-z0-9_]{8}(\.[a-z0-9]{1,8})?")  # and its temp file while copying
+
+
+def upload_guard(media_dir: Path) -> FileLock:
+    """A shared lock to hold from storing an upload until its item is committed (or the file removed).
+
+    :func:`remove_orphan_uploads` takes it exclusively, so it never mistakes an upload in flight in any
+    process for an orphan.
+    """
+    from index.atomic import FileLock
+
+    media_dir.mkdir(parents=True, exist_ok=True)
+    return FileLock(media_dir / UPLOADS_LOCK, shared=True)
+
+
+def remove_orphan_uploads(collection: Collection, media_dir: Path) -> list[Path]:
+    """Delete stored uploads no item refers to, and temp files of uploads cut short; returns them.
+
+    A kill between storing an upload and committing its item leaves such files. Only a media folder
+    inside the collection's own folder is swept (a shared one may hold another collection's uploads),
+    only names :func:`save_upload` makes, and only while no upload is in flight anywhere (otherwise
+    they wait for the next start).
+    """
+    from index.atomic import FileLock
+
+    media = media_dir.resolve()
+    if not media.is_dir() or not is_inside(media, collection.path):
+        return []
+    lock = FileLock(media / UPLOADS_LOCK)
+    if not lock.acquire(blocking=False):
+        log.info("uploads in flight in %s: leaving unreferenced files for the next start", media)
+        return []
+    removed: list[Path] = []
+    try:
+        referenced = collection.uris_under(str(media) + os.sep)
+        for f in media.iterdir():
+            orphan = _UPLOAD_TEMP.fullmatch(f.name) or (
+                _UPLOAD_NAME.fullmatch(f.name) and str(f) not in referenced
+            )
+            if orphan and f.is_file() and not f.is_symlink():
+                f.unlink(missing_ok=True)
+                removed.append(f)
+    finally:
+        lock.release()
+    if removed:
+        log.warning(
+            "removed %d uploaded files no item refers to (left by an interrupted upload)", len(removed)
+        )
+    return removed
 
 
 def is_inside(path: Path, root: Path) -> bool:

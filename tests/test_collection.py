@@ -517,3 +517,21 @@ def test_check_reports_broken_invariants(tmp_path):
     assert not report["ok"] and report["missing_in_faiss"] == [ids[0]]
     assert report["leftovers"] == [str(path / ".vectors.faiss.abcd1234.tmp")]
     c.close()
+
+
+def test_open_removes_temp_files_of_interrupted_saves(tmp_path):
+    path = tmp_path / "c"
+    with Collection.create(path, dim=DIM, embedder_id="fake:1") as c:
+        c.add(unit(4), items(4))
+    dead = [path / ".vectors.faiss.k2_9ab0x.tmp", path / ".collection.json.zz0a1b2c.tmp"]
+    for f in dead:
+        f.write_bytes(b"\0" * 4096)  # a killed save's temp file, as large as the index
+    not_ours = [path / ".vectors.faiss.tmp", path / "notes.tmp", path / ".vectors.faiss.ABCDEFGH.tmp"]
+    for f in not_ours:
+        f.write_bytes(b"keep")
+    with Collection.open(path, readonly=True) as c:  # a reader changes nothing
+        assert sorted(c.check()["leftovers"]) == sorted(map(str, dead))
+    assert all(f.exists() for f in dead)
+    with Collection.open(path) as c:
+        assert c.check()["ok"] and c.count() == 4
+    assert not any(f.exists() for f in dead) and all(f.exists() for f in not_ours)

@@ -19,7 +19,14 @@ from service.deps import CollectionDep, EmbedderDep, SettingsDep
 from service.errors import APIError
 from service.schemas import Deleted, ItemList, ItemOut, Modality, TextItemIn, error_responses
 from service.search import item_to_dict
-from service.store import modality_of, remove_owned_files, safe_suffix, save_upload, thumbnail
+from service.store import (
+    modality_of,
+    remove_owned_files,
+    safe_suffix,
+    save_upload,
+    thumbnail,
+    upload_guard,
+)
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/items", tags=["items"])
@@ -64,17 +71,18 @@ def add_item(
 
     modality_of(file.filename, file.content_type)  # 415 before anything is written
     suffix = safe_suffix(file.filename, file.content_type)
-    path, created = save_upload(file.file, settings.media_path, suffix, settings.max_upload_bytes)
-    try:
-        item = ingest_one(collection, embedder, path, caption=caption, tags=_tags(tags))
-    except BaseException as exc:
-        if created:
-            Path(path).unlink(missing_ok=True)
-        if isinstance(exc, ValueError | OSError) and not isinstance(exc, MediaError):
-            raise APIError(422, f"cannot use {file.filename}: {exc}", "invalid_media") from exc
-        raise
-    if created and Path(item.uri) != path:  # the same content was already indexed from elsewhere
-        path.unlink(missing_ok=True)
+    with upload_guard(settings.media_path):  # until the item is committed: not an orphan to sweep
+        path, created = save_upload(file.file, settings.media_path, suffix, settings.max_upload_bytes)
+        try:
+            item = ingest_one(collection, embedder, path, caption=caption, tags=_tags(tags))
+        except BaseException as exc:
+            if created:
+                Path(path).unlink(missing_ok=True)
+            if isinstance(exc, ValueError | OSError) and not isinstance(exc, MediaError):
+                raise APIError(422, f"cannot use {file.filename}: {exc}", "invalid_media") from exc
+            raise
+        if created and Path(item.uri) != path:  # the same content was already indexed from elsewhere
+            path.unlink(missing_ok=True)
     log.info("stored upload as item %d (%s)", item.id, item.modality)
     return ItemOut.model_validate(item_to_dict(item))
 
