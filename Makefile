@@ -24,6 +24,8 @@ $(STAMP): requirements.lock pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip==26.3
 	$(BIN)/pip install -q -r requirements.lock
+	# aisfx pins numpy 1.23 and librosa 0.9: only its checkpoint is used (mm.encoders.sfx), not its code
+	$(BIN)/pip install -q --no-deps aisfx==0.1.2
 	$(BIN)/pip install -q --no-deps -e .
 	touch $(STAMP)
 
