@@ -26,6 +26,7 @@ import numpy as np
 from index.collection import Collection
 from index.protocol import Embedder
 from index.types import IngestReport, Item, ItemError
+from index.walk import OUTSIDE, inside, resolve_roots, walk
 
 log = logging.getLogger(__name__)
 
@@ -76,24 +77,31 @@ def _media_sibling(path: Path, present: set[Path] | None) -> bool:
     return False
 
 
-def discover(paths: Sequence[str | Path]) -> tuple[list[_Candidate], list[ItemError]]:
-    """Expand folders (recursively, skipping hidden names) into ingestible files and their captions."""
+def discover(
+    paths: Sequence[str | Path], allowed_roots: Sequence[str | Path] | None = None
+) -> tuple[list[_Candidate], list[ItemError]]:
+    """Expand folders (recursively, skipping hidden names) into ingestible files and their captions.
+
+    Every path is resolved before use (:mod:`index.walk`): with ``allowed_roots`` one that leads
+    outside them is refused, and dangling or looping symlinks are reported, each as an ``ItemError``.
+    """
+    roots = resolve_roots(allowed_roots)
     walked: list[Path] = []
     explicit: list[Path] = []
+    errors: list[ItemError] = []
     for p in paths:
         p = Path(p).expanduser()
         if not p.exists():
             raise ValueError(f"{p} does not exist: pass existing files or folders")
-        if p.is_dir():
-            for f in sorted(p.rglob("*")):
-                rel = f.relative_to(p).parts
-                if f.is_file() and not any(part.startswith(".") for part in rel):
-                    walked.append(f.resolve())
+        real = p.resolve()
+        if not inside(real, roots):
+            errors.append(ItemError(str(p), OUTSIDE if p.is_symlink() else "outside the allowed roots"))
+        elif real.is_dir():
+            walked += walk(real, roots, errors)
         else:
-            explicit.append(p.resolve())
+            explicit.append(real)
     present = set(walked)
     out: list[_Candidate] = []
-    errors: list[ItemError] = []
     seen: set[Path] = set()
     for f, is_explicit in [(f, False) for f in walked] + [(f, True) for f in explicit]:
         if f in seen:
@@ -109,9 +117,17 @@ def discover(paths: Sequence[str | Path]) -> tuple[list[_Candidate], list[ItemEr
                 continue  # a sidecar caption, read with its media file
             out.append(_Candidate(f, "text"))
             continue
-        cap = f.with_suffix(CAPTION_EXT)
-        out.append(_Candidate(f, modality, cap if cap.is_file() else None))
+        out.append(_Candidate(f, modality, _caption_path(f, roots)))
     return out, errors
+
+
+def _caption_path(media: Path, roots: Sequence[Path] | None) -> Path | None:
+    """The resolved sidecar caption of ``media`` if there is one inside the roots (a link out is not read)."""
+    cap = media.with_suffix(CAPTION_EXT)
+    if not cap.is_file():
+        return None
+    real = cap.resolve()
+    return real if inside(real, roots) else None
 
 
 def _read_caption(path: Path | None) -> str | None:
@@ -354,8 +370,11 @@ def ingest(
     on_progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     retry_failed: bool = False,
+    allowed_roots: Sequence[str | Path] | None = None,
 ) -> IngestReport:
     """Index files and folders (recursively). Unchanged files are skipped, so an interrupted run resumes.
+
+    With ``allowed_roots``, files (and symlinks' targets) outside them are refused, each reported.
 
     ``on_progress(done, total)`` is called after each batch; ``should_stop()`` is polled before each batch.
     Failed files are retried only when changed, or with ``retry_failed``.
@@ -364,7 +383,7 @@ def ingest(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     _check_embedder(collection, embedder)
     t0 = time.perf_counter()
-    cands, errors = discover(paths)
+    cands, errors = discover(paths, allowed_roots)
     report = IngestReport(errors=list(errors), failed=len(errors), seen=len(errors))
     batches = [cands[i : i + batch_size] for i in range(0, len(cands), batch_size)]
     batcher = _Batcher(collection, embedder, report)

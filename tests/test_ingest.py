@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -302,3 +303,78 @@ def _png_bytes(img) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
+
+
+# symlinks: resolved before they are trusted, and reported when they lead nowhere -------------------------
+def _linked_folder(tmp_path: Path) -> tuple[Path, Path]:
+    """An allowed folder whose links lead out, nowhere, in circles, and (one) to a file inside it."""
+    allowed, outside = tmp_path / "allowed", tmp_path / "secret"
+    (allowed / "sub").mkdir(parents=True)
+    outside.mkdir()
+    _png(allowed / "own.png", (200, 20, 20))
+    _png(outside / "private.png", (20, 200, 20))
+    (outside / "private.txt").write_text("the outside file's words")
+    (outside / "dir").mkdir()
+    _png(outside / "dir" / "deep.png", (20, 20, 200))
+    (allowed / "out.png").symlink_to(outside / "private.png")  # a file outside
+    (allowed / "outdir").symlink_to(outside / "dir")  # a folder outside
+    (allowed / "own.txt").symlink_to(outside / "private.txt")  # own.png's caption, read from outside
+    (allowed / "sub" / "again.png").symlink_to(allowed / "own.png")  # inside: fine
+    (allowed / "dangling.png").symlink_to(allowed / "gone.png")
+    (allowed / "sub" / "up").symlink_to(allowed)  # a folder loop
+    (allowed / "self.png").symlink_to(allowed / "self.png")  # a link loop
+    return allowed, outside
+
+
+def test_walk_refuses_symlinks_out_of_the_allowed_roots_and_reports_each(tmp_path):
+    allowed, outside = _linked_folder(tmp_path)
+    emb = FakeEmbedder()
+    with Collection.create(tmp_path / "coll", dim=emb.dim, embedder_id=emb.model_id) as coll:
+        report = ingest(coll, emb, [allowed], progress=False, allowed_roots=[allowed])
+        uris = {it.uri for it in coll.items(limit=100)}
+        assert uris == {str((allowed / "own.png").resolve())}  # again.png is the same file
+        assert coll.items()[0].caption == ""  # the caption link out was not read
+        errors = {Path(e.path).name: e.error for e in report.errors}
+        assert {k: v for k, v in errors.items() if "outside" in v}.keys() == {"out.png", "outdir", "own.txt"}
+        assert "does not exist" in errors["dangling.png"]
+        assert "loop" in errors["self.png"] and "loop" in errors["up"]
+        assert all(str(outside) not in e.error for e in report.errors)  # targets are not echoed back
+        assert report.failed == len(report.errors) == 6
+
+
+def test_walk_without_roots_follows_links_and_still_reports_broken_ones(tmp_path):
+    """`mm index` on one's own files: links anywhere are followed; dangling ones and loops are reported."""
+    allowed, outside = _linked_folder(tmp_path)
+    emb = FakeEmbedder()
+    with Collection.create(tmp_path / "coll", dim=emb.dim, embedder_id=emb.model_id) as coll:
+        report = ingest(coll, emb, [allowed], progress=False)
+        uris = {Path(it.uri).name for it in coll.items(limit=100)}
+        assert uris == {"own.png", "private.png", "deep.png"}
+        assert coll.find_by_uri(str(allowed / "own.png")).caption == "the outside file's words"
+        assert {Path(e.path).name for e in report.errors} == {"dangling.png", "self.png", "up"}
+
+
+def test_post_ingest_does_not_serve_files_a_symlink_leads_out_to(tmp_path):
+    from conftest import FakeEmbedder as ServiceEmbedder
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    allowed, outside = _linked_folder(tmp_path)
+    settings = Settings(collection=tmp_path / "coll", allowed_roots=[allowed])
+    with TestClient(create_app(settings, embedder=ServiceEmbedder())) as client:
+        job = client.post("/ingest", json={"path": str(allowed)}).json()
+        for _ in range(400):
+            job = client.get(f"/jobs/{job['id']}").json()
+            if job["status"] not in ("queued", "running"):
+                break
+            time.sleep(0.05)
+        assert job["status"] == "done", job
+        refused = {Path(e["path"]).name for e in job["errors"] if "outside" in e["error"]}
+        assert refused == {"out.png", "outdir", "own.txt"}
+        items = client.get("/items").json()["items"]
+        assert [Path(it["uri"]).name for it in items] == ["own.png"]
+        secret = (outside / "private.png").read_bytes()
+        assert all(client.get(f"/items/{it['id']}/media").content != secret for it in items)
+        assert client.post("/ingest", json={"path": str(allowed / "out.png")}).status_code == 403

@@ -1,7 +1,9 @@
 """``POST /ingest`` (a server-side file or folder, as a background job) and ``GET /jobs``/``/jobs/{id}``.
 
 Only paths under ``MM_ALLOWED_ROOTS`` are accepted, after resolving symlinks and ``..`` (403 otherwise;
-403 as well when no roots are configured). Jobs run one at a time in a worker thread.
+403 as well when no roots are configured); inside a folder, every file and symlink target is checked
+the same way, and one leading outside is refused in the job's per-item errors. Jobs run one at a time
+in a worker thread.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ def start_ingest(
             tags=req.tags or None,
             on_progress=job.progress,
             should_stop=job.stop.is_set,
+            allowed_roots=settings.allowed_roots,  # a symlink in a root must not lead out of them
         )
         collection.save()
         return report
