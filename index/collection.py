@@ -28,7 +28,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -248,6 +248,7 @@ class Collection:
             self._config.update(generation=self.generation, index=vi.spec, updated_at=time.time())
             atomic_write_json(self.path / CONFIG_FILE, self._config)
             self._saved_generation = self.generation
+            self.store.trim_changes()
 
     @contextlib.contextmanager
     def bulk(self) -> Iterator[Collection]:
@@ -266,11 +267,67 @@ class Collection:
                     self.save()
 
     def refresh(self) -> bool:
-        """Pick up changes another process committed; True if anything was reloaded."""
+        """Pick up changes another process committed; True if there were any.
+
+        Searches call this themselves (see :meth:`_follow`); it applies only the vectors that changed
+        since the generation this index is at (``vector_changes`` in SQLite), and reloads the whole index
+        only when that log does not reach back far enough or most of the collection changed.
+        """
         if self.store.generation() == self.generation:
             return False
-        self._load_index(on_open=False)
+        with self._wlock:
+            if self.store.generation() == self.generation:
+                return False
+            self._catch_up()
         return True
+
+    def _follow(self) -> None:
+        """Before a search: catch up if another process committed (one indexed SQLite read when not)."""
+        if self.store.generation() == self.generation:
+            return
+        # Busy: this process is writing, and its own write catches up first (see _writing); a search
+        # never waits for that, it answers from the index as it is.
+        if not self._wlock.acquire(blocking=False):
+            return
+        try:
+            if self.store.generation() != self.generation:
+                self._catch_up()
+        finally:
+            self._wlock.release()
+
+    def _catch_up(self) -> None:
+        """Apply what other processes committed since ``self.generation`` (the caller holds ``_wlock``)."""
+        vi = self._vindex
+        assert vi is not None
+        changes = self.store.changes_since(self.generation, max_ids=max(1000, vi.live // 2))
+        if changes is None:
+            self._load_index(on_open=False)
+            return
+        try:
+            with self._rw.write():
+                vi.remove(changes.changed)  # ids absent from the index are ignored
+                if len(changes.ids):
+                    vi.add(changes.ids, changes.vectors)
+            consistent = vi.live == changes.count
+        except Exception:
+            log.exception("collection %s: applying changes from another process failed", self.path)
+            consistent = False
+        if not consistent:
+            log.warning("collection %s: index out of step after catching up; reloading it", self.path)
+            self._load_index(on_open=False)
+            return
+        log.debug(
+            "collection %s: applied %d changed vectors, generation %d -> %d",
+            self.path,
+            len(changes.changed),
+            self.generation,
+            changes.generation,
+        )
+        self.generation = changes.generation
+        side = self._read_sidecar()
+        if side is not None and int(side["generation"]) == self.generation:
+            self._saved_generation = self.generation  # the writer saved this state: nothing to write
+        self._maybe_switch()
 
     def _read_sidecar(self) -> dict[str, Any] | None:
         try:
@@ -365,7 +422,7 @@ class Collection:
             )
         with self._wlock, self._flock:
             if self.store.generation() != self.generation:  # another process wrote since we loaded
-                self._load_index(on_open=False)
+                self._catch_up()
             yield
 
     def _apply(self, gen: int, remove: list[int], add_ids: list[int], add_vecs: np.ndarray | None) -> None:
@@ -453,6 +510,72 @@ class Collection:
                 self._apply(gen, with_vec, [], None)
         return n
 
+    def replace_vectors(
+        self,
+        vectors: Mapping[int, np.ndarray],
+        *,
+        embedder_id: str,
+        errors: Mapping[int, str] | None = None,
+    ) -> int:
+        """Swap every stored vector for one of another embedder, and the collection's embedder id, at once.
+
+        ``vectors``: item id -> its new (dim,) vector. ``errors``: item id -> why it has no new vector (it
+        keeps its metadata, loses its old vector, which belongs to the old embedder, and is listed by
+        :meth:`errors`). Together they must name every item that holds a vector now, and no id twice, so the
+        collection never holds vectors of two embedders; the dimension stays. Ids and metadata are kept.
+
+        The vectors, the errors and the new embedder id commit in one SQLite transaction: a failure or a
+        crash before the commit leaves the old vectors and id; after it, the FAISS index is rebuilt from
+        SQLite (here, or on the next open if the process dies first). Returns how many vectors were replaced.
+        """
+        errors = {int(i): str(e) for i, e in (errors or {}).items()}
+        ids = [int(i) for i in vectors]
+        if not embedder_id:
+            raise ValueError("replace_vectors needs the new embedder id")
+        twice = sorted(set(ids) & set(errors))
+        if twice:
+            raise ValueError(f"ids {twice[:5]} have both a new vector and an error; give each one only")
+        x = self._check_vectors(
+            np.stack([np.asarray(vectors[i]) for i in ids]) if ids else np.zeros((0, self.dim)), len(ids)
+        )
+        now = time.time()
+        with self._writing():
+            known = self.store.get_many([*ids, *errors])
+            unknown = sorted((set(ids) | set(errors)) - set(known))
+            if unknown:
+                raise ValueError(f"no items with ids {unknown[:5]} in collection {self.path}")
+            left = sorted(set(self.store.all_ids().tolist()) - set(ids) - set(errors))
+            if left:
+                raise ValueError(
+                    f"{len(left)} items with a vector (ids {left[:5]}) have neither a new vector nor an "
+                    "error: the collection would mix two embedders (items added meanwhile? re-embed again)"
+                )
+            # SQLite's copy holds the creation config only; save() adds the file's own fields (index, ...)
+            stored = {**(self.store.get_meta("config") or self._config), "embedder_id": embedder_id}
+            with self.store.transaction() as conn:
+                for id_, v in zip(ids, x, strict=True):
+                    self.store.update(conn, id_, dataclasses.replace(known[id_], updated_at=now), v)
+                for id_, err in errors.items():
+                    item = dataclasses.replace(known[id_], error=err, updated_at=now)
+                    self.store.update(conn, id_, item, None)
+                self.store.set_meta("config", stored, conn=conn)
+                gen = self.store.bump_generation(conn)
+            self.embedder_id = embedder_id
+            self._config = {**self._config, "embedder_id": embedder_id}
+            new = self._rebuild_index()
+            with self._rw.write():
+                self._vindex = new
+            self.generation = gen
+            self.save()
+        log.info(
+            "collection %s: %d vectors replaced (%d items without one), embedder %s",
+            self.path,
+            len(ids),
+            len(errors),
+            embedder_id,
+        )
+        return len(ids)
+
     def record_error(
         self,
         uri: str,
@@ -526,6 +649,7 @@ class Collection:
             raise ValueError(
                 f"queries must have shape (q, {self.dim}) or ({self.dim},), got {tuple(q.shape)}"
             )
+        self._follow()  # what another process (`mm index`) committed is searched too
         for attempt in range(3):
             scores, labels = self._search_ids(q, k + offset, filter)
             items = self.store.get_many({int(i) for i in labels.ravel() if i >= 0})

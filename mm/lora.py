@@ -295,7 +295,7 @@ def load_adapter(embedder: Any, adapter_dir: str | Path, merge: bool = True) -> 
             layer.lora_B["default"].weight.copy_(state[f"{name}.lora_B"])
         model.requires_grad_(False)
     model.eval()
-    embedder._model_id = None  # the weights changed: so does the id collections check
+    embedder.weights_changed()  # so does the id collections check
     return embedder
 
 
@@ -319,6 +319,8 @@ class LoraTrainer(Trainer):
     Checkpoints are adapter files (no optimizer state: a fine-tune is short, and it restarts cleanly).
     """
 
+    balance_experts = False  # the routers' balancing biases belong to the frozen base
+
     def __init__(self, cfg: TrainConfig, spec: LoraSpec):
         if cfg.overrides:
             raise ValueError("fine-tuning keeps the base model's config; drop the config overrides")
@@ -330,11 +332,9 @@ class LoraTrainer(Trainer):
         self.base_model = _portable(cfg.model)
         self.base_model_id = self.embedder.model_id
         self.modules, self.quantized = apply_lora(self.model, spec)
-        # Router balancing biases belong to the frozen base: stop the trainer's per-step update.
-        self.model.backbone.update_moe_biases = lambda: None  # type: ignore[method-assign]
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.embedder._model_id = None
+        self.embedder.weights_changed()
         counts = parameter_counts(self.model)
         log.info(
             "LoRA r=%d on %d modules: %d trainable parameters (%.2f%% of the %d a full fine-tune trains)",

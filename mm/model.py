@@ -132,6 +132,11 @@ class MultimodalEmbedder:
             self._model_id = f"{self.name}:{h.hexdigest()[:12]}"
         return self._model_id
 
+    def weights_changed(self) -> None:
+        """Call after changing the model's weights in place (an adapter loaded, a fine-tune): ``model_id``
+        is then computed again from the new weights, so collections see a different model."""
+        self._model_id = None
+
     def encode_text(self, texts: Sequence[str]) -> np.ndarray:
         if isinstance(texts, str):
             raise TypeError("encode_text takes a list of strings, not a single string")

@@ -89,6 +89,10 @@ def _keys(rows: Sequence[dict], m: str) -> list[str]:
 
 
 class Trainer:
+    # Whether each optimizer step also nudges the MoE routers' balancing biases (DeepSeek-V3's
+    # aux-loss-free balance). A full training run does; a fine-tune that freezes the base does not.
+    balance_experts: bool = True
+
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.out = Path(cfg.out_dir)
@@ -228,7 +232,7 @@ class Trainer:
             self.opt.step()
             with torch.no_grad():
                 self.model.logit_scale.clamp_(0, math.log(100.0))
-            if hasattr(self.model, "backbone"):
+            if self.balance_experts and hasattr(self.model, "backbone"):
                 self.model.backbone.update_moe_biases()
             self.step += 1
             loss_val = float(loss.detach())

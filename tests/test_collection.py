@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import threading
 
@@ -535,3 +536,99 @@ def test_open_removes_temp_files_of_interrupted_saves(tmp_path):
     with Collection.open(path) as c:
         assert c.check()["ok"] and c.count() == 4
     assert not any(f.exists() for f in dead) and all(f.exists() for f in not_ours)
+
+
+# replace_vectors (re-embedding) --------------------------------------------------------------------------
+
+
+def _reembedded(path, n=6):
+    """A collection of ``n`` items, and new vectors for them (as another embedder would give)."""
+    c = Collection.create(path, dim=DIM, embedder_id="old:1")
+    ids = c.add(unit(n, seed=1), items(n))
+    return c, ids, dict(zip(ids, unit(n, seed=2), strict=True))
+
+
+def test_replace_vectors_swaps_every_vector_and_the_embedder_id(tmp_path):
+    path = tmp_path / "c"
+    c, ids, new = _reembedded(path)
+    failed = ids[2]
+    del new[failed]
+    assert c.replace_vectors(new, embedder_id="new:2", errors={failed: "file gone"}) == 5
+    for coll in (c, Collection.open(path, readonly=True)):
+        assert coll.embedder_id == "new:2" and coll.count() == 5
+        got_ids, got = coll.all_vectors()
+        assert got_ids.tolist() == [i for i in ids if i != failed]
+        np.testing.assert_array_equal(got, np.stack([new[i] for i in got_ids]))
+        q = new[ids[4]]
+        assert coll.search(q, k=1)[0][0].id == ids[4]  # FAISS holds the new vectors
+        assert [(e.id, e.error) for e in coll.errors()] == [(failed, "file gone")]
+        assert coll.get(ids[0]).uri == "/data/b/f0"  # ids and metadata kept
+        assert coll.check()["ok"]
+    c.close()
+    import json
+
+    assert json.loads((path / "collection.json").read_text())["embedder_id"] == "new:2"
+
+
+def test_replace_vectors_refuses_what_would_mix_or_lose_vectors(tmp_path):
+    c, ids, new = _reembedded(tmp_path / "c")
+    before = c.all_vectors()[1].copy()
+    partial = {i: v for i, v in new.items() if i != ids[0]}
+    bad = [
+        (partial, {}, "neither a new vector nor an error"),  # one item would keep the old model's vector
+        (new, {ids[0]: "x"}, "both a new vector and an error"),
+        ({**new, 999: new[ids[0]]}, {}, "no items with ids [999]"),
+        ({**new, ids[0]: np.zeros(DIM + 1, np.float32)}, {}, "shape"),
+        ({**new, ids[0]: np.full(DIM, np.nan, np.float32)}, {}, "NaN"),
+    ]
+    for vectors, errors, message in bad:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            c.replace_vectors(vectors, embedder_id="new:2", errors=errors)
+    assert c.embedder_id == "old:1"
+    np.testing.assert_array_equal(c.all_vectors()[1], before)
+    c.close()
+
+
+def test_replace_vectors_failing_midway_leaves_the_old_vectors(tmp_path, monkeypatch):
+    path = tmp_path / "c"
+    c, ids, new = _reembedded(path)
+    before = c.all_vectors()[1].copy()
+    update, calls = c.store.update, []
+
+    def fail_on_the_fourth(*args, **kw):
+        calls.append(args[1])
+        if len(calls) == 4:
+            raise OSError("disk full")
+        return update(*args, **kw)
+
+    monkeypatch.setattr(c.store, "update", fail_on_the_fourth)
+    with pytest.raises(OSError, match="disk full"):
+        c.replace_vectors(new, embedder_id="new:2")
+    assert len(calls) == 4  # three vectors were written inside the transaction before it failed
+    monkeypatch.undo()
+    for coll in (c, Collection.open(path, readonly=True)):
+        assert coll.embedder_id == "old:1"
+        np.testing.assert_array_equal(coll.all_vectors()[1], before)
+        assert coll.search(before[3], k=1)[0][0].id == ids[3]
+    c.add(unit(1, seed=9), items(1, start=50))  # still writable
+    c.close()
+
+
+def test_replace_vectors_crash_after_commit_reopens_with_the_new_vectors(tmp_path, monkeypatch):
+    """Killed between the SQLite commit and the FAISS rebuild: the next open rebuilds from SQLite."""
+    path = tmp_path / "c"
+    c, ids, new = _reembedded(path)
+
+    def crash(*args, **kw):
+        raise KeyboardInterrupt  # stands in for a kill: nothing after the commit runs
+
+    monkeypatch.setattr("index.collection.VectorIndex.build", crash)
+    with pytest.raises(KeyboardInterrupt):
+        c.replace_vectors(new, embedder_id="new:2")
+    monkeypatch.undo()
+    c.store.close()  # no save: the process is gone
+    with Collection.open(path) as coll:
+        assert coll.embedder_id == "new:2"
+        assert coll.search(new[ids[1]], k=1)[0][0].id == ids[1]
+        report = coll.check()
+        assert report["ok"] and report["disk_index"] == "current", report["problems"]

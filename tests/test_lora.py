@@ -33,7 +33,7 @@ def _adapted(base_ckpt, spec: LoraSpec):
     torch.manual_seed(1)
     for layer in lora_layers(emb.model).values():
         torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.05)
-    emb._model_id = None
+    emb.weights_changed()
     return emb, base_id, modules, quantized
 
 
