@@ -1,4 +1,9 @@
-"""Request body size limit (413), enforced while the body is read, with the service's JSON error body.
+"""Bounds on what one request may carry, and the body size limit (413) enforced while a body is read.
+
+The constants are the API's documented limits (the schemas state them, so the OpenAPI schema says what
+the server enforces): ids and offsets within SQLite's 64-bit INTEGER, a bounded number of tags (each
+becomes one SQL clause; SQLite refuses an expression tree deeper than 1000), path names within what
+the file system takes, and a length for every text a route reads.
 
 A declared ``Content-Length`` over the limit is refused before any byte is read; a body without one
 (chunked) is counted as it arrives and refused as soon as it passes the limit. Starlette's own limiter
@@ -12,6 +17,16 @@ import json
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import APIError, error_body
+
+INT64_MAX = 2**63 - 1  # SQLite INTEGER: a larger id or offset cannot even be bound to a query
+MAX_TAGS = 64  # tags per filter or per item
+MAX_TAG_CHARS = 200
+MAX_QUERY_CHARS = 2000  # a search query or a question (the embedder sees its first tokens only)
+MAX_TEXT_CHARS = 100_000  # a text item or a caption
+MAX_MESSAGE_CHARS = 32_000  # one chat message (OpenAI route); the question is MAX_QUERY_CHARS of it
+MAX_MESSAGES = 256  # messages of one chat request
+MAX_PATH_CHARS = 4096  # PATH_MAX on Linux
+MAX_NAME_BYTES = 255  # one path component (NAME_MAX)
 
 
 class BodyLimitMiddleware:

@@ -3,11 +3,53 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
+
+from service.limits import (
+    INT64_MAX,
+    MAX_NAME_BYTES,
+    MAX_PATH_CHARS,
+    MAX_QUERY_CHARS,
+    MAX_TAG_CHARS,
+    MAX_TAGS,
+    MAX_TEXT_CHARS,
+)
 
 Modality = Literal["text", "image", "audio"]
+NON_BLANK = r"\S"  # JSON Schema patterns search: the text holds at least one non-space character
+
+
+def _non_blank(text: str) -> str:
+    if not text.strip():
+        raise ValueError("the text is blank")
+    return text
+
+
+def non_blank(max_chars: int) -> Any:
+    """A text of 1 to ``max_chars`` characters, not all spaces (a validator for a clear message, and a
+    pattern so that the schema says it)."""
+    return Annotated[
+        str,
+        StringConstraints(min_length=1, max_length=max_chars),
+        AfterValidator(_non_blank),
+        Field(json_schema_extra={"pattern": NON_BLANK}),
+    ]
+
+
+QueryText = non_blank(MAX_QUERY_CHARS)  # a search query or a question
+LongText = non_blank(MAX_TEXT_CHARS)  # a text item
+Tag = Annotated[str, Field(max_length=MAX_TAG_CHARS)]
+ItemId = Annotated[int, Field(ge=1, le=INT64_MAX, description="an item id (ids start at 1)")]
 
 
 class ErrorDetail(BaseModel):
@@ -27,8 +69,12 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
 class SearchFilters(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    tags: list[str] | None = Field(None, description="keep items carrying all of these tags")
-    path_prefix: str | None = Field(None, description="keep items whose uri starts with this")
+    tags: list[Tag] | None = Field(
+        None, max_length=MAX_TAGS, description="keep items carrying all of these tags"
+    )
+    path_prefix: str | None = Field(
+        None, max_length=MAX_PATH_CHARS, description="keep items whose uri starts with this"
+    )
     since: datetime | float | None = Field(None, description="created at/after (ISO 8601 or unix seconds)")
     until: datetime | float | None = Field(None, description="created at/before (ISO 8601 or unix seconds)")
 
@@ -38,8 +84,8 @@ class SearchRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    query: str | None = Field(None, min_length=1, max_length=2000, description="text query")
-    item_id: int | None = Field(None, description="more-like-this: items like this one (itself excluded)")
+    query: QueryText | None = Field(None, description="text query")
+    item_id: ItemId | None = Field(None, description="more-like-this: items like this one (itself excluded)")
     vector: list[float] | None = Field(
         None, description="advanced: a precomputed query vector of the collection's dim (normalised here)"
     )
@@ -109,8 +155,8 @@ class ItemList(BaseModel):
 class TextItemIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    text: str = Field(min_length=1, max_length=100_000)
-    tags: list[str] = Field(default_factory=list)
+    text: LongText
+    tags: list[Tag] = Field(default_factory=list, max_length=MAX_TAGS)
 
 
 class Deleted(BaseModel):
@@ -120,8 +166,23 @@ class Deleted(BaseModel):
 class IngestRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    path: str = Field(description="absolute server-side file or folder under one of the allowed roots")
-    tags: list[str] = Field(default_factory=list)
+    path: str = Field(
+        min_length=1,
+        max_length=MAX_PATH_CHARS,
+        pattern=r"^/",
+        description="absolute server-side file or folder under one of the allowed roots "
+        f"(each name in it at most {MAX_NAME_BYTES} bytes)",
+    )
+    tags: list[Tag] = Field(default_factory=list, max_length=MAX_TAGS)
+
+    @field_validator("path")
+    @classmethod
+    def _names_fit(cls, path: str) -> str:
+        if "\0" in path:
+            raise ValueError("the path holds a NUL character")
+        if any(len(part.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES for part in path.split("/")):
+            raise ValueError(f"a name in the path is longer than {MAX_NAME_BYTES} bytes")
+        return path
 
 
 class JobError(BaseModel):

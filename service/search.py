@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from index.types import Filter, Hit, Item
+from service.limits import MAX_TAGS
 
 if TYPE_CHECKING:
     from index.collection import Collection
@@ -43,9 +44,13 @@ def parse_time(value: str | float | int | datetime | None) -> float | None:
     else:
         text = str(value).strip()
         try:
-            return float(text)
+            seconds = float(text)
         except ValueError:
             pass
+        else:
+            if not math.isfinite(seconds):  # nan, inf and 1e400 parse as floats but order nothing
+                raise ValueError(f"time must be finite, got {text!r}")
+            return seconds
         try:
             dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
         except ValueError:
@@ -76,6 +81,8 @@ def build_filter(
     exclude_ids: Sequence[int] | None = None,
 ) -> Filter | None:
     """A ``Filter`` from user values (times as unix seconds or ISO strings); ``None`` when nothing filters."""
+    if tags is not None and len(tags) > MAX_TAGS:  # each tag is one SQL clause; SQLite caps the depth
+        raise ValueError(f"filter by at most {MAX_TAGS} tags, got {len(tags)}")
     t0, t1 = parse_time(since), parse_time(until)
     if t0 is not None and t1 is not None and t0 > t1:
         raise ValueError("since is after until: nothing can match")

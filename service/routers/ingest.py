@@ -30,8 +30,8 @@ def start_ingest(
         raise APIError(403, str(exc)) from exc
     except FileNotFoundError as exc:
         raise APIError(404, str(exc)) from exc
-    except ValueError as exc:
-        raise APIError(422, str(exc), "validation_error") from exc
+    except (ValueError, OSError, RuntimeError) as exc:  # a name too long; a symlink loop (RuntimeError)
+        raise APIError(422, f"cannot use {req.path!r}: {exc}", "validation_error") from exc
 
     def run(job: Job):
         from index.ingest import ingest

@@ -12,15 +12,17 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, UploadFile
+from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
 
 from mm.errors import MediaError
+from mm.media import require_modality
 from service.deps import CollectionDep, EmbedderDep, SettingsDep
 from service.errors import APIError
+from service.limits import INT64_MAX, MAX_TAG_CHARS, MAX_TAGS, MAX_TEXT_CHARS
 from service.schemas import Deleted, ItemList, ItemOut, Modality, TextItemIn, error_responses
 from service.search import item_to_dict
 from service.store import (
-    modality_of,
     remove_owned_files,
     safe_suffix,
     save_upload,
@@ -31,9 +33,18 @@ from service.store import (
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/items", tags=["items"])
 
+# Ids start at 1 and are SQLite INTEGERs: a larger number could not even be looked up (422, not 500).
+ItemIdPath = Annotated[int, PathParam(ge=1, le=INT64_MAX, description="item id")]
+TAGS_DOC = f"comma-separated tags (at most {MAX_TAGS}, each at most {MAX_TAG_CHARS} characters)"
+
 
 def _tags(value: str | None) -> list[str]:
-    return [t.strip() for t in (value or "").split(",") if t.strip()]
+    tags = [t.strip() for t in (value or "").split(",") if t.strip()]
+    if len(tags) > MAX_TAGS or any(len(t) > MAX_TAG_CHARS for t in tags):
+        raise APIError(
+            422, f"tags: give at most {MAX_TAGS}, each at most {MAX_TAG_CHARS} characters", "validation_error"
+        )
+    return tags
 
 
 def _get(collection, item_id: int):
@@ -58,9 +69,14 @@ def add_item(
     embedder: EmbedderDep,
     settings: SettingsDep,
     file: Annotated[UploadFile | None, File(description="an image or audio file")] = None,
-    text: Annotated[str | None, Form(description="a text item instead of a file", max_length=100_000)] = None,
-    caption: Annotated[str | None, Form(description="caption stored with a media file")] = None,
-    tags: Annotated[str | None, Form(description="comma-separated tags")] = None,
+    text: Annotated[
+        str | None,
+        Form(description="a text item instead of a file", max_length=MAX_TEXT_CHARS, pattern=r"\S"),
+    ] = None,
+    caption: Annotated[
+        str | None, Form(description="caption stored with a media file", max_length=MAX_TEXT_CHARS)
+    ] = None,
+    tags: Annotated[str | None, Form(description=TAGS_DOC, max_length=MAX_TAGS * (MAX_TAG_CHARS + 1))] = None,
 ) -> ItemOut:
     """Add one item: a media ``file`` (with optional ``caption``) or a ``text``, as multipart form fields."""
     if (file is None) == (text is None):
@@ -69,12 +85,21 @@ def add_item(
         return _add_text(collection, embedder, text, _tags(tags))
     from index.ingest import ingest_one
 
-    modality_of(file.filename, file.content_type)  # 415 before anything is written
+    modality = require_modality(file.filename, file.content_type, ("image", "audio"))  # 415 before writing
     suffix = safe_suffix(file.filename, file.content_type)
     with upload_guard(settings.media_path):  # until the item is committed: not an orphan to sweep
         path, created = save_upload(file.file, settings.media_path, suffix, settings.max_upload_bytes)
         try:
-            item = ingest_one(collection, embedder, path, caption=caption, tags=_tags(tags))
+            # Decoded by the embedder's reader (as ingest and /search/upload are); errors name the upload.
+            item = ingest_one(
+                collection,
+                embedder,
+                path,
+                caption=caption,
+                tags=_tags(tags),
+                modality=modality,
+                name=file.filename or "upload",
+            )
         except BaseException as exc:
             if created:
                 Path(path).unlink(missing_ok=True)
@@ -98,7 +123,7 @@ def list_items(
     collection: CollectionDep,
     modality: Modality | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=INT64_MAX)] = 0,
 ) -> ItemList:
     items = collection.items(modality=modality, limit=limit, offset=offset)
     return ItemList(
@@ -109,8 +134,8 @@ def list_items(
     )
 
 
-@router.get("/{item_id}", response_model=ItemOut, responses=error_responses(401, 404))
-def get_item(item_id: int, collection: CollectionDep) -> ItemOut:
+@router.get("/{item_id}", response_model=ItemOut, responses=error_responses(401, 404, 422))
+def get_item(item_id: ItemIdPath, collection: CollectionDep) -> ItemOut:
     return ItemOut.model_validate(item_to_dict(_get(collection, item_id)))
 
 
@@ -118,9 +143,9 @@ def get_item(item_id: int, collection: CollectionDep) -> ItemOut:
     "/{item_id}/media",
     response_class=FileResponse,
     responses={200: {"content": {"image/*": {}, "audio/*": {}}}, 206: {"description": "a byte range"}}
-    | error_responses(401, 404),
+    | error_responses(401, 404, 422),
 )
-def get_media(item_id: int, collection: CollectionDep) -> FileResponse:
+def get_media(item_id: ItemIdPath, collection: CollectionDep) -> FileResponse:
     """The original file; honours ``Range`` requests (206 + ``Content-Range``) so audio can seek."""
     item = _get(collection, item_id)
     if item.modality == "text" or not item.uri or not Path(item.uri).is_file():
@@ -133,7 +158,7 @@ def get_media(item_id: int, collection: CollectionDep) -> FileResponse:
     response_class=FileResponse,
     responses={200: {"content": {"image/jpeg": {}}}} | error_responses(401, 404, 422),
 )
-def get_thumbnail(item_id: int, collection: CollectionDep, settings: SettingsDep) -> FileResponse:
+def get_thumbnail(item_id: ItemIdPath, collection: CollectionDep, settings: SettingsDep) -> FileResponse:
     """A JPEG thumbnail of an image item (cached on disk); 404 for audio and text items."""
     item = _get(collection, item_id)
     if item.modality != "image" or not item.uri or not Path(item.uri).is_file():
@@ -142,8 +167,8 @@ def get_thumbnail(item_id: int, collection: CollectionDep, settings: SettingsDep
     return FileResponse(path, media_type="image/jpeg", headers={"Cache-Control": "max-age=86400"})
 
 
-@router.delete("/{item_id}", response_model=Deleted, responses=error_responses(401, 404))
-def delete_item(item_id: int, collection: CollectionDep, settings: SettingsDep) -> Deleted:
+@router.delete("/{item_id}", response_model=Deleted, responses=error_responses(401, 404, 422))
+def delete_item(item_id: ItemIdPath, collection: CollectionDep, settings: SettingsDep) -> Deleted:
     """Remove the item from the index; an uploaded file (in the media dir) and its thumbnail go too."""
     item = _get(collection, item_id)
     if collection.delete([item_id]) == 0:

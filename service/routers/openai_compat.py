@@ -13,47 +13,69 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from service.deps import CollectionDep, EmbedderDep
 from service.errors import APIError
 from service.generation import BACKENDS, GeneratorUnavailable
+from service.limits import MAX_MESSAGE_CHARS, MAX_MESSAGES
 from service.routers.generate import Answer, find_hits, start_answer
 from service.schemas import Modality, error_responses
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
 DEFAULT_MODEL = "mm"
+MAX_PARTS = 64  # content parts of one message
+MAX_STOP_CHARS = 200
+
+
+MessageText = Annotated[str, Field(max_length=MAX_MESSAGE_CHARS)]
+StopText = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+
+
+class ContentPart(BaseModel):
+    """One part of a message's content; only ``text`` parts are read (images and others are ignored)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str = Field(max_length=64)
+    text: MessageText | None = Field(None, description="required, a string, when type is 'text'")
+
+    @model_validator(mode="after")
+    def _text_part(self) -> ContentPart:
+        if self.type == "text" and self.text is None:
+            raise ValueError("a 'text' part needs a string 'text'")
+        return self
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    role: str
-    content: str | list[dict[str, Any]] | None = None
+    role: str = Field(max_length=64)
+    content: MessageText | list[ContentPart] | None = Field(None, max_length=MAX_PARTS)
 
 
 class ChatRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    model: str = DEFAULT_MODEL
-    messages: list[ChatMessage] = Field(min_length=1)
+    model: str = Field(DEFAULT_MODEL, max_length=256)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     stream: bool = False
     max_tokens: int | None = Field(None, ge=1, le=4096)
     max_completion_tokens: int | None = Field(None, ge=1, le=4096)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
-    stop: str | list[str] | None = None
+    stop: StopText | list[StopText] | None = Field(None, max_length=4)
     mm_k: int = Field(5, ge=1, le=20)
     mm_modalities: list[Modality] | None = None
 
 
-def _text(content: str | list[dict[str, Any]] | None) -> str:
+def _text(content: str | list[ContentPart] | None) -> str:
     if isinstance(content, list):  # content parts: keep the text ones
-        return " ".join(p.get("text", "") for p in content if p.get("type") == "text").strip()
+        return " ".join(p.text or "" for p in content if p.type == "text").strip()
     return (content or "").strip()
 
 

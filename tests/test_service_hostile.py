@@ -1,0 +1,145 @@
+"""Hostile and unlucky requests (issue 18): each gets a 4xx with a JSON body, never a 500, and the
+OpenAPI schema states the bound the server enforces. One app per module, on the fake embedder."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import FakeEmbedder, image_bytes
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.limits import INT64_MAX, MAX_TAGS
+from service.settings import Settings
+
+TOO_BIG = INT64_MAX + 1
+
+
+def assert_4xx(resp, status: int = 422) -> dict:
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert set(body) == {"error"} and body["error"]["message"], body
+    return body["error"]
+
+
+@pytest.fixture(scope="module")
+def settings(tmp_path_factory, media_root) -> Settings:
+    return Settings(collection=tmp_path_factory.mktemp("hostile") / "coll", allowed_roots=[media_root])
+
+
+@pytest.fixture(scope="module")
+def client(settings):
+    # raise_server_exceptions=False: a 500 must show up as a status here, not as a raised exception
+    with TestClient(create_app(settings, embedder=FakeEmbedder()), raise_server_exceptions=False) as c:
+        resp = c.post("/items/text", json={"text": "a red circle", "tags": ["x"]})
+        assert resp.status_code == 201, resp.text
+        c.item_id = resp.json()["id"]
+        yield c
+
+
+@pytest.fixture(scope="module")
+def spec(client) -> dict:
+    return client.get("/openapi.json").json()
+
+
+# -- issue 18 item 6: numbers, lists and names beyond what the storage takes ------------------------
+
+
+@pytest.mark.parametrize("suffix", ["", "/media", "/thumbnail"])
+@pytest.mark.parametrize("item_id", [TOO_BIG, -TOO_BIG - 1, 10**30])
+def test_item_ids_beyond_int64_are_422(client, suffix, item_id):
+    assert_4xx(client.get(f"/items/{item_id}{suffix}"))
+
+
+def test_delete_of_an_id_beyond_int64_is_422_and_the_connection_lives_on(client):
+    assert_4xx(client.delete(f"/items/{TOO_BIG}"))
+    assert client.get(f"/items/{client.item_id}").status_code == 200
+
+
+def test_search_item_id_and_offsets_beyond_int64_are_422(client):
+    assert_4xx(client.post("/search", json={"item_id": TOO_BIG}))
+    assert_4xx(client.post("/search", json={"query": "red", "offset": TOO_BIG}))
+    assert_4xx(client.get("/items", params={"offset": TOO_BIG}))
+    assert client.get("/items", params={"offset": INT64_MAX}).json()["items"] == []
+
+
+def test_a_thousand_tag_filters_are_422_not_an_sql_error(client):
+    tags = [f"t{i}" for i in range(1000)]
+    assert (
+        "tags"
+        in assert_4xx(client.post("/search", json={"query": "red", "filters": {"tags": tags}}))["message"]
+    )
+    upload = {"file": ("q.png", image_bytes(), "image/png")}
+    resp = client.post("/search/upload", files=upload, data={"tags": ",".join(tags)})
+    assert_4xx(resp)
+    # the bound itself still searches
+    ok = client.post("/search", json={"query": "red", "filters": {"tags": tags[:MAX_TAGS]}})
+    assert ok.status_code == 200, ok.text
+
+
+def test_too_many_tags_on_an_item_are_422(client):
+    assert_4xx(client.post("/items/text", json={"text": "x", "tags": [f"t{i}" for i in range(1000)]}))
+    resp = client.post("/items", data={"text": "x", "tags": ",".join(f"t{i}" for i in range(MAX_TAGS + 1))})
+    assert_4xx(resp)
+
+
+def test_ingest_path_with_a_name_over_255_bytes_is_422(client, media_root):
+    err = assert_4xx(client.post("/ingest", json={"path": str(media_root / ("a" * 256))}))
+    assert "255" in err["message"]
+    assert_4xx(client.post("/ingest", json={"path": str(media_root / ("é" * 128))}))  # 256 bytes
+    assert_4xx(client.post("/ingest", json={"path": str(media_root) + "/\x00x"}))
+
+
+def test_ingest_path_whose_resolution_fails_is_422(client, media_root):
+    # a symlink loop under an allowed root: resolving it fails before any walk
+    loop = media_root / "loop-e"
+    if not loop.is_symlink():
+        loop.symlink_to(loop)
+    try:
+        resp = client.post("/ingest", json={"path": str(loop / "x")})
+        assert resp.status_code in (404, 422), resp.text
+    finally:
+        loop.unlink()
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        [{"type": "text", "text": 5}],
+        [{"type": "text", "text": ["a"]}],
+        [{"type": "text"}],
+        [5],
+        [{"text": "no type"}],
+    ],
+)
+def test_chat_parts_whose_text_is_not_a_string_are_422(client, content):
+    resp = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": content}]})
+    assert_4xx(resp)
+
+
+def test_chat_parts_of_other_types_are_ignored(client):
+    content = [{"type": "image_url", "image_url": {"url": "x"}}, {"type": "text", "text": "red circle"}]
+    resp = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": content}]})
+    assert resp.status_code == 200, resp.text
+
+
+def test_schema_states_the_bounds(spec):
+    params = spec["paths"]["/items/{item_id}"]["get"]["parameters"]
+    item_id = next(p for p in params if p["name"] == "item_id")["schema"]
+    assert item_id["maximum"] == INT64_MAX and item_id["minimum"] == 1
+    for method, path in (("get", "/items/{item_id}/media"), ("get", "/items/{item_id}/thumbnail")):
+        params = spec["paths"][path][method]["parameters"]
+        assert next(p for p in params if p["name"] == "item_id")["schema"]["maximum"] == INT64_MAX
+    params = spec["paths"]["/items/{item_id}"]["delete"]["parameters"]
+    assert next(p for p in params if p["name"] == "item_id")["schema"]["maximum"] == INT64_MAX
+    schemas = spec["components"]["schemas"]
+    assert schemas["SearchFilters"]["properties"]["tags"]["anyOf"][0]["maxItems"] == MAX_TAGS
+    ingest = schemas["IngestRequest"]["properties"]["path"]
+    assert ingest["pattern"] == "^/" and ingest["maxLength"] == 4096
+    part = schemas["ContentPart"]["properties"]["text"]
+    assert part["anyOf"][0]["type"] == "string"
+
+
+def test_items_still_work_after_the_hostile_requests(client):
+    assert client.get(f"/items/{client.item_id}").json()["caption"] == "a red circle"
+    hits = client.post("/search", json={"query": "a red circle"}).json()["results"]
+    assert [h["id"] for h in hits][:1] == [client.item_id]
