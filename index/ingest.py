@@ -1,5 +1,9 @@
 """Put files into a collection: discover, decode in worker threads, encode in the caller's thread, store.
 
+Files are sniffed, bounded and decoded by the embedder's ``media`` reader (``mm.media`` for the real
+model): the same code, limits and messages as the service's uploads and the encoders, refusing a
+decompression bomb, an hour of audio or an oversized file from its header before reading it whole.
+
 The pipeline keeps two batches in flight: while the embedder encodes batch i, the workers stat, hash and
 decode batch i+1 (PIL / soundfile release the GIL). Each batch is committed on its own, so an interrupted
 run loses at most the batch in hand, and a re-run skips every file whose size and mtime (or, failing that,
@@ -11,7 +15,6 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import io
 import logging
 import mimetypes
 import time
@@ -24,17 +27,13 @@ from typing import Any, Literal
 import numpy as np
 
 from index.collection import Collection
-from index.protocol import Embedder
+from index.protocol import Embedder, MediaReader
 from index.types import IngestReport, Item, ItemError
 from index.walk import OUTSIDE, inside, resolve_roots, walk
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"})
-AUDIO_EXTS = frozenset({".wav", ".flac", ".ogg", ".mp3"})
-TEXT_EXTS = frozenset({".txt", ".md"})
 CAPTION_EXT = ".txt"  # ``frog.txt`` next to ``frog.png`` is the image's caption, not an item
-MAX_IMAGE_SIDE = 1024  # decoded images are shrunk to this; encoders resize far below it anyway
 SAVE_EVERY_S = 60.0  # write the FAISS file at least this often during a long run
 
 
@@ -53,24 +52,13 @@ class _Prepared:
     payload: Any = None  # PIL image, (waveform (T,), rate) or text
     existing: Item | None = None
     error: str = ""
+    exc: Exception | None = None  # the refusal itself (a MediaError keeps its kind for the API)
     meta: dict[str, Any] = field(default_factory=dict)  # fields to update without re-encoding
 
 
-def modality_of(path: str | Path) -> str | None:
-    """``"image"``, ``"audio"``, ``"text"`` from the file suffix, or None if unsupported."""
-    ext = Path(path).suffix.lower()
-    if ext in IMAGE_EXTS:
-        return "image"
-    if ext in AUDIO_EXTS:
-        return "audio"
-    if ext in TEXT_EXTS:
-        return "text"
-    return None
-
-
-def _media_sibling(path: Path, present: set[Path] | None) -> bool:
+def _media_sibling(path: Path, present: set[Path] | None, suffixes: frozenset[str]) -> bool:
     """Whether a ``.txt`` has an image/audio file of the same stem beside it (so it is a caption)."""
-    for ext in IMAGE_EXTS | AUDIO_EXTS:
+    for ext in suffixes:
         for cand in (path.with_suffix(ext), path.with_suffix(ext.upper())):
             if (cand in present) if present is not None else cand.is_file():
                 return True
@@ -78,9 +66,11 @@ def _media_sibling(path: Path, present: set[Path] | None) -> bool:
 
 
 def discover(
-    paths: Sequence[str | Path], allowed_roots: Sequence[str | Path] | None = None
+    paths: Sequence[str | Path], media: MediaReader, allowed_roots: Sequence[str | Path] | None = None
 ) -> tuple[list[_Candidate], list[ItemError]]:
     """Expand folders (recursively, skipping hidden names) into ingestible files and their captions.
+
+    ``media`` (the embedder's reader) says which names are images, sounds or texts.
 
     Every path is resolved before use (:mod:`index.walk`): with ``allowed_roots`` one that leads
     outside them is refused, and dangling or looping symlinks are reported, each as an ``ItemError``.
@@ -107,13 +97,15 @@ def discover(
         if f in seen:
             continue
         seen.add(f)
-        modality = modality_of(f)
+        modality = media.modality_of(f)
         if modality is None:
             if is_explicit:
                 errors.append(ItemError(str(f), f"unsupported file type {f.suffix or '(none)'!r}"))
             continue
         if modality == "text":
-            if f.suffix.lower() == CAPTION_EXT and _media_sibling(f, None if is_explicit else present):
+            if f.suffix.lower() == CAPTION_EXT and _media_sibling(
+                f, None if is_explicit else present, media.media_suffixes
+            ):
                 continue  # a sidecar caption, read with its media file
             out.append(_Candidate(f, "text"))
             continue
@@ -130,73 +122,24 @@ def _caption_path(media: Path, roots: Sequence[Path] | None) -> Path | None:
     return real if inside(real, roots) else None
 
 
-def _read_caption(path: Path | None) -> str | None:
-    if path is None:
-        return None
-    try:
-        return path.read_text(encoding="utf-8", errors="replace").strip()
-    except OSError as e:
-        log.warning("cannot read caption %s: %s", path, e)
-        return None
-
-
-def _flatten_alpha(im: Any) -> Any:
-    """A PIL image as RGB, its transparent parts composited onto white."""
-    from PIL import Image
-
-    alpha = im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info)
-    if not alpha:
-        return im.convert("RGB")
-    rgba = im.convert("RGBA")
-    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    white.alpha_composite(rgba)
-    return white.convert("RGB")
-
-
-def _decode_image(data: bytes) -> tuple[Any, int, int]:
-    """RGB image (EXIF orientation applied, transparency on white), and the file's own width and height.
-
-    The decoded pixels must be what the embedder saw in training (``mm.media.load_image``): a plain
-    ``convert("RGB")`` would give transparent pixels whatever colour the file stores under them (black,
-    or a palette entry), and change a sticker's embedding (cosine 0.5-0.9 on the sample corpus' emoji).
-    """
-    from PIL import Image, ImageOps
-
-    try:
-        im = Image.open(io.BytesIO(data))
-        width, height = im.size
-        im.draft("RGB", (2 * MAX_IMAGE_SIDE, 2 * MAX_IMAGE_SIDE))  # JPEG: decode at reduced scale
-        im.load()
-        im = _flatten_alpha(ImageOps.exif_transpose(im))
-    except Exception as e:  # PIL raises many types for broken files
-        raise ValueError(f"cannot decode image: {e}") from e
-    if max(im.size) > MAX_IMAGE_SIDE:
-        im.thumbnail((MAX_IMAGE_SIDE, MAX_IMAGE_SIDE))
-    return im, width, height
-
-
-def _decode_audio(path: Path) -> tuple[np.ndarray, int]:
-    import soundfile
-
-    try:
-        wav, rate = soundfile.read(str(path), dtype="float32", always_2d=True)  # (T, C)
-    except Exception as e:
-        raise ValueError(f"cannot decode audio: {e}") from e
-    if wav.shape[0] == 0:
-        raise ValueError("audio file has no samples")
-    return np.ascontiguousarray(wav.mean(axis=1)), int(rate)  # mono (T,)
-
-
 def _prepare(
-    coll: Collection, cand: _Candidate, tags: list[str] | None, retry_failed: bool, caption: str | None = None
+    coll: Collection,
+    media: MediaReader,
+    cand: _Candidate,
+    tags: list[str] | None,
+    retry_failed: bool,
+    caption: str | None = None,
+    name: str | None = None,
 ) -> _Prepared:
-    """Worker side: stat, skip if unchanged, hash, decode. Never raises (errors become ``status="error"``)."""
+    """Worker side: stat, skip if unchanged, sniff, read, hash, decode. Never raises (errors become
+    ``status="error"``). ``name``: what error messages call the file (its name by default)."""
     path, modality = cand.path, cand.modality
     uri = str(path)
+    name = name or path.name
     try:
         st = path.stat()
-        if caption is None:
-            caption = _read_caption(cand.caption_path)
+        if caption is None and cand.caption_path is not None:
+            caption = media.read_caption(cand.caption_path)
         existing = coll.find_by_uri(uri)
         if existing is not None and existing.mtime == st.st_mtime and existing.size == st.st_size:
             if existing.error is not None:
@@ -205,6 +148,7 @@ def _prepare(
             else:
                 meta = _meta_changes(existing, caption, tags)
                 return _Prepared(cand, "meta" if meta else "skip", existing=existing, meta=meta)
+        info = media.sniff(path, name, modality)  # limits from the header, before reading it whole
         data = path.read_bytes()
         sha = hashlib.sha256(data).hexdigest()
         if existing is not None and existing.error is None and existing.sha256 == sha:
@@ -215,28 +159,20 @@ def _prepare(
             modality=modality,
             uri=uri,
             sha256=sha,
-            mime=mimetypes.guess_type(path.name)[0] or "",
+            mime=mimetypes.guess_type(path.name)[0] or info.mime,
             caption=caption or "",
             tags=list(tags if tags is not None else (existing.tags if existing else [])),
             size=st.st_size,
             mtime=st.st_mtime,
         )
-        if modality == "image":
-            payload, item.width, item.height = _decode_image(data)
-        elif modality == "audio":
-            wav, rate = _decode_audio(path)
-            payload, item.duration = (wav, rate), len(wav) / rate
-        else:
-            try:
-                payload = data.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"text file is not UTF-8: {e}") from e
-            if not payload.strip():
-                raise ValueError("text file is empty")
-            item.caption = payload
+        payload = media.decode(data, info, name)
+        item.width, item.height, item.duration = info.width, info.height, info.duration
+        if modality == "text":
+            item.caption = payload  # the text as stored (bounded by the reader); encoders cut their own
         return _Prepared(cand, "ready", item=item, payload=payload, existing=existing)
     except (OSError, ValueError) as e:
-        return _Prepared(cand, "error", error=str(e) or type(e).__name__, item=_bare_item(cand))
+        error = str(e) or type(e).__name__
+        return _Prepared(cand, "error", error=error, exc=e, item=_bare_item(cand))
 
 
 def _bare_item(cand: _Candidate) -> Item:
@@ -383,10 +319,11 @@ def ingest(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     _check_embedder(collection, embedder)
     t0 = time.perf_counter()
-    cands, errors = discover(paths, allowed_roots)
+    cands, errors = discover(paths, embedder.media, allowed_roots)
     report = IngestReport(errors=list(errors), failed=len(errors), seen=len(errors))
     batches = [cands[i : i + batch_size] for i in range(0, len(cands), batch_size)]
     batcher = _Batcher(collection, embedder, report)
+    media = embedder.media
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(cands), disable=not progress, unit="file", desc="ingest")
@@ -401,7 +338,9 @@ def ingest(
             def submit_next() -> None:
                 nxt = next(todo, None)
                 if nxt is not None:
-                    queue.append([pool.submit(_prepare, collection, c, tags, retry_failed) for c in nxt])
+                    queue.append(
+                        [pool.submit(_prepare, collection, media, c, tags, retry_failed) for c in nxt]
+                    )
 
             submit_next()
             submit_next()  # two in flight: workers decode the next batch while this one encodes
@@ -442,24 +381,32 @@ def ingest_one(
     *,
     caption: str | None = None,
     tags: list[str] | None = None,
+    modality: str | None = None,
+    name: str | None = None,
 ) -> Item:
-    """Index one file and return its item. Bad media raise ``ValueError`` and store nothing.
+    """Index one file and return its item. Bad media raise ``ValueError`` (the reader's ``MediaError``,
+    kind kept) and store nothing.
 
-    Content already stored (same sha256 and modality) returns the stored item.
+    ``modality`` overrides the one the suffix names; ``name`` is what error messages call the file (an
+    upload's own name rather than where the server stored it). Content already stored (same sha256 and
+    modality) returns the stored item.
     """
     _check_embedder(collection, embedder)
     p = Path(path).expanduser()
+    label = name or p.name
     if not p.is_file():
-        raise ValueError(f"{p} is not a file")
-    modality = modality_of(p)
+        raise ValueError(f"{label} is not a file")
+    modality = modality or embedder.media.modality_of(p)
     if modality is None:
-        raise ValueError(f"unsupported file type {p.suffix or '(none)'!r} for {p.name}")
+        raise ValueError(f"unsupported file type {p.suffix or '(none)'!r} for {label}")
     p = p.resolve()
     cap_path = p.with_suffix(CAPTION_EXT) if modality != "text" else None
     cand = _Candidate(p, modality, cap_path if cap_path is not None and cap_path.is_file() else None)
-    prep = _prepare(collection, cand, tags, retry_failed=True, caption=caption)
+    prep = _prepare(collection, embedder.media, cand, tags, retry_failed=True, caption=caption, name=label)
     if prep.status == "error":
-        raise ValueError(f"{p.name}: {prep.error}")
+        if prep.exc is not None and not isinstance(prep.exc, OSError):
+            raise prep.exc  # already names the file
+        raise ValueError(f"{label}: {prep.error}")
     if prep.status in ("skip", "meta"):
         assert prep.existing is not None
         if prep.meta:

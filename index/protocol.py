@@ -1,11 +1,52 @@
-"""The shape of an embedder as the index layer sees it. ``index`` never imports ``mm``."""
+"""The shape of an embedder as the index layer sees it. ``index`` never imports ``mm``.
+
+Media are sniffed, bounded and decoded by the embedder's ``media`` reader (``mm.media.MediaReader`` for
+the real model), so ingest decodes exactly as the encoders and the service's uploads do, with the same
+limits, and ``index`` holds no decoder of its own.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+
+
+class MediaInfo(Protocol):
+    """What a file's header says (``mm.media.MediaInfo``)."""
+
+    modality: str  # "image" | "audio" | "text"
+    mime: str
+    size: int  # bytes
+    width: int | None
+    height: int | None
+    duration: float | None  # seconds (audio)
+
+
+class MediaReader(Protocol):
+    """Sniffs, bounds and decodes media files. Every refusal is a ``ValueError`` subclass
+    (``mm.errors.MediaError``) whose message names the file by the ``name`` given, never a temp path."""
+
+    media_suffixes: frozenset[str]  # lower-case suffixes of image and audio files (that a .txt captions)
+
+    def modality_of(self, path: str | Path) -> str | None:
+        """``"image"``, ``"audio"``, ``"text"`` or None (not a file we index), from the name."""
+        ...
+
+    def sniff(self, src: Path | bytes, name: str | None = None, modality: str | None = None) -> MediaInfo:
+        """The header only: refuses empty, oversized (bytes, pixels, seconds), lying or unknown files
+        before they are read whole or decoded."""
+        ...
+
+    def decode(self, src: Path | bytes, info: MediaInfo, name: str | None = None) -> Any:
+        """What ``encode_<info.modality>`` takes: an image, ``(waveform, rate)`` or the text as stored."""
+        ...
+
+    def read_caption(self, path: Path) -> str | None:
+        """A sidecar caption, bounded at the read; None when unreadable."""
+        ...
 
 
 @runtime_checkable
@@ -14,18 +55,13 @@ class Embedder(Protocol):
 
     ``encode_image`` takes paths or PIL images; ``encode_audio`` takes paths or ``(waveform, rate)``
     pairs. Bad media raise a ``ValueError`` subclass (``mm.errors.MediaError``) naming the file.
+    ``media`` decodes files into what the encoders take (ingest's decoding runs in worker threads).
     """
 
-    # read-only (properties), so that an embedder may compute them or store them as plain attributes
-    @property
-    def dim(self) -> int: ...
-
-    @property
-    def modalities(self) -> tuple[str, ...]: ...
-
-    @property
-    def model_id(self) -> str:  # identifies the weights; stored in collection.json so vectors are never mixed
-        ...
+    dim: int
+    modalities: tuple[str, ...]
+    model_id: str  # identifies the weights; stored in collection.json so vectors are never mixed
+    media: MediaReader
 
     def encode_text(self, texts: Sequence[str]) -> np.ndarray: ...
 

@@ -26,6 +26,7 @@ from mm.checkpoint import apply_checkpoint_quantization
 from mm.config import ModelConfig
 from mm.encoders import EncoderOutput, build_audio_encoder, build_image_encoder, build_text_encoder
 from mm.errors import ConfigError
+from mm.media import MediaReader
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,14 @@ class MultimodalEmbedder:
         self._model_id: str | None = None
         # raw cosine -> P(relevant) per modality pair (identity until a checkpoint brings a fitted one)
         self.calibration = Calibration()
+        # Files decode for this model as its encoders would (audio at their rate, cropped to their window),
+        # in ingest's worker threads and the service's uploads alike (index.protocol.MediaReader).
+        audio = model.cfg.audio
+        self.media = (
+            MediaReader(sample_rate=audio.sample_rate, crop_seconds=audio.max_seconds)
+            if "audio" in model.cfg.modalities
+            else MediaReader()
+        )
 
     @property
     def config(self) -> ModelConfig:

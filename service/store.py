@@ -10,8 +10,6 @@ import tempfile
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
-from index.ingest import AUDIO_EXTS as AUDIO_SUFFIXES
-from index.ingest import IMAGE_EXTS as IMAGE_SUFFIXES
 from mm.errors import MediaError
 
 if TYPE_CHECKING:
@@ -72,24 +70,6 @@ def open_collection(
             f"{embedder.model_id!r} (dim {embedder.dim}): pass the same --model / MM_MODEL"
         )
     return coll
-
-
-def modality_of(filename: str | None, content_type: str | None = None) -> str:
-    """``"image"`` or ``"audio"`` from a file's suffix, else from its content type; MediaError otherwise."""
-    suffix = Path(filename or "").suffix.lower()
-    if suffix in IMAGE_SUFFIXES:
-        return "image"
-    if suffix in AUDIO_SUFFIXES:
-        return "audio"
-    major = (content_type or "").split("/", 1)[0]
-    if not suffix and major in ("image", "audio"):
-        return major
-    raise MediaError(
-        f"unsupported file type {suffix or content_type or '(none)'!r}: send an image "
-        f"({', '.join(sorted(IMAGE_SUFFIXES))}) or audio ({', '.join(sorted(AUDIO_SUFFIXES))})",
-        kind="unsupported",
-        path=filename,
-    )
 
 
 def safe_suffix(filename: str | None, content_type: str | None = None) -> str:
@@ -217,15 +197,12 @@ def thumbnail(item: Item, thumb_dir: Path, size: int = 256) -> Path:
     out = thumb_dir / f"{item.id}-{item.sha256[:12]}-{size}.jpg"
     if out.exists():
         return out
-    from PIL import Image, ImageOps
+    from mm.media import thumbnail as decode_thumbnail
 
-    try:
-        with Image.open(item.uri) as img:
-            img = ImageOps.exif_transpose(img)
-            img.thumbnail((size, size))
-            rgb = img.convert("RGB")
-    except (OSError, ValueError) as exc:
-        raise MediaError(f"cannot read image of item {item.id}: {exc}", kind="corrupt") from exc
+    try:  # the one decoder: same limits, EXIF rotation and transparency on white as indexing
+        rgb = decode_thumbnail(Path(item.uri), size, name=f"image of item {item.id}")
+    except OSError as exc:
+        raise MediaError(f"cannot read the image of item {item.id}", kind="corrupt") from exc
     thumb_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=thumb_dir, prefix=".thumb-", suffix=".jpg")
     with os.fdopen(fd, "wb") as fh:

@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from mm.media import MediaReader
+
 SAMPLE_RATE = 16000
 
 # name -> (colour, shape); captions are written as sidecar .txt files for some of them
@@ -105,6 +107,7 @@ class FakeEmbedder:
     dim = 32
     modalities = ("text", "image", "audio")
     model_id = "fake:0001"
+    media = MediaReader()  # the real decoder: fakes replace the model, never the decoding
 
     def __init__(self) -> None:
         rng = np.random.default_rng(0)

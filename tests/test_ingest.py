@@ -16,6 +16,7 @@ import pytest
 from index.collection import Collection
 from index.ingest import add_text, ingest, ingest_one
 from index.types import Filter
+from mm.media import MediaReader
 
 RATE = 8000
 
@@ -29,6 +30,7 @@ class FakeEmbedder:
     dim = 16
     modalities = ("text", "image", "audio")
     model_id = "fake-embedder:1"
+    media = MediaReader()  # the real decoder: fakes replace the model, never the decoding
 
     def __init__(self) -> None:
         rng = np.random.default_rng(0)
@@ -267,16 +269,16 @@ def test_ingest_refuses_other_embedder_and_missing_paths(setup, tmp_path):
 
 
 def test_transparent_and_rotated_images_decode_as_the_embedder_was_trained():
-    # Ingest must hand the embedder the pixels mm.media.load_image gives (training's decoder):
-    # transparency on white, EXIF orientation applied; a plain convert("RGB") shows what lies under
-    # transparent pixels instead.
+    # Ingest hands the embedder the pixels mm.media.load_image gives (training's decoder), through the
+    # embedder's reader: transparency on white, EXIF orientation applied; a plain convert("RGB") shows
+    # what lies under transparent pixels instead.
     import io
 
     from PIL import Image
 
-    from index.ingest import _decode_image
     from mm.media import load_image
 
+    reader = FakeEmbedder.media
     rgba = Image.new("RGBA", (8, 6), (10, 200, 30, 0))  # fully transparent green
     rgba.putpixel((0, 0), (255, 0, 0, 255))
     pal = rgba.convert("RGB").quantize(4)
@@ -288,12 +290,14 @@ def test_transparent_and_rotated_images_decode_as_the_embedder_was_trained():
         buf = io.BytesIO()
         img.save(buf, format=fmt, **kw)
         data = buf.getvalue()
-        got, w, h = _decode_image(data)
+        info = reader.sniff(data, "x", "image")
+        got = reader.decode(data, info)
         want = load_image(data)
-        assert (w, h) == (8, 6) and got.mode == "RGB" and got.size == want.size
+        assert (info.width, info.height) == (8, 6) and got.mode == "RGB" and got.size == want.size
         assert np.array_equal(np.asarray(got), np.asarray(want))
     assert got.size == (6, 8)  # the JPEG came back upright
-    got, _, _ = _decode_image(_png_bytes(rgba))
+    data = _png_bytes(rgba)
+    got = reader.decode(data, reader.sniff(data, "x", "image"))
     assert got.getpixel((3, 3)) == (255, 255, 255) and got.getpixel((0, 0)) == (255, 0, 0)
 
 

@@ -190,7 +190,8 @@ def _form_list(value: Any) -> list[str] | None:
 
 
 async def _from_form(request: Request, collection: Any, embedder: Any, settings: Any):
-    from service.store import copy_limited, modality_of, safe_suffix
+    from mm.media import require_modality
+    from service.store import copy_limited, safe_suffix
 
     form = await request.form()
     upload = form.get("file")
@@ -202,7 +203,7 @@ async def _from_form(request: Request, collection: Any, embedder: Any, settings:
     fields["stop"] = _form_list(fields.get("stop"))
     fields = {k: v for k, v in fields.items() if v is not None}
     req = validate(GenerateRequest, fields)
-    modality = modality_of(upload.filename, upload.content_type)
+    modality = require_modality(upload.filename, upload.content_type, ("image", "audio"))
     fd, tmp = tempfile.mkstemp(prefix="mm-ask-", suffix=safe_suffix(upload.filename, upload.content_type))
     try:
         with os.fdopen(fd, "wb") as dst:

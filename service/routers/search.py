@@ -5,20 +5,23 @@ from __future__ import annotations
 import functools
 import os
 import tempfile
+from pathlib import Path
 from typing import Annotated, Any
 
+import numpy as np
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from mm.errors import MediaError
+from mm.media import require_modality
 from service.body import json_body_doc, parse_json
 from service.deps import CollectionDep, EmbedderDep, SettingsDep
 from service.errors import APIError
 from service.responses import FastJSONResponse
 from service.routing import LeanRoute
 from service.schemas import SearchRequest, SearchResponse, error_responses
-from service.search import NotFound, build_filter, embed_query, hit_to_dict, search
-from service.store import copy_limited, modality_of, safe_suffix
+from service.search import NotFound, Query, build_filter, embed_query, hit_to_dict, search
+from service.store import copy_limited, safe_suffix
 
 # LeanRoute: /search takes only the request, so FastAPI's per-request dependency solving is skipped
 # (unless include_router adds one, e.g. the API key check; /search/upload keeps FastAPI's handler).
@@ -95,6 +98,20 @@ async def search_json(request: Request) -> FastJSONResponse:
     return await answer_search(request.app.state, await parse_json(request, SearchRequest))
 
 
+def embed_upload(embedder: Any, path: Path, modality: str, name: str) -> np.ndarray:
+    """The ``(dim,)`` query vector of an uploaded file, decoded by the embedder's reader exactly as ingest
+    and ``POST /items`` decode (same limits, checked from the header); messages call it ``name``."""
+    try:
+        info = embedder.media.sniff(path, name, modality)
+        payload = embedder.media.decode(path, info, name)
+        encode = embedder.encode_image if modality == "image" else embedder.encode_audio
+        return np.asarray(encode([payload])[0], dtype=np.float32)
+    except MediaError:
+        raise
+    except (ValueError, OSError) as exc:  # a decoder error the model did not wrap: still bad input
+        raise APIError(422, f"cannot read {name}: {exc}", "invalid_media") from exc
+
+
 @router.post("/search/upload", response_model=SearchResponse, responses=error_responses(401, 413, 415, 422))
 def search_upload(
     file: Annotated[UploadFile, File(description="an image or audio file to search with")],
@@ -110,20 +127,16 @@ def search_upload(
     until: Annotated[str | None, Form(description="ISO 8601 or unix seconds")] = None,
 ) -> FastJSONResponse:
     """Search with an uploaded image or audio clip; the file is only used for the query, never stored."""
-    modality = modality_of(file.filename, file.content_type)
+    modality = require_modality(file.filename, file.content_type, ("image", "audio"))
+    name = file.filename or "upload"
     fd, tmp = tempfile.mkstemp(prefix="mm-query-", suffix=safe_suffix(file.filename, file.content_type))
     try:
         with os.fdopen(fd, "wb") as dst:
             copy_limited(file.file, dst, settings.max_upload_bytes)
-        try:
-            vector, query = embed_query(collection, embedder, **{modality: tmp})
-        except MediaError:
-            raise
-        except (ValueError, OSError) as exc:  # a decoder error the model did not wrap: still bad input
-            raise APIError(422, f"cannot read {file.filename}: {exc}", "invalid_media") from exc
-        query.value = file.filename or query.value
+        vector = embed_upload(embedder, Path(tmp), modality, name)
     finally:
         os.unlink(tmp)
+    query = Query(modality, name)
     return _respond(
         collection,
         vector,
