@@ -58,7 +58,9 @@ class BackboneConfig:
 
 @dataclass(frozen=True)
 class TextEncoderConfig:
-    kind: Literal["minilm", "open_clip", "bpe"] = "bpe"
+    # minilm: all-MiniLM-L6-v2 (English); use_multilingual: USE multilingual v3 (16 languages, 512-d);
+    # e5_small: multilingual-e5-small (~100 languages, 384-d); all three frozen, from packaged weights
+    kind: Literal["minilm", "use_multilingual", "e5_small", "open_clip", "bpe"] = "bpe"
     dim: int = 256  # width of the tokens the encoder emits (before the backbone's input projection)
     max_len: int = 64  # tokens per text
     open_clip_model: str = "ViT-B-32"  # architecture name for kind="open_clip"

@@ -1,4 +1,5 @@
-"""Text encoders: pretrained all-MiniLM-L6-v2, open_clip's text tower, or from-scratch BPE embeddings.
+"""Text encoders: pretrained all-MiniLM-L6-v2, USE-multilingual or multilingual-e5-small (their own
+modules), open_clip's text tower, or from-scratch BPE embeddings.
 
 ``prepare(texts)`` tokenises a list of strings into ``{"input_ids": (B, T) long, "mask": (B, T) bool}``
 padded with id 0 to the longest text in the list (at most ``max_len``); ``collate`` merges such batches.
@@ -197,6 +198,14 @@ def build_text_encoder(cfg: TextEncoderConfig, pretrained: str | None = None) ->
     """Text encoder for ``cfg.kind``; ``pretrained`` overrides the weights (folder, file or open_clip tag)."""
     if cfg.kind == "minilm":
         return MiniLMTextEncoder(cfg, pretrained)
+    if cfg.kind == "use_multilingual":
+        from mm.encoders.use_multilingual import USEMultilingualTextEncoder
+
+        return USEMultilingualTextEncoder(cfg, pretrained)
+    if cfg.kind == "e5_small":
+        from mm.encoders.e5 import E5TextEncoder
+
+        return E5TextEncoder(cfg, pretrained)
     if cfg.kind == "open_clip":
         return OpenCLIPTextEncoder(cfg, pretrained)
     if cfg.kind == "bpe":
@@ -205,4 +214,7 @@ def build_text_encoder(cfg: TextEncoderConfig, pretrained: str | None = None) ->
                 "text kind 'bpe' is trained from scratch; load its weights with the model checkpoint"
             )
         return BPETextEncoder(cfg)
-    raise ValueError(f"unknown text encoder kind {cfg.kind!r}; choose 'minilm', 'open_clip' or 'bpe'")
+    raise ValueError(
+        f"unknown text encoder kind {cfg.kind!r}; "
+        "choose 'minilm', 'use_multilingual', 'e5_small', 'open_clip' or 'bpe'"
+    )
