@@ -43,7 +43,8 @@ def _rss_mb() -> float:
 def worker(mode: str, args: argparse.Namespace, manifest: Path, out_dir: Path) -> dict:
     import torch
 
-    from mm.lora import LoraSpec, LoraTrainer
+    from mm.finetune import LoraTrainer
+    from mm.lora import LoraSpec
     from mm.train import TrainConfig, Trainer, load_rows
 
     torch.set_num_threads(args.threads)

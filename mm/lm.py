@@ -16,7 +16,8 @@ Sequence layout (one row)::
   Sequences are a few hundred positions, so the (T, S) boolean mask is built explicitly.
 - FFN: :class:`mm.moe.DMoE`, unchanged (routing is per token, so it is causal by construction).
 - KV cache: per layer (B, H, S, E) keys and values; incremental decoding equals full recomputation.
-- tokens: bytes (:mod:`mm.tokenizer`).
+- tokens: bytes (:mod:`mm.tokenizer`); sampling in :mod:`mm.sampling`, stop strings in
+  :mod:`mm.stop_filter`, checkpoint files in :mod:`mm.checkpoint` (the embedder's format).
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,17 +35,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mm.checkpoint import CONFIG_FILE as CONFIG_FILE
+from mm.checkpoint import WEIGHTS_FILE as WEIGHTS_FILE
+from mm.checkpoint import read_weights, resolve_checkpoint, save_checkpoint
 from mm.config import MoEConfig
 from mm.errors import ConfigError
 from mm.moe import DMoE
+from mm.sampling import check_sampling, sample_next
+from mm.stop_filter import StopFilter
 from mm.tokenizer import BOS, EOS, PAD, VOCAB_SIZE, ByteTokenizer
 
 log = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 CHECKPOINT_DIR = Path(__file__).parent / "checkpoints" / "lm"
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
 
 
 @dataclass(frozen=True)
@@ -378,102 +381,20 @@ def format_prompt(question: str, captions: Sequence[str | None] = ()) -> str:
     return "".join(line + "\n" for line in lines) + f"Q: {question.strip()}\nA: "
 
 
-def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if not math.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-
-
-def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
-    """(..., V) logits with everything outside the top-k and the top-p nucleus set to -inf.
-
-    Nucleus (Holtzman et al. 2019): the smallest set of most likely tokens whose probability reaches
-    ``top_p``; the most likely token is always kept.
-    """
-    out = logits.clone()
-    if 0 < top_k < out.shape[-1]:
-        kth = out.topk(top_k, dim=-1).values[..., -1:]
-        out = out.masked_fill(out < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = out.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        before = probs.cumsum(dim=-1) - probs  # mass of the more likely tokens
-        drop_sorted = before >= top_p
-        drop_sorted[..., 0] = False
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        out = out.masked_fill(drop, float("-inf"))
-    return out
-
-
-def sample_next(
-    logits: Tensor, temperature: float, top_k: int, top_p: float, gen: torch.Generator | None
-) -> int:
-    """One token id from (V,) logits: argmax when temperature == 0, else filtered sampling."""
-    if temperature == 0:
-        return int(logits.argmax())
-    probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(dim=-1)
-    return int(torch.multinomial(probs, 1, generator=gen))
-
-
-class StopFilter:
-    """Holds back text that could be the start of a stop string; cuts the stream at the first match."""
-
-    def __init__(self, stop: Sequence[str] = ()) -> None:
-        if isinstance(stop, str):
-            stop = [stop]
-        self.stop = [s for s in stop if s]
-        self.keep = max((len(s) for s in self.stop), default=1) - 1
-        self.buffer = ""
-        self.stopped = False
-
-    def push(self, piece: str) -> str:
-        """Text that is safe to emit now ('' while undecided or after a stop)."""
-        if self.stopped or not piece:
-            return ""
-        if not self.stop:
-            return piece
-        self.buffer += piece
-        hits = [i for i in (self.buffer.find(s) for s in self.stop) if i >= 0]
-        if hits:
-            self.stopped = True
-            out, self.buffer = self.buffer[: min(hits)], ""
-            return out
-        cut = len(self.buffer) - self.keep
-        if cut <= 0:
-            return ""
-        out, self.buffer = self.buffer[:cut], self.buffer[cut:]
-        return out
-
-    def flush(self) -> str:
-        out, self.buffer = ("" if self.stopped else self.buffer), ""
-        return out
-
-
 # ----------------------------------------------------------------------------------------------------
 # configs and checkpoints
 
 
 def resolve_lm(name_or_path: str | Path) -> tuple[LMConfig, Path | None]:
     """A config name (``mm/configs/lm_<name>.json`` or ``<name>.json``), a checkpoint dir or a JSON file."""
-    p = Path(name_or_path)
-    if p.is_dir():
-        if not (p / CONFIG_FILE).exists():
-            raise ConfigError(f"{p} holds no {CONFIG_FILE}; an LM checkpoint needs it and {WEIGHTS_FILE}")
-        return LMConfig.from_json(p / CONFIG_FILE), p if (p / WEIGHTS_FILE).exists() else None
-    if p.suffix == ".json" and p.exists():
-        return LMConfig.from_json(p), None
     name = str(name_or_path)
-    cand = CONFIG_DIR / (f"{name}.json" if name.startswith("lm_") else f"lm_{name}.json")
-    if cand.exists():
-        return LMConfig.from_json(cand), None
-    raise ConfigError(
+    return resolve_checkpoint(
+        name_or_path,
+        LMConfig.from_json,
+        [CONFIG_DIR / (f"{name}.json" if name.startswith("lm_") else f"lm_{name}.json")],
         f"unknown LM {name_or_path!r}: use lm_tiny, lm_fast, lm_small or a checkpoint directory such as "
-        f"{CHECKPOINT_DIR}"
+        f"{CHECKPOINT_DIR}",
+        what="an LM checkpoint",
     )
 
 
@@ -482,10 +403,7 @@ def load_lm(name_or_path: str | Path = CHECKPOINT_DIR, pretrained: bool = True) 
     cfg, ckpt = resolve_lm(name_or_path)
     model = GroundedLM(cfg)
     if pretrained and ckpt is not None:
-        from safetensors.torch import load_file
-
-        state = load_file(str(ckpt / WEIGHTS_FILE))
-        state = {k: v.float() for k, v in state.items()}
+        state = {k: v.float() for k, v in read_weights(ckpt).items()}
         state.setdefault("head.weight", state.get("tok_embed.weight"))
         missing, unexpected = model.load_state_dict(state, strict=False)
         if [k for k in missing if not k.endswith("_load_acc")] or unexpected:
@@ -497,17 +415,9 @@ def load_lm(name_or_path: str | Path = CHECKPOINT_DIR, pretrained: bool = True) 
 
 def save_lm(model: GroundedLM, out_dir: str | Path, dtype: torch.dtype = torch.float32) -> Path:
     """Write ``config.json`` + ``model.safetensors`` (tied head stored once; bf16 ``dtype`` halves it)."""
-    from safetensors.torch import save_file
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     state = {
         k: v.detach().to(dtype if v.is_floating_point() else v.dtype).contiguous().clone()
         for k, v in model.state_dict().items()
         if k != "head.weight"
     }
-    tmp = out / (WEIGHTS_FILE + ".tmp")
-    save_file(state, str(tmp), metadata={"format": "pt", "name": model.cfg.name})
-    tmp.replace(out / WEIGHTS_FILE)
-    model.cfg.to_json(out / CONFIG_FILE)
-    return out
+    return save_checkpoint(out_dir, state, model.cfg.to_dict(), model.cfg.name)

@@ -22,7 +22,14 @@ from torch import Tensor, nn
 
 from mm.backbone import Backbone, BackboneOutput, l2_normalize, masked_mean, sinusoidal_positions
 from mm.calibration import Calibration
-from mm.checkpoint import apply_checkpoint_quantization
+from mm.checkpoint import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    apply_checkpoint_quantization,
+    read_weights,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from mm.config import ModelConfig
 from mm.encoders import EncoderOutput, build_audio_encoder, build_image_encoder, build_text_encoder
 from mm.errors import ConfigError
@@ -32,8 +39,6 @@ log = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
 
 
 class MultimodalModel(nn.Module):
@@ -189,29 +194,14 @@ def save_model(
     ``cast(name, tensor)`` may change how a tensor is stored (e.g. float16 on disk; loading copies it
     back into the model's own dtype).
     """
-    from safetensors.torch import save_file
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().clone() for k, v in trainable_state_dict(model).items()}
     if cast is not None:
         state = {k: cast(k, v) for k, v in state.items()}
-    tmp = out / (WEIGHTS_FILE + ".tmp")
-    save_file(state, str(tmp), metadata={"format": "pt", "name": model.cfg.name})
-    tmp.replace(out / WEIGHTS_FILE)
-    model.cfg.to_json(out / CONFIG_FILE)
-    return out
+    return save_checkpoint(out_dir, state, model.cfg.to_dict(), model.cfg.name)
 
 
 def load_weights(model: MultimodalModel, path: str | Path) -> None:
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if path.is_dir():
-        path = path / WEIGHTS_FILE
-    if not path.exists():
-        raise ConfigError(f"no weights at {path}; expected a directory holding {WEIGHTS_FILE}")
-    state = load_file(str(path))
+    state = read_weights(path)
     expected = trainable_state_dict(model)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -230,23 +220,13 @@ def available_configs() -> list[str]:
 
 def resolve(name_or_path: str | Path) -> tuple[ModelConfig, Path | None]:
     """A config name, a shipped checkpoint name, a checkpoint directory or a config JSON file."""
-    p = Path(name_or_path)
-    if p.is_dir():
-        if not (p / CONFIG_FILE).exists():
-            raise ConfigError(
-                f"{p} holds no {CONFIG_FILE}; a checkpoint directory needs it and {WEIGHTS_FILE}"
-            )
-        return ModelConfig.from_json(p / CONFIG_FILE), p if (p / WEIGHTS_FILE).exists() else None
-    if p.suffix == ".json" and p.exists():
-        return ModelConfig.from_json(p), None
     name = str(name_or_path)
-    ckpt = CHECKPOINT_DIR / name
-    if (ckpt / CONFIG_FILE).exists():
-        return ModelConfig.from_json(ckpt / CONFIG_FILE), ckpt
-    cfg_file = CONFIG_DIR / f"{name}.json"
-    if cfg_file.exists():
-        return ModelConfig.from_json(cfg_file), None
-    raise ConfigError(f"unknown model {name!r}: use one of {available_configs()} or a checkpoint directory")
+    return resolve_checkpoint(
+        name_or_path,
+        ModelConfig.from_json,
+        [CHECKPOINT_DIR / name, CONFIG_DIR / f"{name}.json"],
+        f"unknown model {name!r}: use one of {available_configs()} or a checkpoint directory",
+    )
 
 
 def create_model(

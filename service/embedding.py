@@ -32,7 +32,7 @@ def load_embedder(name_or_path: str = DEFAULT_MODEL, adapter: str | Path | None 
         log.info("no %r model shipped (%s); using %r", DEFAULT_MODEL, exc, FALLBACK_MODEL)
         model = create_model(FALLBACK_MODEL)
     if adapter is not None:
-        from mm.lora import load_adapter
+        from mm.adapter import load_adapter
 
         load_adapter(model, adapter)
     log.info("loaded embedder %s (dim %d)", getattr(model, "model_id", name_or_path), model.dim)

@@ -90,7 +90,7 @@ def check_params(max_tokens: int, temperature: float, stop: Sequence[str] | None
 
 def with_stop(pieces: Iterable[str], stop: Sequence[str]) -> Iterator[str]:
     """Cut a stream of pieces at the first stop string (not emitted); closes the source when stopped."""
-    from mm.lm import StopFilter
+    from mm.stop_filter import StopFilter
 
     f = StopFilter(stop)
     source = iter(pieces)

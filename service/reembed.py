@@ -31,7 +31,7 @@ def reembed(
     """Encode every item of ``coll`` again with ``embedder``; ``adapter``: the LoRA adapter it carries."""
     report = reembed_collection(coll, embedder, batch_size=batch_size, progress=progress)
     if adapter is not None:
-        from mm.lora import adapter_id
+        from mm.adapter import adapter_id
 
         coll.set_meta("adapter", {"path": str(Path(adapter).resolve()), "id": adapter_id(adapter)})
     else:

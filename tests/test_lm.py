@@ -11,14 +11,14 @@ from mm.lm import (
     GroundedLM,
     KVCache,
     LMConfig,
-    StopFilter,
     attention_mask,
     causal_window_mask,
-    filter_logits,
     load_lm,
     resolve_lm,
     save_lm,
 )
+from mm.sampling import filter_logits
+from mm.stop_filter import StopFilter
 from mm.tokenizer import BOS, ByteTokenizer
 
 

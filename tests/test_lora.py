@@ -9,17 +9,9 @@ import pytest
 import soundfile as sf
 import torch
 
+from mm.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, save_adapter
 from mm.int4 import Int4Linear
-from mm.lora import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
-    LoraSpec,
-    apply_lora,
-    load_adapter,
-    lora_layers,
-    merge_lora,
-    save_adapter,
-)
+from mm.lora import LoraSpec, apply_lora, lora_layers, merge_lora
 from mm.model import create_model
 
 TEXTS = [f"a {c} {s}" for c in ("red", "blue", "green") for s in ("circle", "square")]

@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from mm.model import default_model_name
 
     if args.action == "merge":
-        from mm.lora import merge_adapter
+        from mm.adapter import merge_adapter
 
         if not args.adapter:
             raise UsageError("mm finetune merge needs --adapter DIR")
@@ -53,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.manifest:
         raise UsageError("mm finetune needs --manifest FILE (or use `mm finetune merge --adapter DIR`)")
-    from mm.lora import LoraSpec, finetune
+    from mm.finetune import finetune
+    from mm.lora import LoraSpec
     from mm.train import TrainConfig
 
     spec = LoraSpec(

@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
 def _embedder(args: argparse.Namespace):
     embedder = load_embedder(args.model)
     if args.adapter:
-        from mm.lora import load_adapter
+        from mm.adapter import load_adapter
 
         load_adapter(embedder, args.adapter)
     return embedder
