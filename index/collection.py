@@ -248,6 +248,7 @@ class Collection:
             self._config.update(generation=self.generation, index=vi.spec, updated_at=time.time())
             atomic_write_json(self.path / CONFIG_FILE, self._config)
             self._saved_generation = self.generation
+            self.store.trim_changes()
 
     @contextlib.contextmanager
     def bulk(self) -> Iterator[Collection]:
@@ -266,11 +267,73 @@ class Collection:
                     self.save()
 
     def refresh(self) -> bool:
-        """Pick up changes another process committed; True if anything was reloaded."""
+        """Pick up changes another process committed; True if there were any.
+
+        Searches call this themselves (see :meth:`_follow`); it applies only the vectors that changed
+        since the generation this index is at (``vector_changes`` in SQLite), and reloads the whole index
+        only when that log does not reach back far enough or most of the collection changed.
+        """
         if self.store.generation() == self.generation:
             return False
-        self._load_index(on_open=False)
+        with self._wlock:
+            if self.store.generation() == self.generation:
+                return False
+            self._catch_up()
         return True
+
+    def _follow(self) -> None:
+        """Before a search: catch up if another process committed (one indexed SQLite read when not)."""
+        if self.store.generation() == self.generation:
+            return
+        # Busy: this process is writing, and its own write catches up first (see _writing); a search
+        # never waits for that, it answers from the index as it is.
+        if not self._wlock.acquire(blocking=False):
+            return
+        try:
+            if self.store.generation() != self.generation:
+                self._catch_up()
+        finally:
+            self._wlock.release()
+
+    def _catch_up(self) -> None:
+        """Apply what other processes committed since ``self.generation`` (the caller holds ``_wlock``)."""
+        vi = self._vindex
+        assert vi is not None
+        changes = self.store.changes_since(self.generation, max_ids=vi.live // 2 + 1000)
+        if changes is None:  # the log does not reach back, or most of the collection changed
+            self._load_index(on_open=False)
+            return
+        side = self._read_sidecar()
+        saved = side is not None and int(side["generation"]) == changes.generation
+        # An HNSW insert costs ~100x reading its share of the file: past ~1% changed, reading the file
+        # the writer saved is faster (an unsaved state is still caught up, rather than rebuilt).
+        if saved and vi.kind == "hnsw" and len(changes.changed) > max(200, vi.live // 100):
+            self._load_index(on_open=False)
+            return
+        try:
+            with self._rw.write():
+                vi.remove(changes.changed)  # ids absent from the index are ignored
+                if len(changes.ids):
+                    vi.add(changes.ids, changes.vectors)
+            consistent = vi.live == changes.count
+        except Exception:
+            log.exception("collection %s: applying changes from another process failed", self.path)
+            consistent = False
+        if not consistent:
+            log.warning("collection %s: index out of step after catching up; reloading it", self.path)
+            self._load_index(on_open=False)
+            return
+        log.debug(
+            "collection %s: applied %d changed vectors, generation %d -> %d",
+            self.path,
+            len(changes.changed),
+            self.generation,
+            changes.generation,
+        )
+        self.generation = changes.generation
+        if saved:
+            self._saved_generation = self.generation  # the writer saved this state: nothing to write
+        self._maybe_switch()
 
     def _read_sidecar(self) -> dict[str, Any] | None:
         try:
@@ -365,7 +428,7 @@ class Collection:
             )
         with self._wlock, self._flock:
             if self.store.generation() != self.generation:  # another process wrote since we loaded
-                self._load_index(on_open=False)
+                self._catch_up()
             yield
 
     def _apply(self, gen: int, remove: list[int], add_ids: list[int], add_vecs: np.ndarray | None) -> None:
@@ -592,6 +655,7 @@ class Collection:
             raise ValueError(
                 f"queries must have shape (q, {self.dim}) or ({self.dim},), got {tuple(q.shape)}"
             )
+        self._follow()  # what another process (`mm index`) committed is searched too
         for attempt in range(3):
             scores, labels = self._search_ids(q, k + offset, filter)
             items = self.store.get_many({int(i) for i in labels.ravel() if i >= 0})

@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -47,7 +47,27 @@ CREATE INDEX IF NOT EXISTS items_created ON items(created_at);
 -- counts and id lists of items with vectors read this small index, not every row's 1.5 KB vector
 CREATE INDEX IF NOT EXISTS items_with_vector ON items(modality) WHERE vector IS NOT NULL;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+-- Which ids' vectors changed at which generation (the one their transaction commits), so that another
+-- process serving this collection catches up by applying just those (Collection.refresh). Triggers keep
+-- it, whoever writes; MetaStore.trim_changes bounds it. meta 'changes_from': the log is complete after it.
+CREATE TABLE IF NOT EXISTS vector_changes (gen INTEGER NOT NULL, id INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS vector_changes_gen ON vector_changes(gen);
+CREATE TRIGGER IF NOT EXISTS items_vector_insert AFTER INSERT ON items WHEN NEW.vector IS NOT NULL BEGIN
+    INSERT INTO vector_changes(gen, id)
+    VALUES ((SELECT CAST(value AS INTEGER) + 1 FROM meta WHERE key = 'generation'), NEW.id);
+END;
+CREATE TRIGGER IF NOT EXISTS items_vector_update AFTER UPDATE OF vector ON items
+WHEN OLD.vector IS NOT NULL OR NEW.vector IS NOT NULL BEGIN
+    INSERT INTO vector_changes(gen, id)
+    VALUES ((SELECT CAST(value AS INTEGER) + 1 FROM meta WHERE key = 'generation'), NEW.id);
+END;
+CREATE TRIGGER IF NOT EXISTS items_vector_delete AFTER DELETE ON items WHEN OLD.vector IS NOT NULL BEGIN
+    INSERT INTO vector_changes(gen, id)
+    VALUES ((SELECT CAST(value AS INTEGER) + 1 FROM meta WHERE key = 'generation'), OLD.id);
+END;
 """
+# Change-log rows kept (beyond them a reader that far behind reloads the whole index instead).
+CHANGES_KEEP = 200_000
 
 COLUMNS = (
     "id, uri, sha256, modality, mime, caption, tags, size, width, height, duration, "
@@ -115,6 +135,16 @@ def _blob(vec: np.ndarray) -> bytes:
     return np.ascontiguousarray(vec, dtype="<f4").tobytes()
 
 
+class VectorChanges(NamedTuple):
+    """Vector changes after some generation, as :meth:`MetaStore.changes_since` read them."""
+
+    generation: int  # the generation they bring a reader to
+    changed: np.ndarray  # (c,) ids whose vector was added, replaced or removed
+    ids: np.ndarray  # (m,) those of them that hold a vector now
+    vectors: np.ndarray  # (m, dim) their vectors
+    count: int  # items with a vector at ``generation``
+
+
 class MetaStore:
     """Thin typed layer over ``meta.sqlite``. Writes go through :meth:`transaction` (one writer)."""
 
@@ -129,6 +159,11 @@ class MetaStore:
             self.conn.executescript(SCHEMA)
             ensure_lexical(self.conn)  # FTS5 words index + its triggers (filled once for older collections)
             self.conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('generation', '0')")
+            # a collection older than the change log: complete from now on
+            self.conn.execute(
+                "INSERT OR IGNORE INTO meta(key, value) "
+                "SELECT 'changes_from', value FROM meta WHERE key = 'generation'"
+            )
 
     # connections -----------------------------------------------------------------------------------
     @property
@@ -194,6 +229,47 @@ class MetaStore:
         gen = int(json.loads(conn.execute("SELECT value FROM meta WHERE key='generation'").fetchone()[0])) + 1
         conn.execute("UPDATE meta SET value = ? WHERE key = 'generation'", (json.dumps(gen),))
         return gen
+
+    def changes_since(self, gen: int, max_ids: int) -> VectorChanges | None:
+        """What changed in the vectors after generation ``gen``, read in one snapshot.
+
+        None when the change log does not reach back to ``gen`` (trimmed, or a collection no writer has
+        opened since the log existed) or more than ``max_ids`` ids changed: the caller reloads instead.
+        """
+        conn = self.conn
+        conn.execute("BEGIN")  # one read snapshot (WAL): the generation, the ids and vectors agree
+        try:
+            now = int(
+                json.loads(conn.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()[0])
+            )
+            floor = conn.execute("SELECT value FROM meta WHERE key = 'changes_from'").fetchone()
+            if floor is None or gen < int(json.loads(floor[0])):
+                return None
+            rows = conn.execute("SELECT DISTINCT id FROM vector_changes WHERE gen > ?", (int(gen),))
+            changed = np.fromiter((r[0] for r in rows), dtype=np.int64)
+            if len(changed) > max_ids:
+                return None
+            ids, vecs = self.vectors(changed)
+            return VectorChanges(now, changed, ids, vecs, self.count())
+        except sqlite3.OperationalError:  # no change log in this file yet (opened read-only)
+            return None
+        finally:
+            conn.execute("COMMIT")
+
+    def trim_changes(self, keep: int | None = None) -> None:
+        """Drop the oldest change-log rows past ``keep`` (whole generations; the floor moves up)."""
+        keep = CHANGES_KEEP if keep is None else keep
+        lo, hi = self.conn.execute("SELECT MIN(rowid), MAX(rowid) FROM vector_changes").fetchone()
+        if lo is None or hi - lo < 2 * keep:  # rows are only appended: the rowid span bounds the count
+            return
+        with self.transaction() as conn:
+            cut = conn.execute(
+                "SELECT gen FROM vector_changes WHERE rowid <= ? ORDER BY rowid DESC LIMIT 1", (hi - keep,)
+            ).fetchone()
+            if cut is None:
+                return
+            conn.execute("DELETE FROM vector_changes WHERE gen <= ?", (cut[0],))
+            self.set_meta("changes_from", int(cut[0]), conn=conn)
 
     # writes (inside a transaction) -----------------------------------------------------------------
     def insert(self, conn: sqlite3.Connection, item: Item, vector: np.ndarray | None) -> int:

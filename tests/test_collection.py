@@ -632,3 +632,90 @@ def test_replace_vectors_crash_after_commit_reopens_with_the_new_vectors(tmp_pat
         assert coll.search(new[ids[1]], k=1)[0][0].id == ids[1]
         report = coll.check()
         assert report["ok"] and report["disk_index"] == "current", report["problems"]
+
+
+# another process writes, this one serves ---------------------------------------------------------------
+_WRITE_ELSEWHERE = r"""
+import json, sys
+import numpy as np
+from index.collection import Collection
+from index.types import Item
+
+path, delete, replace = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+x = np.asarray(json.loads(sys.stdin.read()), dtype=np.float32)
+with Collection.open(path) as c:
+    fresh = [Item(id=0, modality="text", uri=f"/new/{i}", sha256=f"n{i}") for i in range(len(x) - 1)]
+    new = c.add(x[:-1], fresh)
+    c.delete(delete)
+    c.upsert(x[-1:], [Item(id=0, modality="image", uri=c.get(replace).uri, sha256="replaced")])
+print(json.dumps(new))
+"""
+
+
+def _write_elsewhere(path, vectors: np.ndarray, delete: list[int], replace: int) -> list[int]:
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-c", _WRITE_ELSEWHERE, str(path), json.dumps(delete), str(replace)],
+        input=json.dumps(vectors.tolist()),
+        env={**os.environ, "PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(proc.stdout)
+
+
+@pytest.mark.parametrize("spec", ["Flat", "HNSW32"])
+@pytest.mark.parametrize("readonly", [False, True])
+def test_served_collection_searches_what_another_process_indexed(tmp_path, monkeypatch, spec, readonly):
+    """`mm serve` has the collection open while `mm index` adds, deletes and replaces items."""
+    path = tmp_path / "c"
+    x = unit(40, seed=20)
+    with Collection.create(path, dim=DIM, embedder_id="f", index_spec=spec) as c:
+        ids = c.add(x, items(40))
+    served = Collection.open(path, readonly=readonly)
+    assert served.search(x[3], k=1)[0][0].id == ids[3]
+
+    def no_full_reload(*a, **kw):
+        raise AssertionError("the served index was reloaded in full")
+
+    monkeypatch.setattr(served, "_rebuild_index", no_full_reload)
+    monkeypatch.setattr("index.collection.VectorIndex.read", no_full_reload)
+    fresh = unit(6, seed=21)
+    new_ids = _write_elsewhere(path, fresh, delete=[ids[0], ids[1]], replace=ids[2])
+
+    assert served.count() == 40 + 5 - 2
+    got = served.search(fresh[:5], k=1)
+    assert [r[0].id for r in got] == new_ids and all(r[0].score > 0.999 for r in got)
+    assert all(h.id not in (ids[0], ids[1]) for r in served.search(x[:2], k=10) for h in r)
+    assert served.search(fresh[5], k=1)[0][0].id == ids[2]  # replaced: found by its new vector only
+    assert all(not (h.id == ids[2] and h.score > 0.999) for h in served.search(x[2], k=5)[0])
+    monkeypatch.undo()
+    report = served.check()
+    assert report["ok"] and report["faiss_live"] == 43 and report["disk_index"] == "current", report
+    served.close()
+
+
+def test_a_reader_behind_the_trimmed_change_log_reloads_and_stays_right(tmp_path, monkeypatch):
+    path = tmp_path / "c"
+    writer = Collection.create(path, dim=DIM, embedder_id="f")
+    ids = writer.add(unit(10, seed=30), items(10))
+    reader = Collection.open(path, readonly=True)
+    monkeypatch.setattr("index.store.CHANGES_KEEP", 4)
+    for i in range(8):  # every add saves, and each save trims the log to the last few generations
+        ids += writer.add(unit(2, seed=40 + i), items(2, start=20 + 2 * i))
+    writer.delete(ids[:3])
+    floor = writer.store.get_meta("changes_from")
+    assert floor > reader.generation  # the log no longer reaches back to the reader
+    assert writer.store.conn.execute("SELECT COUNT(*) FROM vector_changes").fetchone()[0] <= 8
+    q = unit(2, seed=47)
+    assert reader.search(q[1], k=1)[0][0].id == ids[-1] and reader.check()["ok"]
+    assert reader.count() == 23
+    reader.close()
+    writer.close()
