@@ -295,8 +295,26 @@ class Collection:
         finally:
             self._wlock.release()
 
+    def _sync_config(self) -> None:
+        """Follow a config change another process committed (a re-embedding changes the embedder id), so
+        that this handle neither reports nor saves the old one."""
+        saved = self.store.get_meta("config")
+        if not isinstance(saved, dict):
+            return
+        if any(self._config.get(k) != v for k, v in saved.items() if k != "generation"):
+            if saved.get("embedder_id") != self.embedder_id:
+                log.warning(
+                    "collection %s now holds vectors of %r (was %r): restart what embeds with the old model",
+                    self.path,
+                    saved.get("embedder_id"),
+                    self.embedder_id,
+                )
+            self._config = {**self._config, **saved, "generation": self._config.get("generation", 0)}
+            self.embedder_id = str(saved["embedder_id"])
+
     def _catch_up(self) -> None:
         """Apply what other processes committed since ``self.generation`` (the caller holds ``_wlock``)."""
+        self._sync_config()
         vi = self._vindex
         assert vi is not None
         changes = self.store.changes_since(self.generation, max_ids=vi.live // 2 + 1000)

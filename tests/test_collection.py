@@ -719,3 +719,22 @@ def test_a_reader_behind_the_trimmed_change_log_reloads_and_stays_right(tmp_path
     assert reader.count() == 23
     reader.close()
     writer.close()
+
+
+def test_a_handle_follows_a_reembedding_committed_elsewhere(tmp_path, caplog):
+    """After another process swaps every vector and the embedder id, this handle neither searches the
+    old vectors nor writes the old embedder id back into collection.json."""
+    path = tmp_path / "c"
+    served = Collection.create(path, dim=DIM, embedder_id="old:1")
+    ids = served.add(unit(6, seed=50), items(6))
+    new = unit(6, seed=51)
+    with Collection.open(path) as other:
+        other.replace_vectors(dict(zip(ids, new, strict=True)), embedder_id="new:2")
+    with caplog.at_level(logging.WARNING, logger="index"):
+        assert served.search(new[4], k=1)[0][0].id == ids[4]
+    assert served.embedder_id == "new:2" and any("new:2" in r.getMessage() for r in caplog.records)
+    served.add(unit(1, seed=52), items(1, start=6))  # this handle saves again
+    served.close()
+    import json
+
+    assert json.loads((path / "collection.json").read_text())["embedder_id"] == "new:2"
