@@ -396,9 +396,11 @@ class Collection:
         if reason is None:
             self._saved_generation = gen
         elif not self.readonly:
-            with self._wlock, self._flock:
+            with self._wlock:
                 self._saved_generation = -1
-                self.save()
+                if on_open:  # a catch-up runs in a search: the writer saves its own file, close() ours
+                    with self._flock:
+                        self.save()
 
     # index type -------------------------------------------------------------------------------------
     def _target_spec(self, n: int) -> str:
