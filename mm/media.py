@@ -17,7 +17,7 @@ Limits, all checked before a byte of payload is decoded (:func:`sniff` reads onl
 ``MIN_AUDIO_SECONDS``  0.05 s      shorter files hold no usable sound (a 100-byte WAV)
 ``MAX_TEXT_BYTES``     1 MB        a text file or sidecar caption (the text as stored)
 ``MAX_DECODE_SIDE``    1024 px     decoded images are shrunk to this (encoders use far less)
-``EMBED_CHARS_PER_TOKEN``  8       the text an encoder tokenises is cut to ``8 x max tokens`` chars
+``MAX_EMBED_CHARS``    4096        characters a text encoder's tokenizer sees (8 per token of 512)
 ``SNIPPET_CHARS``      300         the caption a search hit carries
 =====================  ==========  =============================================================
 
@@ -56,7 +56,9 @@ MAX_AUDIO_SECONDS = 600.0
 MIN_AUDIO_SECONDS = 0.05
 MAX_TEXT_BYTES = 1_000_000
 MAX_DECODE_SIDE = 1024
-EMBED_CHARS_PER_TOKEN = 8  # natural text runs 2-6 chars a token; the tokenizer cuts the rest anyway
+# Our text encoders keep at most 512 tokens and natural text runs 2-6 characters a token: 8 per token
+# leaves every token they keep, and a 1 MB text costs the tokenizer 4096 characters, not a megabyte.
+MAX_EMBED_CHARS = 8 * 512
 SNIPPET_CHARS = 300
 
 # Checked on the format Pillow decoded, never on the file name.
@@ -213,6 +215,8 @@ def sniff(
         raise MediaError(f"{label}: unsupported file extension {suffix!r}", "unsupported", label)
     if modality == "text":
         size = _check_size(src, label, limits.max_text_bytes, "text file")
+        if b"\x00" in _read_head(src, 4096):  # UTF-8 text never holds NUL: a binary file renamed
+            raise MediaError(f"{label}: binary data, not text (contains NUL bytes)", "unsupported", label)
         ext = Path(src).suffix.lower() if isinstance(src, (str, Path)) else ""
         return MediaInfo("text", TEXT_MIME.get(ext, "text/plain"), size)
     size = _check_size(src, label, limits.max_bytes, f"{modality} file")
@@ -549,14 +553,10 @@ def read_caption(path: str | Path, max_bytes: int = MAX_TEXT_BYTES) -> str | Non
     return text or None
 
 
-def text_for_embedding(text: str, max_tokens: int) -> str:
-    """The text as embedded: its first ``EMBED_CHARS_PER_TOKEN * max_tokens`` characters.
-
-    An encoder keeps only its first ``max_tokens`` tokens; cutting the characters first keeps a 1 MB text
-    from costing a tokenizer pass over all of it.
-    """
-    limit = EMBED_CHARS_PER_TOKEN * max(1, max_tokens)
-    return text if len(text) <= limit else text[:limit]
+def text_for_embedding(text: str, max_chars: int = MAX_EMBED_CHARS) -> str:
+    """The text as embedded: its first ``max_chars`` characters (the text encoders call this before
+    tokenizing; they keep only their first ``max_len`` tokens of it anyway)."""
+    return text if len(text) <= max_chars else text[:max_chars]
 
 
 def text_snippet(text: str | None, max_chars: int = SNIPPET_CHARS) -> str:

@@ -382,3 +382,125 @@ def test_post_ingest_does_not_serve_files_a_symlink_leads_out_to(tmp_path):
         secret = (outside / "private.png").read_bytes()
         assert all(client.get(f"/items/{it['id']}/media").content != secret for it in items)
         assert client.post("/ingest", json={"path": str(allowed / "out.png")}).status_code == 403
+
+
+# ------------------------------------------------------------------ hostile files (issue 18.4, 18.5, 18.10)
+
+
+def _sparse(path: Path, head: bytes, size: int) -> Path:
+    """``size`` bytes starting with ``head``; the rest is a hole (no disk, reads as NULs)."""
+    with open(path, "wb") as f:
+        f.write(head)
+        f.truncate(size)
+    return path
+
+
+def _png_header(w: int, h: int) -> bytes:
+    import struct
+    import zlib
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+
+
+def _wav_header(frames: int, rate: int = 8000) -> bytes:
+    import struct
+
+    fmt = struct.pack("<HHIIHH", 1, 1, rate, rate, 1, 8)  # PCM, mono, 8-bit
+    riff = b"WAVE" + b"fmt " + struct.pack("<I", 16) + fmt + b"data" + struct.pack("<I", frames)
+    return b"RIFF" + struct.pack("<I", len(riff) + frames) + riff
+
+
+def _hostile_folder(root: Path) -> dict[str, str]:
+    """Bad files -> a word their error must hold. None of them may reach a decoder."""
+    import io
+
+    import soundfile as sf
+
+    root.mkdir()
+    (root / "bomb.png").write_bytes(_png_header(13_000, 13_000))
+    _sparse(root / "big.png", _png_header(64, 64), 500 * (1 << 20))
+    _sparse(root / "hour.wav", _wav_header(8000 * 3600), 44 + 8000 * 3600)
+    (root / "silent.mp3").write_bytes(b"")
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros(28, np.int16), 16000, format="WAV", subtype="PCM_16")
+    (root / "tiny.wav").write_bytes(buf.getvalue())  # 100 bytes, 1.75 ms
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros(8000, np.int16), 8000, format="WAV", subtype="PCM_16")
+    (root / "lying.wav").write_bytes(buf.getvalue()[:4000])  # the header still says 16 kB
+    (root / "zeros.txt").write_bytes(b"\x00" * 2048)
+    (root / "nul.png").write_bytes(b"\x00" * 2048)
+    _sparse(root / "huge.txt", b"many words ", 50_000_000)
+    return {
+        "bomb.png": "13000x13000",
+        "big.png": "too large",
+        "hour.wav": "too long",
+        "silent.mp3": "empty",
+        "tiny.wav": "too short",
+        "lying.wav": "declares",
+        "zeros.txt": "NUL",
+        "nul.png": "not a supported image",
+        "huge.txt": "too large",
+    }
+
+
+def test_ingest_refuses_hostile_files_before_reading_or_decoding_them(tmp_path, monkeypatch):
+    import mm.media
+
+    bad = _hostile_folder(tmp_path / "hostile")
+    _png(tmp_path / "hostile" / "fine.png", (10, 200, 30))
+    decoded: list[str] = []
+    read_whole: list[str] = []
+
+    def spy(real):
+        def decode(src, *args, **kwargs):  # records the name the decoder is called with
+            decoded.extend(x for x in (*args, *kwargs.values()) if isinstance(x, str))
+            return real(src, *args, **kwargs)
+
+        return decode
+
+    for fn in ("load_image", "load_audio", "read_text"):
+        monkeypatch.setattr(mm.media, fn, spy(getattr(mm.media, fn)))
+    real_read = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: read_whole.append(self.name) or real_read(self))
+
+    emb = FakeEmbedder()
+    with Collection.create(tmp_path / "coll", dim=emb.dim, embedder_id=emb.model_id) as coll:
+        report = ingest(coll, emb, [tmp_path / "hostile"], progress=False, workers=1)
+        errors = {Path(e.path).name: e.error for e in report.errors}
+        assert report.added == 1 and set(errors) == set(bad), errors
+        for name, word in bad.items():
+            assert word in errors[name], (name, errors[name])
+            assert str(tmp_path) not in errors[name] and "object at 0x" not in errors[name]
+        assert set(decoded) == {"fine.png"} and set(read_whole) == {"fine.png"}, (decoded, read_whole)
+        assert coll.count() == 1
+
+        # ingest_one (POST /items) refuses them alike, with the MediaError's kind kept for the API
+        from mm.errors import MediaError
+
+        for name in ("bomb.png", "big.png", "hour.wav"):
+            with pytest.raises(MediaError) as info:
+                ingest_one(coll, emb, tmp_path / "hostile" / name, name="upload-" + name)
+            assert info.value.kind == "too_large" and str(info.value).startswith("upload-" + name)
+        assert set(decoded) == {"fine.png"} and coll.count() == 1
+
+
+def test_long_text_is_stored_bounded_and_embedded(tmp_path):
+    from mm.media import MAX_TEXT_BYTES
+
+    emb = FakeEmbedder()
+    seen: list[int] = []
+    encode_text = emb.encode_text
+    emb.encode_text = lambda texts: seen.extend(len(t) for t in texts) or encode_text(texts)
+    (tmp_path / "docs").mkdir()
+    text = "the quick brown fox " * 40_000  # 800 kB: under the limit, stored whole
+    (tmp_path / "docs" / "long.txt").write_text(text)
+    (tmp_path / "docs" / "over.txt").write_text("x" * (MAX_TEXT_BYTES + 1))
+    with Collection.create(tmp_path / "coll", dim=emb.dim, embedder_id=emb.model_id) as coll:
+        report = ingest(coll, emb, [tmp_path / "docs"], progress=False)
+        assert report.added == 1 and [Path(e.path).name for e in report.errors] == ["over.txt"]
+        (item,) = coll.items()
+        assert item.caption == text and seen == [len(text)]  # the fake has no tokenizer to spare

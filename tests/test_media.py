@@ -246,3 +246,198 @@ def test_bad_audio_raises_media_error(tmp_path):
     sf.write(flac, _sine(300.0, 0.5, 16000), 16000)
     Path(flac).write_bytes(Path(flac).read_bytes()[:60])  # header cut in the middle
     _expect("corrupt", load_audio, flac)
+
+
+# ------------------------------------------------------------------- limits from the header (issue 18)
+
+
+def _sparse(path: Path, head: bytes, size: int) -> Path:
+    """A file of ``size`` bytes starting with ``head``; the rest is a hole (costs no disk, reads as NULs)."""
+    with open(path, "wb") as f:
+        f.write(head)
+        f.truncate(size)
+    return path
+
+
+def _wav_header(frames: int, rate: int = 8000, width: int = 1) -> bytes:
+    """A PCM mono WAV header that declares ``frames`` samples of ``width`` bytes."""
+    data = frames * width
+    fmt = struct.pack("<HHIIHH", 1, 1, rate, rate * width, width, 8 * width)
+    return (
+        b"RIFF" + struct.pack("<I", 36 + data) + b"WAVE" + b"fmt " + struct.pack("<I", 16) + fmt
+        + b"data" + struct.pack("<I", data)
+    )  # fmt: skip
+
+
+@pytest.fixture
+def no_decoding(monkeypatch):
+    """Fails the test if Pillow decodes pixels or libsndfile reads samples."""
+    import soundfile as sf
+    from PIL import ImageFile
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the decoder was reached")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", refuse)
+    monkeypatch.setattr(sf.SoundFile, "read", refuse)
+
+
+def test_bombs_and_huge_files_are_refused_from_the_header(tmp_path, no_decoding, monkeypatch):
+    from mm.media import MAX_MEDIA_BYTES, MediaInfo, MediaReader, sniff
+
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(_png_header(13_000, 13_000))  # 169 M pixels: 0.5 GB once decoded
+    err = _expect("too_large", sniff, bomb, name="bomb.png")
+    assert "13000x13000" in str(err)
+    _expect("too_large", load_image, bomb, name="bomb.png")
+    told = MediaInfo("image", "image/png", 0)  # decode checks the bytes again, whatever it is told
+    _expect("too_large", MediaReader().decode, bomb.read_bytes(), told, "bomb.png", name="bomb.png")
+
+    hour = _sparse(tmp_path / "hour.wav", _wav_header(8000 * 3600), 44 + 8000 * 3600)
+    err = _expect("too_large", sniff, hour, name="hour.wav")
+    assert "3600.0 s > 600 s" in str(err)
+    _expect("too_large", load_audio, hour, name="hour.wav")
+
+    # A 500 MB "image" is refused by its size before it is opened at all.
+    big = _sparse(tmp_path / "big.png", _png_header(64, 64), 500 * (1 << 20))
+    opened = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda f, *a, **k: opened.append(str(f)) or real_open(f, *a, **k))
+    err = _expect("too_large", sniff, big, name="big.png")
+    assert f"> {MAX_MEDIA_BYTES} bytes" in str(err)
+    _expect("too_large", load_image, big)
+    _expect("too_large", load_audio, big)
+    assert str(big) not in opened
+
+
+def test_small_lying_and_nul_files_get_one_line_errors(tmp_path):
+    import soundfile as sf
+
+    from mm.media import sniff
+
+    (tmp_path / "silent.mp3").write_bytes(b"")
+    err = _expect("empty", sniff, tmp_path / "silent.mp3", name="silent.mp3")
+    assert "empty" in str(err) and "exist" not in str(err)
+    _expect("empty", load_audio, tmp_path / "silent.mp3", name="silent.mp3")
+
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros(28, np.int16), 16000, format="WAV", subtype="PCM_16")
+    assert len(buf.getvalue()) == 100
+    (tmp_path / "tiny.wav").write_bytes(buf.getvalue())
+    err = _expect("empty", sniff, tmp_path / "tiny.wav", name="tiny.wav")
+    assert "too short" in str(err)
+
+    buf = io.BytesIO()
+    sf.write(buf, _sine(440.0, 1.0, 16000), 16000, format="WAV", subtype="PCM_16")
+    lying = bytearray(buf.getvalue())
+    lying[40:44] = struct.pack("<I", 16000 * 2 * 3600)  # the data chunk claims an hour
+    (tmp_path / "lying.wav").write_bytes(bytes(lying))
+    err = _expect("corrupt", sniff, tmp_path / "lying.wav", name="lying.wav")
+    assert "declares" in str(err)
+    # the same sound with an honest header passes
+    assert sniff(buf.getvalue(), "ok.wav", "audio").duration == pytest.approx(1.0)
+
+    for name in ("nul.wav", "nul.png", "nul.mp3", "nul.txt"):
+        (tmp_path / name).write_bytes(b"\x00" * 4096)
+        err = _expect("unsupported", sniff, tmp_path / name, name=name)
+    _expect("unsupported", read_text, tmp_path / "nul.txt")
+
+
+def test_messages_name_the_source_not_temp_paths_or_object_reprs(tmp_path):
+    from mm.media import MediaReader, sniff
+
+    secret = tmp_path / "server-only" / "mm-query-abc123.png"
+    secret.parent.mkdir()
+    cut = io.BytesIO()
+    Image.effect_noise((64, 64), 50).convert("RGB").save(cut, format="PNG")
+    secret.write_bytes(cut.getvalue()[: len(cut.getvalue()) // 2])
+    flac = secret.with_suffix(".flac")
+    flac.write_bytes(b"fLaC" + b"\x01" * 64)
+    reader = MediaReader()
+    for fn in (
+        lambda: reader.decode(secret, sniff(secret, "holiday.png"), "holiday.png"),
+        lambda: load_image(secret.read_bytes(), name="holiday.png"),
+        lambda: load_image(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10),
+        lambda: load_audio(b"RIFF" + b"\x00" * 100),
+        lambda: load_audio(flac, name="a.flac"),
+    ):
+        with pytest.raises(MediaError) as info:
+            fn()
+        message = str(info.value)
+        assert str(tmp_path) not in message and "object at 0x" not in message and "\n" not in message, message
+
+
+# ----------------------------------------------------------------------- text: stored, embedded, shown
+
+
+def test_text_is_bounded_at_the_read(tmp_path, monkeypatch):
+    from mm.media import MAX_TEXT_BYTES, read_caption, sniff
+
+    huge = _sparse(tmp_path / "huge.txt", b"words " * 10, 50_000_000)
+    reads = []
+    monkeypatch.setattr(Path, "read_bytes", lambda self: reads.append(self) or b"")
+    _expect("too_large", sniff, huge, name="huge.txt")
+    err = _expect("too_large", read_text, huge, name="huge.txt")
+    assert f"> {MAX_TEXT_BYTES} bytes" in str(err) and not reads
+
+    (tmp_path / "ok.md").write_text("# héllo\n" * 1000)
+    assert read_text(tmp_path / "ok.md") == "# héllo\n" * 1000
+    (tmp_path / "blank.txt").write_text(" \n\t\n")
+    _expect("empty", read_text, tmp_path / "blank.txt")
+
+    # A sidecar caption never blocks its media file: read up to the limit, NULs and bad bytes dropped.
+    cap = tmp_path / "cap.txt"
+    cap.write_bytes(b"a red\x00 circle \xff" + b"x" * (2 * MAX_TEXT_BYTES))
+    got = read_caption(cap)
+    assert got.startswith("a red circle \ufffd") and len(got.encode()) <= MAX_TEXT_BYTES + 3
+
+
+def test_text_as_embedded_and_as_shown():
+    from mm.media import MAX_EMBED_CHARS, SNIPPET_CHARS, text_for_embedding, text_snippet
+
+    long = "word " * 300_000  # 1.5 MB
+    assert text_for_embedding(long) == long[:MAX_EMBED_CHARS]
+    assert text_for_embedding("short") == "short"
+    snip = text_snippet(long)
+    assert len(snip) <= SNIPPET_CHARS and snip.endswith("…") and long.startswith(snip[:-1])
+    assert text_snippet("a frog") == "a frog" and text_snippet(None) == ""
+
+
+def test_tokenizer_sees_only_what_the_embedding_needs():
+    from mm.media import MAX_EMBED_CHARS
+    from mm.model import create_model
+
+    emb = create_model("tiny")
+    enc = emb.model.encoders["text"]
+    seen: list[int] = []
+    tokenize = enc.tokenizer
+
+    def spy(texts, *args, **kwargs):
+        seen.extend(len(t) for t in texts)
+        return tokenize(texts, *args, **kwargs)
+
+    enc._tokenizer = spy
+    long = "a red circle on white paper " * 40_000  # ~1.1 M characters
+    vec = emb.encode_text([long, "a red circle"])
+    assert seen and max(seen) <= MAX_EMBED_CHARS
+    np.testing.assert_allclose(vec[0], emb.encode_text([long[:MAX_EMBED_CHARS]])[0], atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------- the reader
+
+
+def test_reader_decodes_audio_as_the_encoder_would(tmp_path):
+    import soundfile as sf
+
+    from mm.media import MediaReader
+
+    sf.write(tmp_path / "s.flac", _sine(440.0, 3.0, 22050), 22050)
+    reader = MediaReader(sample_rate=16000, crop_seconds=1.0)
+    info = reader.sniff(tmp_path / "s.flac")
+    assert info.modality == "audio" and info.duration == pytest.approx(3.0) and info.sample_rate == 22050
+    wave, rate = reader.decode((tmp_path / "s.flac").read_bytes(), info, "s.flac")
+    assert rate == 16000
+    want = load_audio(tmp_path / "s.flac", target_rate=16000, crop_seconds=1.0)
+    np.testing.assert_array_equal(wave, want)
+    assert abs(len(wave) - 16000) <= 1
+    assert reader.modality_of("x.JPG") == "image" and ".wav" in reader.media_suffixes

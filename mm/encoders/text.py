@@ -18,17 +18,20 @@ from torch import Tensor, nn
 
 from mm.config import TextEncoderConfig
 from mm.encoders.base import Encoder, EncoderOutput, create_open_clip, masked_mean
+from mm.media import text_for_embedding
 
 logger = logging.getLogger(__name__)
 
 
 def _check_texts(texts: list[Any]) -> list[str]:
+    """The texts as embedded: strings, each cut to ``mm.media.MAX_EMBED_CHARS`` characters before the
+    tokenizer sees it (a tokenizer reads a whole text before it truncates to ``max_len`` tokens)."""
     if isinstance(texts, str):
         raise TypeError("prepare expects a list of strings, got a single str; wrap it in a list")
     bad = [type(t).__name__ for t in texts if not isinstance(t, str)]
     if bad:
         raise TypeError(f"text encoders take strings, got {bad[0]}")
-    return list(texts)
+    return [text_for_embedding(t) for t in texts]
 
 
 def _trim(ids: Tensor, mask: Tensor) -> dict[str, Tensor]:
