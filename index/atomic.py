@@ -32,6 +32,17 @@ def fsync_dir(directory: str | Path) -> None:
         os.close(fd)
 
 
+def durable_replace(tmp: str | Path, path: str | Path) -> None:
+    """Put the finished file ``tmp`` in place of ``path`` (same directory) so that it survives a crash:
+    fsync its data, ``os.replace`` it over ``path``, fsync the directory. For a writer that learns the
+    final name only after writing (a content-addressed upload); everything else uses :func:`atomic_write`.
+    """
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(Path(path).parent)
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
     """Call ``write(tmp_path)`` to fill a temp file next to ``path``, then atomically put it in place."""
     path = Path(path)
@@ -40,13 +51,10 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
     tmp = Path(tmp_name)
     try:
         write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        durable_replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
 
 
 _TEMP_RANDOM = r"[a-z0-9_]{8}"  # what tempfile.mkstemp puts between the prefix and the suffix

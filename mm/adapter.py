@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from mm.atomic import atomic_write, atomic_write_text
 from mm.int4 import Int4Linear
 from mm.lora import LoraSpec, adapter_state_dict, apply_lora, lora_layers, set_module
 
@@ -48,9 +49,8 @@ def save_adapter(
     state = adapter_state_dict(model)
     if not state:
         raise ValueError("the model carries no LoRA adapters to save")
-    tmp = out / (ADAPTER_WEIGHTS + ".tmp")
-    save_file(state, str(tmp), metadata={"format": "pt", "base_model_id": base_model_id})
-    tmp.replace(out / ADAPTER_WEIGHTS)
+    header = {"format": "pt", "base_model_id": base_model_id}
+    atomic_write(out / ADAPTER_WEIGHTS, lambda tmp: save_file(state, str(tmp), metadata=header))
     meta = {
         "format": FORMAT,
         "base_model": base_model,
@@ -61,9 +61,7 @@ def save_adapter(
         "quantized": list(quantized or []),
         "adapter_params": sum(v.numel() for v in state.values()),
     }
-    tmp_json = out / (ADAPTER_CONFIG + ".tmp")
-    tmp_json.write_text(json.dumps(meta, indent=2) + "\n")
-    tmp_json.replace(out / ADAPTER_CONFIG)
+    atomic_write_text(out / ADAPTER_CONFIG, json.dumps(meta, indent=2) + "\n")
     return out
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mm.atomic import atomic_write
 from mm.encoders import EncoderOutput
 from mm.errors import MediaError
 
@@ -79,9 +80,7 @@ class FeatureCache:
             return
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save({"items": self.items, "failed": self.failed}, tmp)
-        tmp.replace(path)
+        atomic_write(path, lambda tmp: torch.save({"items": self.items, "failed": self.failed}, tmp))
 
     def load(self, path: str | Path) -> int:
         """Load a cache written by :meth:`save`; returns how many items it held (0 when absent)."""

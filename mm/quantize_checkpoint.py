@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from mm.atomic import atomic_write_text
 from mm.checkpoint import QUANT_FILE, read_spec
 from mm.model import create_model, resolve, save_model
 from mm.quantize import QuantSpec, calibrate_convs, quantize_model
@@ -25,7 +26,7 @@ def save_quantized(model: nn.Module, spec: QuantSpec, out_dir: str | Path) -> Pa
         raise ValueError("spec lists no quantized modules: pass the spec quantize_model returned")
     cast = _residuals_in_fp16(spec.modules) if spec.fp16_residuals else None
     out = save_model(model, out_dir, cast)  # type: ignore[arg-type]
-    (out / QUANT_FILE).write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
+    atomic_write_text(out / QUANT_FILE, json.dumps(spec.to_dict(), indent=2) + "\n")
     return out
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mm.atomic import atomic_write
 from mm.backbone import l2_normalize
 from mm.config import MODALITIES
 from mm.evaluate import evaluate_rows
@@ -295,9 +296,7 @@ class Trainer:
             "rng": _get_rng(),
             "train_config": asdict(self.cfg),
         }
-        tmp = self.out / (STATE_FILE + ".tmp")
-        torch.save(state, tmp)
-        tmp.replace(self.out / STATE_FILE)
+        atomic_write(self.out / STATE_FILE, lambda tmp: torch.save(state, tmp))
 
 
 def train(cfg: TrainConfig) -> TrainResult:

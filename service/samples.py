@@ -22,7 +22,6 @@ import hashlib
 import importlib.util
 import json
 import logging
-import os
 import re
 import shutil
 import subprocess
@@ -34,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from index.atomic import atomic_write, atomic_write_bytes
 from mm.data import read_manifest, split_for, validate_row
 
 logger = logging.getLogger(__name__)
@@ -210,17 +210,24 @@ def plan_speech(stamps: list[Stamp], languages: tuple[str, ...], seed: int) -> _
     return plan
 
 
+class _SpeechFailed(Exception):
+    pass
+
+
 def _speak(espeak: str, text: str, voice: str, wpm: int, dest: Path) -> str | None:
-    tmp = dest.with_name(dest.name + ".part")
-    cmd = [espeak, "-v", voice, "-s", str(wpm), "-w", str(tmp), "--stdin"]
-    try:
+    def write(tmp: Path) -> None:
+        cmd = [espeak, "-v", voice, "-s", str(wpm), "-w", str(tmp), "--stdin"]
         proc = subprocess.run(cmd, input=text.encode(), capture_output=True, timeout=60)
+        if proc.returncode != 0 or not tmp.is_file() or tmp.stat().st_size <= 44:  # 44: a bare WAV header
+            stderr = proc.stderr.decode(errors="replace").strip()[:200]
+            raise _SpeechFailed(f"{voice}: exit {proc.returncode}: {stderr}")
+
+    try:
+        atomic_write(dest, write)
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"{voice}: {e}"
-    if proc.returncode != 0 or not tmp.is_file() or tmp.stat().st_size <= 44:
-        tmp.unlink(missing_ok=True)
-        return f"{voice}: exit {proc.returncode}: {proc.stderr.decode(errors='replace').strip()[:200]}"
-    os.replace(tmp, dest)
+    except _SpeechFailed as e:
+        return str(e)
     return None
 
 
@@ -416,16 +423,12 @@ def _copy(src: Path, dest: Path) -> bool:
     if dest.is_file() and dest.stat().st_size == src.stat().st_size:
         return False
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".part")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dest)
+    atomic_write(dest, lambda tmp: shutil.copyfile(src, tmp))
     return True
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def _counts(rows: list[dict[str, Any]]) -> dict[str, Any]:

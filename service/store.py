@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
+from index.atomic import atomic_write, durable_replace
 from mm.errors import MediaError
 
 if TYPE_CHECKING:
@@ -109,7 +110,7 @@ def save_upload(src: IO[bytes], media_dir: Path, suffix: str, max_bytes: int) ->
         if final.exists():
             tmp.unlink()
             return final, False
-        os.replace(tmp, final)
+        durable_replace(tmp, final)
         return final, True
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -204,10 +205,7 @@ def thumbnail(item: Item, thumb_dir: Path, size: int = 256) -> Path:
     except OSError as exc:
         raise MediaError(f"cannot read the image of item {item.id}", kind="corrupt") from exc
     thumb_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=thumb_dir, prefix=".thumb-", suffix=".jpg")
-    with os.fdopen(fd, "wb") as fh:
-        rgb.save(fh, format="JPEG", quality=85)
-    os.replace(tmp, out)
+    atomic_write(out, lambda tmp: rgb.save(tmp, format="JPEG", quality=85))
     return out
 
 

@@ -14,6 +14,7 @@ import json
 import logging
 from pathlib import Path
 
+from mm.atomic import atomic_write_text
 from mm.encoders.efficientnet_int8 import CALIBRATION_FILE, calibrate
 from mm.encoders.efficientnet_lite import LITE_MEAN, LITE_STD, efficientnet_lite0, fold_batchnorms
 from mm.encoders.image import to_pixels
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         "EfficientNet-Lite0 (packaged ImageNet weights, BatchNorms folded): activation min/max and "
         f"depthwise input means on {len(paths)} images at {args.size}px; see mm/encoders/efficientnet_int8.py"
     )
-    args.out.write_text(json.dumps({"format": 1, "about": about, **cal.to_dict()}) + "\n")
+    atomic_write_text(args.out, json.dumps({"format": 1, "about": about, **cal.to_dict()}) + "\n")
     log.info("wrote the calibration of %d tensors to %s", len(cal.ranges), args.out)
     return 0
 

@@ -34,7 +34,6 @@ import logging
 import os
 import shutil
 import struct
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mm.atomic import atomic_write
 from mm.encoders.base import Encoder, EncoderOutput, masked_mean
 from mm.encoders.packaged import PackagedWeights, check_sha256, sha256_file
 
@@ -187,34 +187,27 @@ def packaged_model_dir(name: str = "base", root: str | Path | None = None) -> Pa
         _verified(str(target), st.st_size, st.st_mtime_ns, pkg.model_sha256)
     else:
         h = hashlib.sha256()
-        fd, tmp = tempfile.mkstemp(prefix=".model.bin.", dir=out)
-        try:
-            with os.fdopen(fd, "wb") as dst:
+
+        def join(tmp: Path) -> None:  # the digest is checked before the rename: a bad join never lands
+            with open(tmp, "wb") as dst:
                 for part in parts:
                     with open(part, "rb") as src:
                         while block := src.read(1 << 20):
                             h.update(block)
                             dst.write(block)
-                dst.flush()
-                os.fsync(dst.fileno())
             if h.hexdigest() != pkg.model_sha256:
                 raise ValueError(
                     f"joined Whisper {name} model.bin has sha256 {h.hexdigest()[:16]}..., expected "
                     f"{pkg.model_sha256[:16]}...; reinstall: {pkg.install_hint}"
                 )
-            os.replace(tmp, target)
-            logger.info("joined Whisper %s into %s", name, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+
+        atomic_write(target, join)
+        logger.info("joined Whisper %s into %s", name, target)
     for f in pkg.aux_files:  # small files: copied (atomically) beside model.bin for ctranslate2
         src = first.path(f)
         dst = out / f
         if not dst.is_file() or sha256_file(dst) != first.sha256[f]:
-            fd, tmp = tempfile.mkstemp(prefix=f".{f}.", dir=out)
-            os.close(fd)
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, dst)
+            atomic_write(dst, lambda tmp, src=src: shutil.copyfile(src, tmp))
     return out
 
 

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
+from index.atomic import atomic_write
 from service.cli.common import UsageError, add_collection
 
 FORMATS = (".parquet", ".npz", ".npy")
@@ -73,10 +73,11 @@ def _write_parquet(path: Path, ids, vectors, meta) -> None:
     pq.write_table(table, str(path))
 
 
-def _write_numpy(path: Path, ids, vectors, meta) -> None:
+def _write_numpy(path: Path, ids, vectors, meta, fmt: str) -> None:
+    """``fmt`` ".npz" (arrays by name) or ".npy" (one structured array); ``path`` may be a temp name."""
     text = {k: [json.dumps(t) for t in meta[k]] if k == "tags" else meta[k] for k in _TEXT_FIELDS}
     with open(path, "wb") as fh:
-        if path.suffix == ".npz":
+        if fmt == ".npz":
             arrays = {k: np.array(v, dtype=str) for k, v in text.items()}
             np.savez(fh, ids=ids, vectors=vectors, created_at=np.array(meta["created_at"]), **arrays)
             return
@@ -100,12 +101,15 @@ def run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"folder {out.parent} does not exist")
     with open_collection(args.collection, readonly=True) as coll:
         ids, vectors, meta = _columns(coll)
-    tmp = out.with_name(f".{out.name}.tmp{out.suffix}")  # np.savez keeps a suffix it is given
-    try:
-        (_write_parquet if out.suffix.lower() == ".parquet" else _write_numpy)(tmp, ids, vectors, meta)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    fmt = out.suffix.lower()
+
+    def write(tmp: Path) -> None:  # the temp name's suffix is not the format's
+        if fmt == ".parquet":
+            _write_parquet(tmp, ids, vectors, meta)
+        else:
+            _write_numpy(tmp, ids, vectors, meta, fmt)
+
+    atomic_write(out, write)
     result = {"out": str(out), "format": out.suffix.lower().lstrip("."), "count": len(ids), "dim": coll.dim}
     print(json.dumps(result) if args.json else f"exported {len(ids)} vectors (dim {coll.dim}) to {out}")
     return 0
