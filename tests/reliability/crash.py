@@ -1,0 +1,223 @@
+"""Kill ``mm index`` with SIGKILL at seeded random points and check what a crash must never break.
+
+Used by test_crash.py (a few kills) and benchmarks/bench_crash.py (``--kills 100``). Each round writes a
+folder of new media, starts ``mm index`` on it in a subprocess and kills it: after a random delay, or the
+moment a file of a collection being created appears (``meta.sqlite``, ``collection.json``), or at the
+k-th write seen in the collection folder. Then:
+
+- the collection opens (or, killed before anything was acknowledged, does not exist);
+- SQLite's ``PRAGMA integrity_check`` says ``ok``;
+- the FAISS ids served are exactly the SQLite rows with a vector;
+- no acknowledged write is lost: every file of every ``mm index`` run that exited 0 is present;
+- no leftovers: no ``*.tmp`` file anywhere in the collection folder;
+- a rerun of ``mm index`` on the same folder succeeds (nothing is bricked), and is then acknowledged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import sqlite3
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+CREATION_FILES = ("meta.sqlite", "collection.json")
+MM = "import sys; from service.cli import main; sys.exit(main())"
+
+
+@dataclass
+class Kill:
+    round: int
+    trigger: str  # "after 1.23 s", "at write 3" or "when meta.sqlite appears"
+    killed: bool  # False: the run had already finished when the kill came
+    problems: list[str] = field(default_factory=list)
+
+
+def write_round(folder: Path, seed: int, images: int = 24) -> list[Path]:
+    """New distinct media (PNG images, WAV tones, texts) for one round."""
+    import soundfile as sf
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(images):
+        pixels = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+        path = folder / f"img_{seed}_{i}.png"
+        Image.fromarray(pixels).resize((64, 48)).save(path)
+        paths.append(path)
+    for i in range(2):
+        t = np.arange(8000) / 16000
+        path = folder / f"tone_{seed}_{i}.wav"
+        sf.write(path, (0.3 * np.sin(2 * math.pi * rng.uniform(200, 2000) * t)).astype(np.float32), 16000)
+        paths.append(path)
+        text = folder / f"note_{seed}_{i}.txt"
+        text.write_text(f"round {seed} note {i}: " + " ".join(rng.choice(["red", "sea", "owl", "jam"], 6)))
+        paths.append(text)
+    return paths
+
+
+class CrashRun:
+    """One collection under repeated kills; ``acked`` holds the files of runs that exited 0."""
+
+    def __init__(self, work: Path, seed: int, *, model: str = "tiny", batch_size: int = 4) -> None:
+        self.work = work
+        self.coll = work / "coll"
+        self.rng = random.Random(seed)
+        self.seed = seed
+        self.model = model
+        self.batch_size = batch_size
+        self.acked: set[str] = set()
+        self.rounds = 0
+        self.full_run_s = 8.0  # refined by every run that finishes
+
+    def command(self, folder: Path) -> list[str]:
+        return [
+            sys.executable, "-c", MM, "index", str(folder), "--collection", str(self.coll),
+            "--model", self.model, "--batch-size", str(self.batch_size), "--json", "--quiet",
+        ]  # fmt: skip
+
+    def _env(self) -> dict[str, str]:
+        return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+    def run_to_end(self, folder: Path) -> dict:
+        """``mm index`` to completion; its files become acknowledged."""
+        t0 = time.monotonic()
+        proc = subprocess.run(
+            self.command(folder), env=self._env(), cwd=ROOT, capture_output=True, text=True, timeout=600
+        )
+        if proc.returncode != 0:
+            raise AssertionError(
+                f"mm index failed after a kill (exit {proc.returncode}): {proc.stderr[-800:]}"
+            )
+        self.full_run_s = time.monotonic() - t0
+        out = json.loads(proc.stdout.strip().splitlines()[-1])
+        failed = {e["path"] for e in out["errors"]}
+        self.acked |= {str(p.resolve()) for p in folder.iterdir() if str(p.resolve()) not in failed}
+        return out
+
+    def kill_once(self, trigger: str | float | int) -> Kill:
+        """A new round: start ``mm index``, SIGKILL it at ``trigger``, check, rerun to the end, check."""
+        self.rounds += 1
+        folder = self.work / "src" / f"round_{self.rounds}"
+        write_round(folder, seed=self.seed * 1000 + self.rounds)
+        proc = subprocess.Popen(
+            self.command(folder),
+            env=self._env(),
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        label = self._wait(proc, trigger)
+        killed = proc.poll() is None
+        proc.kill()
+        proc.wait()
+        kill = Kill(self.rounds, label, killed)
+        kill.problems += [f"after the kill: {p}" for p in self.check()]
+        try:
+            self.run_to_end(folder)
+        except AssertionError as exc:
+            kill.problems.append(str(exc))
+        else:
+            kill.problems += [f"after the rerun: {p}" for p in self.check()]
+        return kill
+
+    def random_trigger(self) -> str | float | int:
+        """A creation file while the collection does not exist yet; else a random delay within the last
+        full run (float seconds) or the k-th write seen in the collection folder (int k)."""
+        if not (self.coll / "meta.sqlite").exists():
+            return self.rng.choice(CREATION_FILES)
+        if self.rng.random() < 0.5:
+            return round(self.rng.uniform(0.0, 1.1 * self.full_run_s), 3)
+        return self.rng.randint(1, 12)
+
+    def _signature(self) -> tuple:
+        """What changes on every write: size and mtime of the SQLite files and the FAISS file."""
+        sig = []
+        for name in ("meta.sqlite", "meta.sqlite-wal", "vectors.faiss", "collection.json"):
+            try:
+                st = (self.coll / name).stat()
+                sig.append((st.st_size, st.st_mtime_ns))
+            except OSError:
+                sig.append(None)
+        return tuple(sig)
+
+    def _wait(self, proc: subprocess.Popen, trigger: str | float | int) -> str:
+        deadline = time.monotonic() + 120
+        if isinstance(trigger, str):
+            while not (self.coll / trigger).exists() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.002)
+            return f"when {trigger} appears"
+        if isinstance(trigger, int):
+            seen, last = 0, self._signature()
+            while seen < trigger and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.001)
+                now = self._signature()
+                seen, last = seen + (now != last), now
+            return f"at write {trigger}"
+        with contextlib.suppress(subprocess.TimeoutExpired):  # finished early: the kill comes too late
+            proc.wait(timeout=trigger)
+        return f"after {trigger:.2f} s"
+
+    def check(self) -> list[str]:
+        """The invariants; a list of what is broken (empty when all hold)."""
+        from index.collection import Collection
+
+        if not (self.coll / "meta.sqlite").exists() and not self.acked:
+            return []  # killed before the collection existed: nothing to keep
+        problems = []
+        try:
+            coll = Collection.open(self.coll)
+        except Exception as exc:  # noqa: BLE001 - any failure to open is the finding
+            if self.acked:
+                return [f"the collection does not open: {type(exc).__name__}: {exc}"]
+            return []  # a half-created collection, cleaned up on open: acceptable before any ack
+        try:
+            report = coll.check()
+            uris = coll.uris_under(str(self.work / "src"))
+        finally:
+            coll.close()
+        db = sqlite3.connect(f"file:{self.coll / 'meta.sqlite'}?mode=ro", uri=True)
+        try:
+            integrity = [r[0] for r in db.execute("PRAGMA integrity_check")]
+            with_vectors = db.execute("SELECT count(*) FROM items WHERE vector IS NOT NULL").fetchone()[0]
+        finally:
+            db.close()
+        if integrity != ["ok"]:
+            problems.append(f"integrity_check: {integrity[:3]}")
+        if (
+            report.get("faiss_live") != with_vectors
+            or report.get("missing_in_faiss")
+            or report.get("extra_in_faiss")
+        ):
+            problems.append(
+                f"FAISS serves {report.get('faiss_live')} ids, SQLite has {with_vectors} vectors "
+                f"(missing {report.get('missing_in_faiss')}, extra {report.get('extra_in_faiss')})"
+            )
+        lost = self.acked - uris
+        if lost:
+            problems.append(f"{len(lost)} acknowledged files lost, e.g. {sorted(lost)[:2]}")
+        leftovers = [str(p) for p in self.coll.rglob("*.tmp")]
+        if leftovers:
+            problems.append(f"leftovers: {leftovers[:3]}")
+        return problems
+
+
+def run_kills(work: Path, kills: int, seed: int = 0, fresh_every: int = 5) -> list[Kill]:
+    """``kills`` kills; every ``fresh_every``-th starts a new collection, to kill creation again."""
+    results: list[Kill] = []
+    run: CrashRun | None = None
+    for i in range(kills):
+        if run is None or i % fresh_every == 0:
+            run = CrashRun(work / f"c{i}", seed=seed * 7919 + i)
+        results.append(run.kill_once(run.random_trigger()))
+    return results

@@ -1,0 +1,42 @@
+"""``kill -9`` of ``mm index`` at seeded random points, creation included, then the invariants (crash.py).
+
+CI runs a bounded number of kills; ``python benchmarks/bench_crash.py --kills 100`` is the full run.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+from crash import CrashRun, run_kills, write_round
+
+KILLS = 10
+SEED = 18
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_kill_9_of_mm_index_breaks_nothing(tmp_path):
+    kills = run_kills(tmp_path, kills=KILLS, seed=SEED, fresh_every=5)
+    assert sum("appears" in k.trigger for k in kills) >= 2, "no kill landed on collection creation"
+    assert sum(k.killed for k in kills) >= KILLS // 2, [k.trigger for k in kills]  # mid-run, not after it
+    broken = [k for k in kills if k.problems]
+    assert not broken, "\n".join(f"round {k.round} killed {k.trigger}: {k.problems}" for k in broken)
+
+
+@pytest.mark.slow
+def test_the_checks_see_a_lost_write_and_a_leftover(tmp_path):
+    """The invariants can fail: an acknowledged row deleted (open then repairs FAISS from SQLite, so the
+    loss shows only against the acknowledged set), and a temp file that open does not clean."""
+    run = CrashRun(tmp_path, seed=1)
+    folder = tmp_path / "src" / "round_0"
+    write_round(folder, seed=1, images=4)
+    out = run.run_to_end(folder)
+    assert out["added"] == len(run.acked) == 8 and run.check() == []
+    db = sqlite3.connect(run.coll / "meta.sqlite")
+    with db:
+        db.execute("DELETE FROM items WHERE id = (SELECT min(id) FROM items)")
+    db.close()
+    (run.coll / "stray.tmp").write_bytes(b"x")
+    problems = " | ".join(run.check())
+    assert "1 acknowledged files lost" in problems and "leftovers" in problems, problems
