@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from mm.atomic import atomic_write_text
 from mm.config import MODALITIES
 from mm.evaluate import galleries, relevance
 
@@ -97,7 +98,7 @@ class Calibration:
         return cls(pairs, None if thr is None else float(thr), str(data.get("split", "")))
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> Calibration:

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mm.atomic import atomic_write_text
 from mm.checkpoint import CONFIG_FILE as CONFIG_FILE
 from mm.checkpoint import WEIGHTS_FILE as WEIGHTS_FILE
 from mm.checkpoint import read_weights, resolve_checkpoint, save_checkpoint
@@ -90,7 +91,7 @@ class LMConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
     def to_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
 
 def _validate(cfg: LMConfig) -> None:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from index.types import Filter, Hit, Item
+from mm.media import text_snippet
 from service.limits import MAX_TAGS
 
 if TYPE_CHECKING:
@@ -203,7 +204,7 @@ def hit_to_dict(hit: Hit) -> dict[str, Any]:
         "id": int(hit.id),
         "score": round(float(hit.score), 6),
         "modality": item.modality,
-        "caption": item.caption,
+        "caption": text_snippet(item.caption),  # a hit carries a snippet; GET /items/{id} the stored text
         "media_url": media_url,
         "thumbnail_url": thumbnail_url,
         "uri": item.uri,
