@@ -84,17 +84,32 @@ class ImageEncoderConfig:
     )
 
 
+AudioKind = Literal["logmel_patch", "whisper", "sfx"]
+
+
 @dataclass(frozen=True)
 class AudioEncoderConfig:
-    kind: Literal["logmel_patch"] = "logmel_patch"
-    dim: int = 256  # width of the emitted tokens
+    # logmel_patch: log-mel patches, trained from scratch; whisper: Whisper's encoder (speech, frozen by
+    # default, packaged weights); sfx: the aisfx sound-effects CNN (frozen, packaged weights). A list
+    # ("kind": ["whisper", "sfx"]) runs each and feeds all their tokens to the backbone.
+    kind: AudioKind | tuple[AudioKind, ...] = "logmel_patch"
+    dim: int = 256  # width of the emitted tokens (logmel_patch; whisper and sfx have their own widths)
     sample_rate: int = 16000  # everything is resampled to this rate, mono
     n_mels: int = 64
     n_fft: int = 400
     hop: int = 160  # 10 ms at 16 kHz
     patch_time: int = 8  # frames per patch along time
     patch_freq: int = 16  # mel bins per patch
-    max_seconds: float = 30.0  # longer clips are cropped (centre)
+    max_seconds: float = 30.0  # longer clips are cropped (centre); whisper reads at most 30 s
+    whisper_model: Literal["base", "tiny.en"] = "base"  # packaged Whisper (base: ~99 languages)
+    whisper_pretrained: str | None = None  # CTranslate2 model.bin/folder, HF folder or openai .pt instead
+    whisper_trainable: bool = False  # fine-tune Whisper's encoder with the model (frozen by default)
+    sfx_pretrained: str | None = None  # an aisfx-format checkpoint instead of the packaged one
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The audio towers in order (a single kind is a one-tower tuple)."""
+        return (self.kind,) if isinstance(self.kind, str) else tuple(self.kind)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ Index letters: b batch, t tokens, c encoder width, d backbone width, e embedding
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from mm.atomic import atomic_write_text
 from mm.backbone import Backbone, BackboneOutput, l2_normalize, masked_mean, sinusoidal_positions
 from mm.calibration import Calibration
 from mm.checkpoint import (
@@ -179,9 +181,14 @@ class MultimodalEmbedder:
 
 
 def trainable_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """State dict without frozen pretrained encoders (they load from their packages, not our checkpoint)."""
+    """State dict without frozen pretrained encoders (they load from their packages, not our checkpoint).
+
+    Any module under ``encoders`` may be external (a tower of a combined audio encoder, for one).
+    """
     frozen = [
-        f"encoders.{m}." for m, enc in model.encoders.items() if getattr(enc, "external_weights", False)
+        f"encoders.{n}."
+        for n, mod in model.encoders.named_modules()
+        if n and getattr(mod, "external_weights", False)
     ]
     return {k: v for k, v in model.state_dict().items() if not any(k.startswith(p) for p in frozen)}
 
@@ -197,10 +204,50 @@ def save_model(
     state = {k: v.detach().contiguous().clone() for k, v in trainable_state_dict(model).items()}
     if cast is not None:
         state = {k: cast(k, v) for k, v in state.items()}
-    return save_checkpoint(out_dir, state, model.cfg.to_dict(), model.cfg.name)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    info = external_weights_info(model)
+    if info:  # written before config.json, which marks the checkpoint complete
+        atomic_write_text(out / EXTERNAL_WEIGHTS_FILE, json.dumps(info, indent=2, sort_keys=True) + "\n")
+    else:
+        (out / EXTERNAL_WEIGHTS_FILE).unlink(missing_ok=True)
+    return save_checkpoint(out, state, model.cfg.to_dict(), model.cfg.name)
+
+
+EXTERNAL_WEIGHTS_FILE = "external_weights.json"
+
+
+def external_weights_info(model: nn.Module) -> dict[str, Any]:
+    """Where each frozen encoder's weights come from (package, version, sha256 of every file), by module.
+
+    Saved beside a checkpoint and compared on load (:func:`check_external_weights`), so a checkpoint
+    trained on one package's weights is never served on top of another's.
+    """
+    return {
+        f"encoders.{n}": dict(mod.weights_info)
+        for n, mod in model.encoders.named_modules()
+        if n and getattr(mod, "external_weights", False) and hasattr(mod, "weights_info")
+    }
+
+
+def check_external_weights(model: nn.Module, checkpoint: str | Path) -> None:
+    """Raise ConfigError when the checkpoint recorded other external weights than the model loaded."""
+    p = Path(checkpoint)
+    f = (p if p.is_dir() else p.parent) / EXTERNAL_WEIGHTS_FILE
+    if not f.is_file():
+        return  # saved before weights were recorded, or no external weights
+    recorded = json.loads(f.read_text())
+    current = external_weights_info(model)
+    for name, rec in recorded.items():
+        if current.get(name) != rec:
+            raise ConfigError(
+                f"checkpoint {p} was trained with {name} weights {json.dumps(rec)[:300]}, but this model "
+                f"loads {json.dumps(current.get(name))[:300]}; install the recorded package versions"
+            )
 
 
 def load_weights(model: MultimodalModel, path: str | Path) -> None:
+    check_external_weights(model, path)
     state = read_weights(path)
     expected = trainable_state_dict(model)
     missing = sorted(set(expected) - set(state))

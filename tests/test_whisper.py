@@ -300,3 +300,76 @@ def test_packaged_base_matches_ctranslate2_on_a_real_clip():
         ours = net(feats)[0].numpy()
     assert ours.shape == ref.shape == (1, 1500, 512)
     assert np.abs(ours - ref).max() <= 1e-3 * np.abs(ref).max()
+
+
+def test_model_with_combined_audio_towers(hf_model, tmp_path):
+    """kind ["whisper", "sfx", "logmel_patch"]: one token stream, only trainable weights in the checkpoint,
+    the towers' origins recorded beside it and checked on load."""
+    import json
+
+    from mm.encoders.combined import CombinedEncoder
+    from mm.encoders.sfx import SFXNet
+    from mm.errors import ConfigError
+    from mm.model import EXTERNAL_WEIGHTS_FILE, create_model, save_model, trainable_state_dict
+
+    _, folder = hf_model
+    torch.manual_seed(0)
+    sfx_state = {f"embedding_net.{k}": v for k, v in SFXNet(2).state_dict().items()}
+    torch.save((sfx_state, {}), tmp_path / "sfx.pth")
+    audio = {
+        "kind": ["whisper", "sfx", "logmel_patch"],
+        "whisper_pretrained": str(folder),
+        "sfx_pretrained": str(tmp_path / "sfx.pth"),
+    }
+    emb = create_model("tiny", pretrained=False, overrides={"audio": audio})
+    enc = emb.model.encoders["audio"]
+    assert isinstance(enc, CombinedEncoder) and enc.out_dim == 16 + 16 + 32 and not enc.frozen
+    assert enc.towers["whisper"].frozen and enc.towers["sfx"].frozen and not enc.towers["logmel_patch"].frozen
+    rng = np.random.default_rng(0)
+    clips = [
+        (rng.standard_normal(6400).astype(np.float32) * 0.1, 16000),  # 0.4 s: 20 Whisper tokens
+        (rng.standard_normal(3200).astype(np.float32), 16000),  # 0.2 s: 10 (the tiny model reads <= 0.48 s)
+    ]
+    batch = enc.prepare(clips)
+    out = enc(batch)
+    assert out.tokens.shape[1] == 20 + 12 + 12  # whisper, sfx (one padded block), logmel (6 steps x 2 bands)
+    assert out.mask[:, :20].sum(1).tolist() == [20, 10] and out.mask[:, 20:32].all()
+    assert (
+        out.tokens[:, :20, 16:].abs().sum() == 0 and out.tokens[:, 20:32, :16].abs().sum() == 0
+    )  # own slots
+    assert out.tokens[:, 20:32, 32:].abs().sum() == 0 and out.tokens[:, 32:, :32].abs().sum() == 0
+    merged = enc.collate([enc.prepare(clips[:1]), enc.prepare(clips[1:])])
+    torch.testing.assert_close(enc(merged).pooled, out.pooled, atol=1e-5, rtol=1e-5)
+    z = emb.encode_audio(clips)
+    assert z.shape == (2, 32) and np.allclose(np.linalg.norm(z, axis=1), 1, atol=1e-5)
+
+    saved = trainable_state_dict(emb.model)
+    assert not any(
+        k.startswith(("encoders.audio.towers.whisper.", "encoders.audio.towers.sfx.")) for k in saved
+    )
+    assert any(k.startswith("encoders.audio.towers.logmel_patch.") for k in saved)
+    ckpt = save_model(emb.model, tmp_path / "ckpt")
+    info = json.loads((ckpt / EXTERNAL_WEIGHTS_FILE).read_text())
+    assert info == {
+        "encoders.audio.towers.whisper": {"file": str(folder)},
+        "encoders.audio.towers.sfx": {"file": str(tmp_path / "sfx.pth")},
+    }
+    again = create_model(ckpt)
+    np.testing.assert_allclose(again.encode_audio(clips), z, atol=1e-5)
+    info["encoders.audio.towers.sfx"] = {
+        "package": "aisfx",
+        "version": "0.0.1",
+        "sha256": {"checkpoint.pth": "0"},
+    }
+    (ckpt / EXTERNAL_WEIGHTS_FILE).write_text(json.dumps(info))
+    with pytest.raises(ConfigError, match="aisfx"):
+        create_model(ckpt)
+
+
+def test_audio_kind_errors():
+    from mm.config import AudioEncoderConfig
+    from mm.encoders import build_audio_encoder
+
+    for kind in ("clap", ("whisper", "whisper"), ()):
+        with pytest.raises(ValueError, match="audio kind"):
+            build_audio_encoder(AudioEncoderConfig(kind=kind))

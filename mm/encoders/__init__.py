@@ -43,7 +43,8 @@ def build_image_encoder(cfg: ImageEncoderConfig, pretrained: str | None = None) 
 
 
 def build_audio_encoder(cfg: AudioEncoderConfig) -> Encoder:
-    """``cfg.kind``: "logmel_patch" (AST-style log-mel patches, from scratch)."""
+    """``cfg.kind``: "logmel_patch" (log-mel patches, from scratch), "whisper" (Whisper's encoder, frozen,
+    packaged weights), "sfx" (aisfx sound-effects CNN, frozen), or a list of them (tokens combined)."""
     from mm.encoders.audio import build_audio_encoder as build
 
     return build(cfg)

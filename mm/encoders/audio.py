@@ -40,6 +40,7 @@ class LogMelPatchEncoder(Encoder):
             raise ValueError(f"n_fft {cfg.n_fft} gives fewer frequency bins than n_mels {cfg.n_mels}")
         self.cfg = cfg
         self.out_dim = cfg.dim
+        self.sample_rate = cfg.sample_rate
         self.n_bands = cfg.n_mels // cfg.patch_freq
         self.proj = nn.Conv2d(
             1, cfg.dim, (cfg.patch_freq, cfg.patch_time), stride=(cfg.patch_freq, cfg.patch_time)
@@ -109,8 +110,36 @@ class LogMelPatchEncoder(Encoder):
         return EncoderOutput(tokens, mask, masked_mean(tokens, mask))
 
 
+AUDIO_KINDS = ("logmel_patch", "whisper", "sfx")
+
+
 def build_audio_encoder(cfg: AudioEncoderConfig) -> Encoder:
-    """Audio encoder for ``cfg.kind`` (only ``"logmel_patch"``, trained from scratch)."""
-    if cfg.kind == "logmel_patch":
+    """Audio encoder for ``cfg.kind``: one tower, or several (a list) combined into one token stream.
+
+    "logmel_patch" is trained from scratch; "whisper" (:mod:`mm.encoders.whisper`) and "sfx"
+    (:mod:`mm.encoders.sfx`) load packaged weights and stay frozen (Whisper unless ``whisper_trainable``).
+    """
+    kinds = cfg.kinds
+    unknown = [k for k in kinds if k not in AUDIO_KINDS]
+    if unknown or not kinds or len(set(kinds)) != len(kinds):
+        raise ValueError(f"audio kind {cfg.kind!r}: choose one or more distinct of {list(AUDIO_KINDS)}")
+    towers = {k: _build_tower(k, cfg) for k in kinds}
+    if len(towers) == 1:
+        return towers[kinds[0]]
+    from mm.encoders.combined import CombinedEncoder
+
+    return CombinedEncoder(towers, cfg.max_seconds)
+
+
+def _build_tower(kind: str, cfg: AudioEncoderConfig) -> Encoder:
+    if kind == "logmel_patch":
         return LogMelPatchEncoder(cfg)
-    raise ValueError(f"unknown audio encoder kind {cfg.kind!r}; choose 'logmel_patch'")
+    if kind == "whisper":
+        from mm.encoders.whisper import WhisperAudioEncoder
+
+        return WhisperAudioEncoder(
+            cfg.whisper_model, cfg.whisper_pretrained, cfg.max_seconds, trainable=cfg.whisper_trainable
+        )
+    from mm.encoders.sfx import SFXAudioEncoder
+
+    return SFXAudioEncoder(cfg.sfx_pretrained, cfg.max_seconds)

@@ -180,6 +180,7 @@ class SFXAudioEncoder(Encoder):
         super().__init__()
         self.net, self.weights_info = load_sfx_net(pretrained)
         self.out_dim = self.net.dim
+        self.sample_rate = SAMPLE_RATE
         self.max_seconds = float(max_seconds)
         self.external_weights = True
         self.freeze()

@@ -612,6 +612,7 @@ class WhisperAudioEncoder(Encoder):
             self.weights_info = {"file": str(pretrained)}
         self.out_dim = self.net.dims.d_model
         self.n_mels = self.net.dims.n_mels
+        self.sample_rate = SAMPLE_RATE
         self.max_seconds = min(float(max_seconds), 2 * self.net.dims.n_ctx * HOP / SAMPLE_RATE)
         self.external_weights = True
         if not trainable:
