@@ -40,6 +40,7 @@ class Kill:
     trigger: str  # "after 1.23 s", "at write 3" or "when meta.sqlite appears"
     killed: bool  # False: the run had already finished when the kill came
     problems: list[str] = field(default_factory=list)
+    lost: int = 0  # acknowledged files missing after the kill
 
 
 def write_round(folder: Path, seed: int, images: int = 24) -> list[Path]:
@@ -79,6 +80,7 @@ class CrashRun:
         self.acked: set[str] = set()
         self.rounds = 0
         self.full_run_s = 8.0  # refined by every run that finishes
+        self.last_lost = 0  # acknowledged files missing at the last check
 
     def command(self, folder: Path) -> list[str]:
         return [
@@ -123,6 +125,7 @@ class CrashRun:
         proc.wait()
         kill = Kill(self.rounds, label, killed)
         kill.problems += [f"after the kill: {p}" for p in self.check()]
+        kill.lost = self.last_lost
         try:
             self.run_to_end(folder)
         except AssertionError as exc:
@@ -178,6 +181,7 @@ class CrashRun:
         try:
             coll = Collection.open(self.coll)
         except Exception as exc:  # noqa: BLE001 - any failure to open is the finding
+            self.last_lost = len(self.acked)
             if self.acked:
                 return [f"the collection does not open: {type(exc).__name__}: {exc}"]
             return []  # a half-created collection, cleaned up on open: acceptable before any ack
@@ -204,6 +208,7 @@ class CrashRun:
                 f"(missing {report.get('missing_in_faiss')}, extra {report.get('extra_in_faiss')})"
             )
         lost = self.acked - uris
+        self.last_lost = len(lost)
         if lost:
             problems.append(f"{len(lost)} acknowledged files lost, e.g. {sorted(lost)[:2]}")
         leftovers = [str(p) for p in self.coll.rglob("*.tmp")]

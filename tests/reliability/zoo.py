@@ -239,11 +239,11 @@ def cases() -> list[Case]:
             "text_named.png", "image", "refused", _bytes(lambda: b"just some words\n" * 20), "text named .png"
         ),
         Case("zeros.png", "image", "refused", _bytes(lambda: b"\x00" * 4096), "4 KB of NUL named .png"),
-        # text
+        # text (no media file shares these stems: a .txt beside one is its sidecar caption)
         Case("nul.txt", "text", "refused", _bytes(lambda: b"\x00" * 4096), "4 KB of NUL bytes as text"),
-        Case("empty.txt", "text", "refused", _bytes(lambda: b""), "zero-byte text"),
+        Case("blank_text.txt", "text", "refused", _bytes(lambda: b""), "zero-byte text"),
         Case(
-            "huge_sparse.txt",
+            "huge_text.txt",
             "text",
             "refused",
             _sparse(lambda: b"words ", 50 << 20),
