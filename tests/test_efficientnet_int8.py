@@ -156,6 +156,7 @@ def test_int8_checkpoint_runs_and_reloads_static_int8_convs(tmp_path):
     assert linears_only.model.encoders["image"].int8 is None
 
 
+@pytest.mark.slow
 def test_cli_quantize_recalibrates_on_given_images(tmp_path, capsys):
     from PIL import Image
 
