@@ -179,6 +179,17 @@ def test_layers_import_one_way(graph: dict[str, set[str]]) -> None:
     )
 
 
+def test_loading_an_adapter_does_not_import_the_trainer(graph: dict[str, set[str]]) -> None:
+    """A server that puts an adapter on its model needs the adapter files and math, not the trainer."""
+    seen, todo = set(), ["mm.adapter"]
+    while todo:
+        for w in graph[todo.pop()] - seen:
+            seen.add(w)
+            todo.append(w)
+    assert "mm.lora" in seen
+    assert not seen & {"mm.train", "mm.finetune", "mm.features"}, sorted(seen)
+
+
 # the checker itself ----------------------------------------------------------------------------------
 
 

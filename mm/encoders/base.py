@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mm.media import text_for_embedding
+
 
 class EncoderOutput(NamedTuple):
     tokens: Tensor  # (B, T, C), C = encoder.out_dim
@@ -121,3 +123,15 @@ def create_open_clip(model_name: str, pretrained: str | None) -> nn.Module:
         pretrained_text=False,
         pretrained_image=False,
     )
+
+
+def check_texts(texts: list[Any]) -> list[str]:
+    """The texts as every text encoder embeds them: strings, each cut to ``mm.media.MAX_EMBED_CHARS``
+    characters before the tokenizer sees it (a tokenizer reads a whole text before it truncates to
+    ``max_len`` tokens)."""
+    if isinstance(texts, str):
+        raise TypeError("prepare expects a list of strings, got a single str; wrap it in a list")
+    bad = [type(t).__name__ for t in texts if not isinstance(t, str)]
+    if bad:
+        raise TypeError(f"text encoders take strings, got {bad[0]}")
+    return [text_for_embedding(t) for t in texts]

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mm.encoders.base import Encoder, EncoderOutput, masked_mean
+from mm.encoders.base import Encoder, EncoderOutput, check_texts, masked_mean
 from mm.encoders.packaged import PackagedWeights
 
 if TYPE_CHECKING:
@@ -336,9 +336,7 @@ class E5TextEncoder(Encoder):
         return (s if s.startswith(" ") else " " + s).replace(" ", _METASPACE)
 
     def prepare(self, raw: list[str]) -> dict[str, Tensor]:
-        from mm.encoders.text import _check_texts
-
-        texts = [self.normalize(t) for t in _check_texts(raw)]
+        texts = [self.normalize(t) for t in check_texts(raw)]
         encs = self.tokenizer.encode_batch(texts, add_special_tokens=False)
         rows = []
         for e in encs:

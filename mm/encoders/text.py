@@ -17,21 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from mm.config import TextEncoderConfig
-from mm.encoders.base import Encoder, EncoderOutput, create_open_clip, masked_mean
-from mm.media import text_for_embedding
+from mm.encoders.base import Encoder, EncoderOutput, check_texts, create_open_clip, masked_mean
 
 logger = logging.getLogger(__name__)
-
-
-def _check_texts(texts: list[Any]) -> list[str]:
-    """The texts as embedded: strings, each cut to ``mm.media.MAX_EMBED_CHARS`` characters before the
-    tokenizer sees it (a tokenizer reads a whole text before it truncates to ``max_len`` tokens)."""
-    if isinstance(texts, str):
-        raise TypeError("prepare expects a list of strings, got a single str; wrap it in a list")
-    bad = [type(t).__name__ for t in texts if not isinstance(t, str)]
-    if bad:
-        raise TypeError(f"text encoders take strings, got {bad[0]}")
-    return [text_for_embedding(t) for t in texts]
 
 
 def _trim(ids: Tensor, mask: Tensor) -> dict[str, Tensor]:
@@ -104,7 +92,7 @@ class MiniLMTextEncoder(Encoder):
         self.freeze()
 
     def prepare(self, raw: list[str]) -> dict[str, Tensor]:
-        encs = self.tokenizer.encode_batch(_check_texts(raw))
+        encs = self.tokenizer.encode_batch(check_texts(raw))
         ids = torch.tensor([e.ids for e in encs], dtype=torch.long).reshape(len(encs), -1)  # (B, T)
         mask = torch.tensor([e.attention_mask for e in encs], dtype=torch.bool).reshape(len(encs), -1)
         return {"input_ids": ids, "mask": mask}
@@ -153,7 +141,7 @@ class BPETextEncoder(Encoder):
         return self._tokenizer
 
     def prepare(self, raw: list[str]) -> dict[str, Tensor]:
-        texts = [t.lower() for t in _check_texts(raw)]
+        texts = [t.lower() for t in check_texts(raw)]
         ids = self.tokenizer(texts, context_length=self.max_len).long()  # (B, max_len), 0 = padding
         return _trim(ids, ids != 0)
 
@@ -188,7 +176,7 @@ class OpenCLIPTextEncoder(Encoder):
 
     def prepare(self, raw: list[str]) -> dict[str, Tensor]:
         # Always the full context length: open_clip slices its causal mask only for some text towers.
-        ids = self._tokenizer(_check_texts(raw)).long()  # (B, context_length)
+        ids = self._tokenizer(check_texts(raw)).long()  # (B, context_length)
         return {"input_ids": ids, "mask": ids != self.pad_id}
 
     def encode(self, batch: dict[str, Tensor]) -> EncoderOutput:

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mm.encoders.base import Encoder, EncoderOutput
+from mm.encoders.base import Encoder, EncoderOutput, check_texts
 from mm.encoders.packaged import PackagedWeights
 
 if TYPE_CHECKING:
@@ -315,9 +315,7 @@ class USEMultilingualTextEncoder(Encoder):
         self.freeze()
 
     def prepare(self, raw: list[str]) -> dict[str, Tensor]:
-        from mm.encoders.text import _check_texts
-
-        encs = self.tokenizer.encode_batch(_check_texts(raw), add_special_tokens=False)
+        encs = self.tokenizer.encode_batch(check_texts(raw), add_special_tokens=False)
         rows = []
         for text, e in zip(raw, encs, strict=True):
             ids = self._split_unknowns(text) if self.unk in e.ids else list(e.ids)
