@@ -676,11 +676,17 @@ class Collection:
                 f"queries must have shape (q, {self.dim}) or ({self.dim},), got {tuple(q.shape)}"
             )
         self._follow()  # what another process (`mm index`) committed is searched too
+        extra = 0
         for attempt in range(3):
-            scores, labels = self._search_ids(q, k + offset, filter)
+            scores, labels = self._search_ids(q, k + offset + extra, filter)
             items = self.store.get_many({int(i) for i in labels.ravel() if i >= 0})
-            if attempt < 2 and any(int(i) not in items for i in labels.ravel() if i >= 0):
-                continue  # deleted between the FAISS search and the SQLite read: search again
+            gone = {int(i) for i in labels.ravel() if i >= 0 and int(i) not in items}
+            if attempt < 2 and gone:
+                # deleted (here or by another process) after the index was read: catch up, and ask for
+                # as many more as went missing in case the deletion is not in the index yet
+                self.refresh()
+                extra += len(gone)
+                continue
             break
         out = []
         for srow, lrow in zip(scores, labels, strict=True):

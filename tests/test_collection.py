@@ -738,3 +738,65 @@ def test_a_handle_follows_a_reembedding_committed_elsewhere(tmp_path, caplog):
     import json
 
     assert json.loads((path / "collection.json").read_text())["embedder_id"] == "new:2"
+
+
+_WRITE_LOOP = r"""
+import sys
+import numpy as np
+from index.collection import Collection
+from index.types import Item
+
+path, rounds, dim = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+rng = np.random.default_rng(7)
+with Collection.open(path) as c:
+    for r in range(rounds):
+        x = rng.standard_normal((5, dim)).astype(np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        its = [Item(id=0, modality="text", uri=f"/loop/{r}/{i}", sha256=f"l{r}.{i}") for i in range(5)]
+        ids = c.add(x, its)
+        c.delete(ids[:2])
+"""
+
+
+@pytest.mark.parametrize("spec", ["Flat", "HNSW32"])
+def test_searches_stay_whole_while_another_process_writes(tmp_path, spec):
+    """Threads search the served handle while a second process adds and deletes: no search fails or
+    returns a deleted-and-gone id as a hit, and the handle ends in step with SQLite."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = tmp_path / "c"
+    with Collection.create(path, dim=DIM, embedder_id="f", index_spec=spec) as c:
+        c.add(unit(50, seed=60), items(50))
+    served = Collection.open(path)
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def reader(seed: int) -> None:
+        q = unit(3, seed=seed)
+        try:
+            while not stop.is_set():
+                for r in served.search(q, k=5):
+                    assert len(r) == 5 and all(h.item is not None for h in r)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=reader, args=(70 + s,)) for s in range(3)]
+    for t in threads:
+        t.start()
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run(
+        [sys.executable, "-c", _WRITE_LOOP, str(path), "20", str(DIM)],
+        env={**os.environ, "PYTHONPATH": str(root)},
+        check=True,
+        capture_output=True,
+    )
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+    report = served.check()
+    assert report["ok"] and report["faiss_live"] == 50 + 20 * 3, report
+    served.close()
