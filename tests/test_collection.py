@@ -800,3 +800,32 @@ def test_searches_stay_whole_while_another_process_writes(tmp_path, spec):
     report = served.check()
     assert report["ok"] and report["faiss_live"] == 50 + 20 * 3, report
     served.close()
+
+
+def test_kill_as_soon_as_meta_sqlite_appears_then_index_again(tmp_path):
+    """The reported case, with a real SIGKILL from outside: wherever it lands, the folder opens again."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    script = (
+        "import sys; from index.collection import Collection; "
+        "Collection.create(sys.argv[1], dim=16, embedder_id='f')"
+    )
+    for attempt in range(3):
+        path = tmp_path / f"c{attempt}"
+        proc = subprocess.Popen(
+            [sys.executable, "-c", script, str(path)], env={**os.environ, "PYTHONPATH": str(root)}
+        )
+        deadline = time.monotonic() + 30
+        while not (path / "meta.sqlite").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.0005)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        with Collection.open_or_create(path, dim=DIM, embedder_id="f") as c:
+            ids = c.add(unit(2), items(2))
+            assert c.search(unit(2)[0], k=1)[0][0].id == ids[0] and c.check()["ok"]
