@@ -239,7 +239,7 @@ class VectorIndex:
         self.index.add_with_ids(x, ids)
 
     def remove(self, ids: np.ndarray) -> None:
-        """Remove ``ids`` (each must be present), deleting or tombstoning as the index type allows."""
+        """Remove ``ids`` (absent ones are ignored), deleting or tombstoning as the index type allows."""
         faiss = _faiss()
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         if not len(ids):
