@@ -56,7 +56,7 @@ def _mel(frames: int, n_mels: int = 8, seed: int = 0) -> torch.Tensor:
 def test_hf_layout_matches_transformers(hf_model):
     model, folder = hf_model
     net = W.load_whisper_encoder(folder)
-    assert net.dims == W.WhisperDims(n_mels=8, n_ctx=N_CTX, d_model=16, n_heads=2, n_layers=2)
+    assert net.dims == W.WhisperDims(n_mels=8, n_ctx=N_CTX, d_model=16, n_heads=2, n_layers=2, n_ffn=64)
     mel = _mel(2 * N_CTX)
     with torch.no_grad():
         ref = model.model.encoder(mel).last_hidden_state

@@ -305,18 +305,19 @@ class WhisperDims:
     d_model: int = 512
     n_heads: int = 8
     n_layers: int = 6
+    n_ffn: int = 2048  # MLP width (4 x d_model in every released Whisper)
 
 
 class WhisperBlock(nn.Module):
-    def __init__(self, d: int, n_heads: int):
+    def __init__(self, d: int, n_heads: int, n_ffn: int):
         super().__init__()
         self.n_heads = n_heads
         self.attn_ln = nn.LayerNorm(d)
         self.qkv = nn.Linear(d, 3 * d)  # Whisper's key projection has no bias: its third is zero
         self.out = nn.Linear(d, d)
         self.mlp_ln = nn.LayerNorm(d)
-        self.fc1 = nn.Linear(d, 4 * d)
-        self.fc2 = nn.Linear(4 * d, d)
+        self.fc1 = nn.Linear(d, n_ffn)
+        self.fc2 = nn.Linear(n_ffn, d)
 
     def forward(self, x: Tensor, key_mask: Tensor | None) -> Tensor:  # (B, T, D), (B, 1, 1, T)
         b, t, d = x.shape
@@ -338,7 +339,7 @@ class WhisperEncoderNet(nn.Module):
         self.conv1 = nn.Conv1d(dims.n_mels, d, 3, padding=1)
         self.conv2 = nn.Conv1d(d, d, 3, stride=2, padding=1)
         self.register_buffer("positions", torch.zeros(dims.n_ctx, d))
-        self.blocks = nn.ModuleList(WhisperBlock(d, dims.n_heads) for _ in range(dims.n_layers))
+        self.blocks = nn.ModuleList(WhisperBlock(d, dims.n_heads, dims.n_ffn) for _ in range(dims.n_layers))
         self.ln_post = nn.LayerNorm(d)
 
     def forward(self, mel: Tensor, frame_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -404,6 +405,7 @@ def state_from_ct2(path: str | Path) -> tuple[WhisperDims, dict[str, Tensor]]:
         d_model=pos.shape[1],
         n_heads=int(v["encoder/num_heads"]),
         n_layers=n_layers,
+        n_ffn=v["encoder/layer_0/ffn/linear_0/weight"].shape[0],
     )
     st: dict[str, Tensor] = {
         "conv1.weight": _t(w1),
@@ -464,6 +466,7 @@ def state_from_hf(folder: str | Path) -> tuple[WhisperDims, dict[str, Tensor]]:
         d_model=d,
         n_heads=int(cfg["encoder_attention_heads"]),
         n_layers=int(cfg["encoder_layers"]),
+        n_ffn=int(cfg.get("encoder_ffn_dim", 4 * d)),
     )
     pos = enc.get("embed_positions.weight")
     st = {k: enc[k] for k in ("conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias")}
@@ -501,6 +504,7 @@ def state_from_openai(path: str | Path) -> tuple[WhisperDims, dict[str, Tensor]]
         d_model=d,
         n_heads=int(dm["n_audio_head"]),
         n_layers=int(dm["n_audio_layer"]),
+        n_ffn=int(ckpt["model_state_dict"]["encoder.blocks.0.mlp.0.weight"].shape[0]),
     )
     enc = {
         k[len("encoder.") :]: v.float()
