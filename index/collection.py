@@ -333,7 +333,7 @@ class Collection:
                 vi.remove(changes.changed)  # ids absent from the index are ignored
                 if len(changes.ids):
                     vi.add(changes.ids, changes.vectors)
-            consistent = vi.live == changes.count
+            consistent = vi.live == changes.live
         except Exception:
             log.exception("collection %s: applying changes from another process failed", self.path)
             consistent = False
@@ -726,7 +726,7 @@ class Collection:
         """Items whose words match ``text`` by BM25 (higher is better), after ``filter`` (index.lexical)."""
         if k < 1:
             raise ValueError(f"k must be >= 1 (got {k})")
-        where, args = filter_where(filter) if needs_sql(filter) else ("1", [])
+        where, args = filter_where(filter) if filter is not None and needs_sql(filter) else ("1", [])
         n_excluded = len(filter.exclude_ids) if filter is not None and filter.exclude_ids else 0
         ids, scores = lexical_search(self.store.conn, text, k + n_excluded, where, args)
         keep = np.isin(ids, exclude(ids, filter))

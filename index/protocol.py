@@ -15,21 +15,34 @@ import numpy as np
 
 
 class MediaInfo(Protocol):
-    """What a file's header says (``mm.media.MediaInfo``)."""
+    """What a file's header says (``mm.media.MediaInfo``, a frozen dataclass: hence read-only here)."""
 
-    modality: str  # "image" | "audio" | "text"
-    mime: str
-    size: int  # bytes
-    width: int | None
-    height: int | None
-    duration: float | None  # seconds (audio)
+    @property
+    def modality(self) -> str: ...  # "image" | "audio" | "text"
+
+    @property
+    def mime(self) -> str: ...
+
+    @property
+    def size(self) -> int: ...  # bytes
+
+    @property
+    def width(self) -> int | None: ...
+
+    @property
+    def height(self) -> int | None: ...
+
+    @property
+    def duration(self) -> float | None: ...  # seconds (audio)
 
 
 class MediaReader(Protocol):
     """Sniffs, bounds and decodes media files. Every refusal is a ``ValueError`` subclass
     (``mm.errors.MediaError``) whose message names the file by the ``name`` given, never a temp path."""
 
-    media_suffixes: frozenset[str]  # lower-case suffixes of image and audio files (that a .txt captions)
+    @property
+    def media_suffixes(self) -> frozenset[str]:  # lower-case image and audio suffixes (a .txt captions)
+        ...
 
     def modality_of(self, path: str | Path) -> str | None:
         """``"image"``, ``"audio"``, ``"text"`` or None (not a file we index), from the name."""
@@ -40,7 +53,7 @@ class MediaReader(Protocol):
         before they are read whole or decoded."""
         ...
 
-    def decode(self, src: Path | bytes, info: MediaInfo, name: str | None = None) -> Any:
+    def decode(self, src: Path | bytes, info: Any, name: str | None = None) -> Any:  # info: what sniff gave
         """What ``encode_<info.modality>`` takes: an image, ``(waveform, rate)`` or the text as stored."""
         ...
 
@@ -58,10 +71,19 @@ class Embedder(Protocol):
     ``media`` decodes files into what the encoders take (ingest's decoding runs in worker threads).
     """
 
-    dim: int
-    modalities: tuple[str, ...]
-    model_id: str  # identifies the weights; stored in collection.json so vectors are never mixed
-    media: MediaReader
+    # Read-only properties, so that an embedder may hold them as plain attributes or compute them.
+    @property
+    def dim(self) -> int: ...
+
+    @property
+    def modalities(self) -> tuple[str, ...]: ...
+
+    @property
+    def model_id(self) -> str:  # identifies the weights; stored in collection.json so vectors are never mixed
+        ...
+
+    @property
+    def media(self) -> MediaReader: ...
 
     def encode_text(self, texts: Sequence[str]) -> np.ndarray: ...
 

@@ -142,7 +142,7 @@ class VectorChanges(NamedTuple):
     changed: np.ndarray  # (c,) ids whose vector was added, replaced or removed
     ids: np.ndarray  # (m,) those of them that hold a vector now
     vectors: np.ndarray  # (m, dim) their vectors
-    count: int  # items with a vector at ``generation``
+    live: int  # items with a vector at ``generation`` (not ``count``: that is tuple.count)
 
 
 class MetaStore:
