@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -46,8 +46,12 @@ def non_blank(max_chars: int) -> Any:
     ]
 
 
-QueryText = non_blank(MAX_QUERY_CHARS)  # a search query or a question
-LongText = non_blank(MAX_TEXT_CHARS)  # a text item
+if TYPE_CHECKING:  # mypy cannot evaluate a call that builds a type; to it these are plain str
+    QueryText = str
+    LongText = str
+else:
+    QueryText = non_blank(MAX_QUERY_CHARS)  # a search query or a question
+    LongText = non_blank(MAX_TEXT_CHARS)  # a text item
 Tag = Annotated[str, Field(max_length=MAX_TAG_CHARS)]
 ItemId = Annotated[int, Field(ge=1, le=INT64_MAX, description="an item id (ids start at 1)")]
 
