@@ -49,6 +49,7 @@ import dataclasses
 import fnmatch
 import functools
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -281,7 +282,7 @@ def _quantize_frozen_convs(model: nn.Module, calibration: dict[str, Any] | None)
     return done
 
 
-def calibrate_convs(model: nn.Module, images: list[str | Path]) -> dict[str, Any]:
+def calibrate_convs(model: nn.Module, images: Sequence[str | Path]) -> dict[str, Any]:
     """Calibrate the image encoder's static INT8 convolutions on ``images`` (files like those to index)."""
     enc = dict(getattr(model, "encoders", {}).items()).get("image")
     if enc is None or not hasattr(enc, "calibrate_convs"):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -50,7 +50,7 @@ def quantize_checkpoint(
     out_dir: str | Path,
     group_size: int = 64,
     encoders: bool | None = None,
-    calibration_images: list[str | Path] | None = None,
+    calibration_images: Sequence[str | Path] | None = None,
 ) -> tuple[Path, QuantSpec]:
     """Load ``model`` (a name or checkpoint), quantize it and save it to ``out_dir``.
 

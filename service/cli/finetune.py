@@ -48,8 +48,8 @@ def run(args: argparse.Namespace) -> int:
 
         if not args.adapter:
             raise UsageError("mm finetune merge needs --adapter DIR")
-        out = merge_adapter(args.adapter, args.out, base=args.model)
-        print(json.dumps({"out": str(out), "adapter": args.adapter}))
+        merged = merge_adapter(args.adapter, args.out, base=args.model)
+        print(json.dumps({"out": str(merged), "adapter": args.adapter}))
         return 0
     if not args.manifest:
         raise UsageError("mm finetune needs --manifest FILE (or use `mm finetune merge --adapter DIR`)")
