@@ -170,9 +170,7 @@ def e5_file(tmp_path_factory) -> Path:
     )  # fmt: skip
     arrays = _tiny_e5_arrays(rows)
     # as in the engine's files: the word table and linear weights in Q4_0, LayerNorms and biases float32
-    linear = {
-        k for k in arrays if k.endswith(".w") and k.split(".")[1] in ("q", "k", "v", "ao", "fi", "fo")
-    }
+    linear = {k for k in arrays if k.endswith(".w") and k.split(".")[1] in ("q", "k", "v", "ao", "fi", "fo")}
     path = tmp_path_factory.mktemp("e5") / "tiny-q4.bin"
     write_e5_file(path, meta, arrays, quantized=linear | {"emb.word"})
     return path
@@ -335,3 +333,44 @@ def test_e5_matches_package_on_real_weights():
     got = torch.cat([enc(enc.prepare(texts[i : i + 64])).pooled for i in range(0, len(texts), 64)]).numpy()
     cos = (got * ref).sum(1)
     assert cos.min() >= 0.999, cos.min()  # measured min 0.9998: the engine's int8 activations
+
+
+def test_train_with_multilingual_tower_saves_without_it_and_reloads(use_folder, tmp_path):
+    """``mm train --override text.kind=use_multilingual``: frozen features are cached, the checkpoint
+    holds no USE weights, and the run directory reloads to the same embeddings."""
+    import json
+
+    from PIL import Image
+
+    from mm.model import create_model
+    from mm.train import TrainConfig, Trainer
+
+    rows = []
+    colours = {"red": (230, 30, 30), "green": (30, 200, 40), "blue": (30, 60, 230)}
+    for name, rgb in colours.items():
+        Image.new("RGB", (32, 32), rgb).save(tmp_path / f"{name}.png")
+        for lang, text in (("en", f"a {name} cat"), ("fr", f"un chat {name}")):
+            rows.append(
+                {"id": f"{name}-{lang}", "image": f"{name}.png", "text": text, "lang": lang, "split": "train"}
+            )
+    (tmp_path / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    overrides = {"text": {"kind": "use_multilingual", "pretrained": str(use_folder), "trainable": False}}
+    cfg = TrainConfig(
+        manifest=str(tmp_path / "manifest.jsonl"), out_dir=str(tmp_path / "run"), model="tiny",
+        overrides=overrides, max_steps=2, batch_size=6, warmup_steps=1, val_split="", progress=False,
+        bf16=False,
+    )  # fmt: skip
+    trainer = Trainer(cfg)
+    assert trainer.train().steps == 2
+    assert trainer.caches["text"].frozen and len(trainer.caches["text"].items) == len(rows)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "run" / "model.safetensors"), "pt") as f:
+        assert not any(k.startswith("encoders.text.") for k in f.keys())  # noqa: SIM118
+    emb = create_model(tmp_path / "run")
+    assert emb.config.text.kind == "use_multilingual"
+    texts = ["a red cat", "un chat rouge", "eine rote Katze"]
+    trained = trainer.model.eval()
+    with torch.inference_mode():
+        want = trained.encode_batch("text", trained.encoders["text"].prepare(texts)).numpy()
+    assert np.allclose(emb.encode_text(texts), want, atol=1e-5)
