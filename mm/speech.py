@@ -19,9 +19,10 @@ espeak-ng sentences and human Tux Paint words, see ``benchmarks/bench_audio.py``
 1. cheap, before any model runs (:func:`voiced_seconds`): at least ``min_voiced_seconds`` of voiced,
    non-silent audio (a normalised autocorrelation peak at 70-400 Hz). Cymbals, snares, noise and
    silence stop here.
-2. after decoding: Whisper's no-speech probability below ``max_no_speech_prob``, the mean token
-   log-probability above ``min_avg_logprob``, and a transcript that is not a loop (animal calls come
-   back as "ha ha ha ha", "BEEEEE", "Grrr! Grrr!").
+2. after decoding: not (Whisper's no-speech probability > ``max_no_speech_prob`` and the mean token
+   log-probability < ``no_speech_logprob``) (openai-whisper's own rule), the mean log-probability above
+   ``min_avg_logprob`` (drums decode as "you" at about -2 to -3.5), and a transcript that is not a loop
+   (animal calls come back as "ha ha ha ha", "BEEEEE", "Grrr! Grrr!").
 
 Index letters: n samples, m mel bins, f frames, t encoder tokens, d width.
 """
@@ -67,8 +68,9 @@ class SpeechGate:
     """Thresholds of the speech detector (see the module docstring)."""
 
     min_voiced_seconds: float = 0.05
-    max_no_speech_prob: float = 0.6
-    min_avg_logprob: float = -1.8
+    max_no_speech_prob: float = 0.6  # Whisper's rule: no speech when above this ...
+    no_speech_logprob: float = -1.0  # ... and the mean token log-probability is below this
+    min_avg_logprob: float = -1.8  # a transcript this unsure is dropped whatever no_speech says
     max_repeat_ratio: float = 0.5  # a transcript of >= 2 words whose distinct words are <= this share
     # (a loop); 0 turns the loop check off
 
@@ -109,7 +111,9 @@ class Transcriber:
 
     ``model``: "base" (multilingual) or "tiny.en", or a CTranslate2 Whisper folder. ``compute_type``:
     CTranslate2's ("int8", "float32", ...). ``threads``: intra-op threads (0: CTranslate2's default).
-    Thread-safe: calls are serialised (one model, one set of threads).
+    ``languages``: restrict language detection to these codes (e.g. the languages the text tower reads);
+    None: any of Whisper's. Synthetic or very short speech is sometimes detected as an unrelated language
+    (espeak-ng English as Thai), which a restriction prevents. Thread-safe: calls are serialised.
     """
 
     def __init__(
@@ -120,6 +124,7 @@ class Transcriber:
         window_seconds: float = 10.0,
         encoder: str = "ct2",
         gate: SpeechGate | None = None,
+        languages: tuple[str, ...] | None = None,
     ):
         try:
             import ctranslate2
@@ -143,6 +148,7 @@ class Transcriber:
         self.window_samples = int(min(max(window_seconds, 0.0), 30.0) * SAMPLE_RATE)
         self.gate = gate or SpeechGate()
         self.encoder = encoder
+        self.languages = tuple(languages) if languages else None
         self._net: Any = None
         if encoder == "torch":
             import torch
@@ -169,6 +175,13 @@ class Transcriber:
             out, _ = self._net(self._torch.from_numpy(feats))
         return self._ct2.StorageView.from_array(np.ascontiguousarray(out.numpy()))
 
+    def _detect(self, enc: Any) -> tuple[str, float]:
+        """The most probable language (among ``languages`` when set) and its probability."""
+        ranked = [(tok.strip("<|>"), float(p)) for tok, p in self.model.detect_language(enc)[0]]
+        if self.languages is not None:
+            ranked = [(code, p) for code, p in ranked if code in self.languages] or ranked
+        return ranked[0]
+
     def transcribe(self, clip: Any, language: str | None = None) -> Transcript | None:
         """Text and language of the speech in ``clip`` (path, bytes or (wave, rate)), or None without speech.
 
@@ -184,8 +197,7 @@ class Transcriber:
             if language is not None:
                 lang, lang_prob = language, 1.0
             elif self.multilingual:
-                lang_tok, lang_prob = self.model.detect_language(enc)[0][0]
-                lang = lang_tok.strip("<|>")
+                lang, lang_prob = self._detect(enc)
             else:
                 lang, lang_prob = "en", 1.0
             prompt = ["<|startoftranscript|>"]
@@ -206,7 +218,7 @@ class Transcriber:
         g = self.gate
         if (
             not text
-            or t.no_speech_prob > g.max_no_speech_prob
+            or (t.no_speech_prob > g.max_no_speech_prob and t.avg_logprob < g.no_speech_logprob)
             or t.avg_logprob < g.min_avg_logprob
             or (g.max_repeat_ratio > 0 and is_loop(text, g.max_repeat_ratio))
         ):
