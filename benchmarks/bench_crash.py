@@ -6,9 +6,13 @@ that the collection opens, SQLite's integrity_check is ok, the FAISS ids are the
 vector, every file of every run that exited 0 is present, no ``*.tmp`` is left, and that a rerun
 succeeds. The harness is ``tests/reliability/crash.py`` (the test suite runs 10 kills of it).
 
-Usage: ``python benchmarks/bench_crash.py [--kills 100] [--seed 0] [--fresh-every 10] [--work DIR]``;
-the last line is JSON: kills, those that landed mid-run and on creation, failures, files acknowledged
-and lost.
+``--serve-kills N`` adds N kills of ``mm serve`` during concurrent uploads, text items and deletes: after
+a restart every acknowledged item is there and no acknowledged delete came back, and with the server
+stopped the collection checks clean and holds no upload without an item.
+
+Usage: ``python benchmarks/bench_crash.py [--kills 100] [--serve-kills 10] [--seed 0] [--fresh-every 10]
+[--work DIR]``; the last line is JSON: kills, those that landed mid-run and on creation, failures, files
+acknowledged and lost, and the same for the serve kills.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ log = logging.getLogger("bench_crash")
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--kills", type=int, default=100)
+    ap.add_argument("--serve-kills", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--fresh-every", type=int, default=10, help="a new collection every N kills")
     ap.add_argument("--work", type=Path, help="working folder (default: a temporary one, removed after)")
@@ -38,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("index").setLevel(logging.ERROR)  # repairs after kills are expected, not news
 
-    from crash import CrashRun
+    from crash import CrashRun, ServeCrashRun
 
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bench-crash-") as tmp:
@@ -53,7 +58,14 @@ def main(argv: list[str] | None = None) -> int:
             kills.append(kill)
             log.info("kill %d/%d %s: %s", i + 1, args.kills, kill.trigger, kill.problems or "ok")
         acked = sum(len(r.acked) for r in runs)
+        serve = ServeCrashRun(work / "serve", seed=args.seed)
+        serve_kills = []
+        for i in range(args.serve_kills):
+            kill = serve.kill_once()
+            serve_kills.append(kill)
+            log.info("serve kill %d/%d %s: %s", i + 1, args.serve_kills, kill.trigger, kill.problems or "ok")
     failures = [k for k in kills if k.problems]
+    serve_failures = [k for k in serve_kills if k.problems]
     print(
         json.dumps(
             {
@@ -64,7 +76,12 @@ def main(argv: list[str] | None = None) -> int:
                 "files_acknowledged": acked,
                 "files_lost": sum(k.lost for k in kills),
                 "seconds": round(time.monotonic() - t0, 1),
-                "problems": [f"{k.trigger}: {k.problems}" for k in failures[:10]],
+                "serve_kills": len(serve_kills),
+                "serve_failures": len(serve_failures),
+                "serve_items_acknowledged": len(serve.acked) + len(serve.deleted),
+                "serve_deletes_acknowledged": len(serve.deleted),
+                "serve_items_lost": sum(k.lost for k in serve_kills),
+                "problems": [f"{k.trigger}: {k.problems}" for k in (failures + serve_failures)[:10]],
             }
         )
     )

@@ -23,6 +23,7 @@ import random
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -226,3 +227,182 @@ def run_kills(work: Path, kills: int, seed: int = 0, fresh_every: int = 5) -> li
             run = CrashRun(work / f"c{i}", seed=seed * 7919 + i)
         results.append(run.kill_once(run.random_trigger()))
     return results
+
+
+# -- mm serve ------------------------------------------------------------------------------------------
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def png_bytes(seed: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).resize((64, 48)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class ServeCrashRun:
+    """``mm serve`` killed during concurrent uploads, text items and deletes; then restarted and checked.
+
+    ``acked`` maps the id of every item a 201 answered to its sha256; ``deleted`` those a DELETE answered
+    200 (removed from ``acked``). A request cut by the kill is neither: its outcome is unknown.
+    """
+
+    def __init__(self, work: Path, seed: int, *, model: str = "tiny") -> None:
+        self.work = work
+        self.coll = work / "coll"
+        self.rng = random.Random(seed)
+        self.seed = seed
+        self.model = model
+        self.acked: dict[int, str] = {}
+        self.deleted: dict[int, str] = {}
+        self.rounds = 0
+        self.last_lost = 0
+        self._lock = threading.Lock()
+
+    def start(self) -> tuple[subprocess.Popen, str]:
+        import httpx
+
+        port = free_port()
+        cmd = [sys.executable, "-c", MM, "serve", "--collection", str(self.coll), "--model", self.model,
+               "--port", str(port), "--log-level", "warning"]  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise AssertionError(f"mm serve exited {proc.returncode}: {proc.stderr.read()[-800:]!r}")
+            try:
+                if httpx.get(base + "/health", timeout=1).status_code == 200:
+                    return proc, base
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        proc.kill()
+        raise AssertionError("mm serve did not answer /health in 120 s")
+
+    def _traffic(self, base: str, stop, worker: int) -> None:
+        import httpx
+
+        n = 0
+        with httpx.Client(base_url=base, timeout=30) as http:
+            while not stop.is_set():
+                n += 1
+                try:
+                    if worker == 0:  # uploads
+                        data = png_bytes(self.seed * 1_000_003 + self.rounds * 10_007 + n)
+                        r = http.post("/items", files={"file": (f"u{n}.png", data, "image/png")})
+                    elif worker == 1:  # text items
+                        r = http.post("/items/text", json={"text": f"note {self.seed} {self.rounds} {n}"})
+                    else:  # deletes of acknowledged items
+                        with self._lock:
+                            ids = sorted(self.acked)
+                            victim = self.rng.choice(ids) if ids else None
+                            sha = self.acked.pop(victim) if victim is not None else ""
+                        if victim is None:
+                            time.sleep(0.01)
+                            continue
+                        r = None
+                        try:
+                            r = http.delete(f"/items/{victim}")
+                        finally:  # cut by the kill (r is None): deleted or not, unknown; it leaves both sets
+                            with self._lock:
+                                if r is not None and r.status_code == 200:
+                                    self.deleted[victim] = sha
+                                elif r is not None:
+                                    self.acked[victim] = sha  # not deleted: still owed
+                        continue
+                except httpx.HTTPError:
+                    return  # the server died mid-request: this request's outcome is unknown
+                if r.status_code == 201:
+                    body = r.json()
+                    with self._lock:
+                        self.acked[int(body["id"])] = body.get("sha256") or ""
+
+    def kill_once(self) -> Kill:
+        self.rounds += 1
+        proc, base = self.start()
+        stop = threading.Event()
+        threads = [
+            threading.Thread(target=self._traffic, args=(base, stop, w), daemon=True) for w in range(3)
+        ]
+        for t in threads:
+            t.start()
+        delay = round(self.rng.uniform(0.3, 3.0), 3)
+        time.sleep(delay)
+        killed = proc.poll() is None
+        proc.kill()
+        proc.wait()
+        stop.set()
+        for t in threads:
+            t.join(60)
+        kill = Kill(self.rounds, f"serve after {delay:.2f} s of traffic", killed)
+        try:
+            proc, base = self.start()
+        except AssertionError as exc:
+            kill.problems.append(f"restart: {exc}")
+            return kill
+        try:
+            kill.problems += self._check_served(base)
+        finally:
+            proc.terminate()
+            proc.wait(60)
+        kill.problems += self._check_files()
+        kill.lost = self.last_lost
+        return kill
+
+    def _check_served(self, base: str) -> list[str]:
+        import httpx
+
+        problems = []
+        lost, back = [], []
+        with httpx.Client(base_url=base, timeout=30) as http:
+            for item_id, sha in sorted(self.acked.items()):
+                r = http.get(f"/items/{item_id}")
+                if r.status_code != 200 or (sha and r.json().get("sha256") != sha):
+                    lost.append(item_id)
+            for item_id, sha in sorted(self.deleted.items()):
+                r = http.get(f"/items/{item_id}")
+                if r.status_code == 200 and (not sha or r.json().get("sha256") == sha):
+                    back.append(item_id)
+        self.last_lost = len(lost)
+        if lost:
+            problems.append(f"{len(lost)} acknowledged items lost, e.g. {lost[:3]}")
+        if back:
+            problems.append(f"{len(back)} deleted items back, e.g. {back[:3]}")
+        return problems
+
+    def _check_files(self) -> list[str]:
+        """With the server stopped: integrity, FAISS == SQLite, no temp files, no unreferenced uploads."""
+        from index.collection import Collection
+
+        problems = []
+        coll = Collection.open(self.coll)
+        try:
+            report = coll.check()
+            media = self.coll / "media"
+            referenced = coll.uris_under(str(media.resolve()) + os.sep)
+        finally:
+            coll.close()
+        if not report.get("ok", False):
+            problems.append(f"Collection.check: {report.get('problems')}")
+        leftovers = [str(p) for p in self.coll.rglob("*.tmp")]
+        if leftovers:
+            problems.append(f"leftovers: {leftovers[:3]}")
+        orphans = [
+            p.name
+            for p in (media.iterdir() if media.is_dir() else [])
+            if p.is_file() and not p.name.startswith(".") and str(p.resolve()) not in referenced
+        ]
+        if orphans:
+            problems.append(f"{len(orphans)} uploads with no item, e.g. {orphans[:3]}")
+        return problems

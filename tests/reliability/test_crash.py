@@ -1,4 +1,5 @@
-"""``kill -9`` of ``mm index`` at seeded random points, creation included, then the invariants (crash.py).
+"""``kill -9`` of ``mm index`` at seeded random points, creation included, and of ``mm serve`` under
+concurrent uploads, text items and deletes; then the invariants (crash.py).
 
 CI runs a bounded number of kills; ``python benchmarks/bench_crash.py --kills 100`` is the full run.
 """
@@ -8,9 +9,10 @@ from __future__ import annotations
 import sqlite3
 
 import pytest
-from crash import CrashRun, run_kills, write_round
+from crash import CrashRun, ServeCrashRun, run_kills, write_round
 
 KILLS = 10
+SERVE_KILLS = 3
 SEED = 18
 
 
@@ -40,3 +42,13 @@ def test_the_checks_see_a_lost_write_and_a_leftover(tmp_path):
     (run.coll / "stray.tmp").write_bytes(b"x")
     problems = " | ".join(run.check())
     assert "1 acknowledged files lost" in problems and "leftovers" in problems, problems
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_kill_9_of_mm_serve_loses_no_acknowledged_write_and_brings_back_no_delete(tmp_path):
+    run = ServeCrashRun(tmp_path, seed=SEED)
+    kills = [run.kill_once() for _ in range(SERVE_KILLS)]
+    assert run.acked and run.deleted, "the traffic acknowledged nothing: the kills tested nothing"
+    broken = [k for k in kills if k.problems]
+    assert not broken, "\n".join(f"round {k.round} killed {k.trigger}: {k.problems}" for k in broken)
