@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import pytest
@@ -224,10 +223,7 @@ def test_flex_kernel_matches_chunked_eager():
     assert torch.allclose(flex, chunked, atol=1e-5)
 
 
-@pytest.mark.skipif(
-    os.environ.get("MM_TEST_FLEX") != "1",
-    reason="compiling flex_attention on CPU takes 1-2 min here; set MM_TEST_FLEX=1 to run",
-)
+@pytest.mark.slow  # compiling flex_attention on CPU takes about a minute
 def test_compiled_flex_equals_full_attention_and_reference():
     q, k, v = (torch.randn(1, H, 40, 8) for _ in range(3))
     valid = torch.ones(1, 40, dtype=torch.bool)
