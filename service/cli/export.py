@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -78,7 +79,8 @@ def _write_numpy(path: Path, ids, vectors, meta, fmt: str) -> None:
     text = {k: [json.dumps(t) for t in meta[k]] if k == "tags" else meta[k] for k in _TEXT_FIELDS}
     with open(path, "wb") as fh:
         if fmt == ".npz":
-            arrays = {k: np.array(v, dtype=str) for k, v in text.items()}
+            # Any: typed as arrays, **arrays could be savez's allow_pickle flag to a type checker
+            arrays: dict[str, Any] = {k: np.array(v, dtype=str) for k, v in text.items()}
             np.savez(fh, ids=ids, vectors=vectors, created_at=np.array(meta["created_at"]), **arrays)
             return
         width = {k: max([1, *(len(s) for s in v)]) for k, v in text.items()}

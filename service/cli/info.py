@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
 from service.cli.common import add_collection
 
@@ -23,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     from service.store import open_collection
 
     with open_collection(args.collection, readonly=True) as coll:
-        out = {
+        out: dict[str, Any] = {
             "collection": str(args.collection),
             "count": coll.count(),
             "by_modality": {m: coll.count(m) for m in ("text", "image", "audio")},

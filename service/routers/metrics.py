@@ -15,7 +15,7 @@ router = APIRouter(tags=["observability"])
 @router.get(
     "/metrics",
     response_class=Response,
-    responses={200: {"content": {"text/plain": {}}}} | error_responses(401),
+    responses={**error_responses(401), 200: {"content": {"text/plain": {}}}},
 )
 def metrics(collection: CollectionDep, m: MetricsDep) -> Response:
     return Response(m.render(collection), media_type=CONTENT_TYPE)
