@@ -1,73 +1,63 @@
-"""A real uvicorn server in a thread of the test process, and a capture of every log line it writes.
+"""``mm serve`` as a user runs it: a subprocess on a free port, with every log line it writes kept.
 
-The access log is uvicorn's, not the app's: only a real server writes it, so tests that scan the logs for
-secrets run against this rather than ``TestClient``.
+The access log is uvicorn's, configured by ``mm serve``: only the real command shows what an operator's
+log holds, so the tests that scan logs for secrets run against this rather than ``TestClient``.
 """
 
 from __future__ import annotations
 
-import logging
-import threading
+import os
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from pathlib import Path
 
-LOGGERS = ("", "uvicorn", "uvicorn.error", "uvicorn.access", "service", "index", "mm", "fastapi")
-CLIENT_LOGGERS = ("httpx", "httpcore", "websockets.client")  # the test's own clients, not the server
+ROOT = Path(__file__).resolve().parents[2]
+MM = "import sys; from service.cli import main; sys.exit(main())"
 
 
-class LineCapture(logging.Handler):
-    """Every record, rendered as the usual formatters would (message, arguments and traceback)."""
-
-    def __init__(self) -> None:
-        super().__init__(level=logging.DEBUG)
-        self.lines: list[str] = []
-        self.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if not record.name.startswith(CLIENT_LOGGERS):
-            self.lines.append(self.format(record))
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @contextmanager
-def captured_logs() -> Iterator[LineCapture]:
-    """Attach one capture to the root and to the loggers uvicorn does not propagate, at DEBUG."""
-    handler = LineCapture()
-    saved = []
-    for name in LOGGERS:
-        logger = logging.getLogger(name)
-        saved.append((logger, logger.level, logger.propagate))
-        logger.setLevel(logging.DEBUG)
-        if name in ("", "uvicorn.access", "uvicorn.error"):
-            logger.addHandler(handler)
-            logger.propagate = name == ""  # one copy of each line
-    try:
-        yield handler
-    finally:
-        for logger, level, propagate in saved:
-            logger.setLevel(level)
-            logger.propagate = propagate
-            logger.removeHandler(handler)
+def mm_serve(collection: Path, log_file: Path, env: dict[str, str], model: str = "tiny") -> Iterator[str]:
+    """Run ``mm -vv serve`` (debug logging everywhere) with ``env`` added; yields ``http://host:port``.
 
+    stdout and stderr go to ``log_file``, complete once the context exits (the server is stopped).
+    """
+    import httpx
 
-@contextmanager
-def live_server(app: Any, timeout: float = 60.0) -> Iterator[str]:
-    """Serve ``app`` on a free port of 127.0.0.1 with the access log on; yields ``http://host:port``."""
-    import uvicorn
-
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, access_log=True, lifespan="on")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="live-server", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + timeout
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the live server did not start")
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout)
+    port = free_port()
+    cmd = [sys.executable, "-c", MM, "-vv", "serve", "--collection", str(collection), "--model", model,
+           "--port", str(port), "--log-level", "debug"]  # fmt: skip
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **env}
+    with open(log_file, "wb") as out:
+        proc = subprocess.Popen(cmd, env=full_env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"mm serve exited {proc.returncode}: {log_file.read_text()[-800:]}")
+                try:
+                    if httpx.get(base + "/health", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError("mm serve did not answer /health in 120 s")
+                time.sleep(0.1)
+            yield base
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
