@@ -29,10 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from live import MM, ROOT, free_port
 
-ROOT = Path(__file__).resolve().parents[2]
 CREATION_FILES = ("meta.sqlite", "collection.json")
-MM = "import sys; from service.cli import main; sys.exit(main())"
 
 
 @dataclass
@@ -230,14 +229,6 @@ def run_kills(work: Path, kills: int, seed: int = 0, fresh_every: int = 5) -> li
 
 
 # -- mm serve ------------------------------------------------------------------------------------------
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def png_bytes(seed: int) -> bytes:
     import io
 
