@@ -1,9 +1,10 @@
 """Audio encoders and speech transcription: speed on 1-5 s clips, speech detection, word accuracy, and the
 spoken-query latency.
 
-Clips (decoded once into memory, so decoding files is not timed; each encoder's own resampling and
-features are): speech = espeak-ng English sentences (one or two sentences, ~2-5 s); non-speech = Sonic
-Pi drum/percussion samples and Tux Paint animal sounds, cut to 5 s. Human speech for word accuracy =
+Clips (decoded once into memory at each encoder's rate, so decoding and resampling files are timed on
+their own, ``decode``; each encoder's features are timed with it): speech = espeak-ng English sentences
+(one or two sentences, ~2-5 s); non-speech = Sonic Pi drum/percussion samples and Tux Paint animal
+sounds, cut to 5 s. Human speech for word accuracy =
 Tux Paint's English spoken stamp names (``*_desc.ogg``, single words, reference = the stamp's caption).
 
 Reported, each for speech and non-speech clips separately, one clip at a time (as ingest does),
@@ -24,8 +25,8 @@ Reported, each for speech and non-speech clips separately, one clip at a time (a
 Targets (issue 15, 2 cores): spoken-query p95 < 1000 ms for a 3 s clip; transcription (detector
 included) >= 10 non-speech clips/s and >= 2 speech clips/s.
 
-Usage: ``python benchmarks/bench_audio.py [--clips 10] [--queries 20] [--human 20] [--quick]``; about
-3 minutes by default on 2 cores; the last line is JSON.
+Usage: ``python benchmarks/bench_audio.py [--clips 10] [--queries 20] [--human 20] [--threads 1]
+[--quick]``; about 2-3 minutes by default on 2 cores; the last line is JSON.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import glob
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -133,16 +135,18 @@ def word_accuracy(ref: str, hyp: str | None) -> float:
     return max(0.0, 1.0 - d[len(h)] / max(1, len(r)))
 
 
-def load(paths: list[Path]) -> list[tuple[np.ndarray, int]]:
+def load(paths: list[Path], rate: int) -> list[tuple[np.ndarray, int]]:
     from mm.media import load_audio
 
-    return [(load_audio(p, target_rate=None, crop_seconds=MAX_SECONDS), _rate(p)) for p in paths]
+    return [(load_audio(p, target_rate=rate, crop_seconds=MAX_SECONDS), rate) for p in paths]
 
 
-def _rate(path: Path) -> int:
-    import soundfile as sf
+def bench_decode(paths: list[Path]) -> dict[str, float]:
+    """What ingest pays before any encoder: decode + resample to 16 kHz (mm.media.load_audio)."""
+    from mm.media import load_audio
 
-    return int(sf.info(str(path)).samplerate)
+    row, _ = timed(lambda p: load_audio(p, target_rate=16000, crop_seconds=MAX_SECONDS), paths)
+    return {"ms_per_clip": round(1000 / row["clips_per_s"], 1), **row}
 
 
 def timed(fn, items: list) -> tuple[dict[str, float], list]:
@@ -154,7 +158,7 @@ def timed(fn, items: list) -> tuple[dict[str, float], list]:
     return {"clips_per_s": round(n / wall, 2), "clips_per_cpu_s": round(n / max(cpu, 1e-9), 2)}, out
 
 
-def bench_encoders(speech: list, nonspeech: list, quick: bool) -> dict[str, Any]:
+def bench_encoders(clips: dict[int, dict[str, list]], quick: bool) -> dict[str, Any]:
     import torch
 
     from mm.config import AudioEncoderConfig
@@ -186,14 +190,16 @@ def bench_encoders(speech: list, nonspeech: list, quick: bool) -> dict[str, Any]
                     return enc(enc.prepare([clip])).pooled
 
             row = {}
-            for kind, clips in (("speech", speech), ("nonspeech", nonspeech)):
-                row[kind], _ = timed(run, clips)
+            for kind, items in clips[getattr(enc, "sample_rate", 16000)].items():
+                row[kind], _ = timed(run, items)
             res.setdefault(name, {})[dtype] = row
             log.info("encoder %s %s: %s", name, dtype, row)
     return res
 
 
-def bench_transcription(speech: list, refs: list[str], nonspeech: list, quick: bool) -> dict[str, Any]:
+def bench_transcription(
+    speech: list, refs: list[str], nonspeech: list, quick: bool, threads: int
+) -> dict[str, Any]:
     from mm.speech import Transcriber
 
     modes = {"ct2_int8": ("ct2", "int8")}
@@ -201,7 +207,7 @@ def bench_transcription(speech: list, refs: list[str], nonspeech: list, quick: b
         modes |= {"ct2_fp32": ("ct2", "float32"), "torch_fp32": ("torch", "float32")}
     res: dict[str, Any] = {}
     for name, (encoder, compute) in modes.items():
-        tr = Transcriber("base", compute_type=compute, encoder=encoder)
+        tr = Transcriber("base", compute_type=compute, encoder=encoder, threads=threads)
         row: dict[str, Any] = {}
         row["speech"], outs = timed(tr.transcribe, speech)
         row["speech"]["transcribed"] = round(float(np.mean([o is not None for o in outs])), 3)
@@ -219,7 +225,7 @@ def bench_transcription(speech: list, refs: list[str], nonspeech: list, quick: b
     return res
 
 
-def bench_spoken_query(n: int, n_human: int) -> dict[str, Any]:
+def bench_spoken_query(n: int, n_human: int, threads: int) -> dict[str, Any]:
     from mm.model import create_model, default_model_name
     from mm.speech import Transcriber
 
@@ -227,7 +233,7 @@ def bench_spoken_query(n: int, n_human: int) -> dict[str, Any]:
         QUERY, cache_dir("bench_audio") / f"query_{hashlib.sha1(QUERY.encode()).hexdigest()[:12]}.wav"
     )
     data = path.read_bytes()
-    tr = Transcriber("base")  # the default settings: CTranslate2 int8, 10 s window, 2 threads
+    tr = Transcriber("base", threads=threads)  # default settings: CTranslate2 int8, 10 s window
     embedder = create_model(default_model_name())
 
     def query() -> str | None:
@@ -265,7 +271,13 @@ def main() -> None:
     ap.add_argument("--clips", type=int, default=10, help="speech and non-speech clips each")
     ap.add_argument("--queries", type=int, default=20, help="spoken queries timed")
     ap.add_argument("--human", type=int, default=20, help="human single-word recordings")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch and CTranslate2 threads (1: on a shared, oversubscribed machine 2 OpenMP threads "
+        "stall each other; a dedicated 2-core machine runs two such workers)",
+    )
     ap.add_argument(
         "--quick", action="store_true", help="4 clips, 5 queries, default transcription mode only"
     )
@@ -279,8 +291,10 @@ def main() -> None:
     t_start = time.perf_counter()
     sp = speech_clips(args.clips)
     refs = [t for t, _ in sp]
-    speech = load([p for _, p in sp])
-    nonspeech = load(nonspeech_clips(args.clips))
+    paths = {"speech": [p for _, p in sp], "nonspeech": nonspeech_clips(args.clips)}
+    # decoded once per rate an encoder reads, outside the timings (decoding is reported on its own)
+    clips = {rate: {k: load(v, rate) for k, v in paths.items()} for rate in (16000, 44100)}
+    speech, nonspeech = clips[16000]["speech"], clips[16000]["nonspeech"]
     dur = lambda clips: round(float(np.mean([len(w) / r for w, r in clips])), 2)  # noqa: E731
     result: dict[str, Any] = {
         "clips": {
@@ -290,10 +304,12 @@ def main() -> None:
             "nonspeech_mean_s": dur(nonspeech),
         },
         "threads": args.threads,
+        "load_avg_1m": round(os.getloadavg()[0], 2),
     }
-    result["encoders"] = bench_encoders(speech, nonspeech, args.quick)
-    result["transcription"] = bench_transcription(speech, refs, nonspeech, args.quick)
-    result |= bench_spoken_query(args.queries, args.human)
+    result["decode"] = {k: bench_decode(v) for k, v in paths.items()}
+    result["encoders"] = bench_encoders(clips, args.quick)
+    result["transcription"] = bench_transcription(speech, refs, nonspeech, args.quick, args.threads)
+    result |= bench_spoken_query(args.queries, args.human, args.threads)
     default = result["transcription"]["ct2_int8"]
     result["targets"] = {
         "spoken_query_p95_under_1000ms": result["spoken_query_p95_ms"] < 1000,
