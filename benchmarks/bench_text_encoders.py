@@ -11,13 +11,14 @@ weights, with no training:
   the seven languages.
 - ``captions_per_s`` / ``captions_per_cpu_s``: ``encoder(encoder.prepare(batch))`` on ``--speed-items``
   captions mixed across the eight languages, batches of 32, ``--threads`` torch threads (2 by default),
-  after one warm-up batch; tokenising included, loading not. Median of ``--repeats`` rounds.
+  after one warm-up batch; tokenising included, loading not. Median of ``--repeats`` rounds, the
+  encoders taking turns in every round (order rotating); the allocator tuned as the ``mm`` CLI does.
 - ``size_mb``: the weight and tokenizer files on disk; ``load_s``: building the encoder.
 - ``A+B`` rows: two towers side by side (their pooled vectors concatenated with equal weight, i.e. the
   mean of the two cosines), retrieval only: what a combined tower could gain at the sum of the costs.
 
 Run: ``python benchmarks/bench_text_encoders.py [--encoders minilm,use_multilingual,e5_small]
-[--limit N] [--threads 2]``. Prints one JSON object as its last line.
+[--limit N] [--threads 2] [--speed-items 256] [--repeats 3]``. Prints one JSON object as its last line.
 """
 
 from __future__ import annotations
@@ -71,16 +72,24 @@ def recall(q: np.ndarray, g: np.ndarray, q_labels: list[str], g_labels: list[str
 
 
 @torch.inference_mode()
-def speed(enc, texts: list[str], repeats: int, batch: int = 32) -> tuple[float, float]:
-    enc(enc.prepare(texts[:batch]))  # warm-up
-    wall, cpu = [], []
-    for _ in range(repeats):
-        t0, c0 = time.perf_counter(), time.process_time()
-        for i in range(0, len(texts), batch):
-            enc(enc.prepare(texts[i : i + batch]))
-        wall.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    return len(texts) / statistics.median(wall), len(texts) / statistics.median(cpu)
+def speed(encoders: dict, texts: list[str], repeats: int, batch: int = 32) -> dict[str, tuple[float, float]]:
+    """Median captions/s and captions/CPU-s per encoder; the encoders take turns within every round (the
+    order rotating), so a drift in the shared machine's load falls on all of them alike."""
+    for enc in encoders.values():
+        enc(enc.prepare(texts[:batch]))  # warm-up
+    kinds = list(encoders)
+    wall: dict[str, list[float]] = {k: [] for k in kinds}
+    cpu: dict[str, list[float]] = {k: [] for k in kinds}
+    for r in range(repeats):
+        for kind in kinds[r % len(kinds) :] + kinds[: r % len(kinds)]:
+            enc = encoders[kind]
+            t0, c0 = time.perf_counter(), time.process_time()
+            for i in range(0, len(texts), batch):
+                enc(enc.prepare(texts[i : i + batch]))
+            wall[kind].append(time.perf_counter() - t0)
+            cpu[kind].append(time.process_time() - c0)
+    n = len(texts)
+    return {k: (n / statistics.median(wall[k]), n / statistics.median(cpu[k])) for k in kinds}
 
 
 def main() -> None:
@@ -93,6 +102,9 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
+    from mm.runtime import tune_allocator
+
+    tune_allocator()  # as the `mm` CLI and the service run
 
     from mm.config import TextEncoderConfig
     from mm.encoders import build_text_encoder
@@ -115,9 +127,10 @@ def main() -> None:
 
     results: dict[str, dict] = {}
     vectors: dict[str, dict[str, np.ndarray]] = {}  # kind -> lang ("en": the gallery) -> (N, D)
+    encoders = {}
     for kind in [k.strip() for k in args.encoders.split(",") if k.strip()]:
         t0 = time.perf_counter()
-        enc = build_text_encoder(TextEncoderConfig(kind=kind, max_len=64, trainable=False))
+        enc = encoders[kind] = build_text_encoder(TextEncoderConfig(kind=kind, max_len=64, trainable=False))
         load_s = time.perf_counter() - t0
         g = embed(enc, gallery)
         vectors[kind] = {"en": g}
@@ -125,7 +138,6 @@ def main() -> None:
         for lang, qs in queries.items():
             q = vectors[kind][lang] = embed(enc, [s.translations[lang] for s in qs])
             r1[lang], r10[lang] = recall(q, g, [s.label for s in qs], g_labels)
-        per_s, per_cpu_s = speed(enc, speed_texts, args.repeats)
         files = weight_files(kind)
         results[kind] = {
             "dim": enc.out_dim,
@@ -133,14 +145,15 @@ def main() -> None:
             "r10": {k: round(v, 3) for k, v in r10.items()},
             "mean_r1": round(float(np.mean(list(r1.values()))), 3),
             "mean_r10": round(float(np.mean(list(r10.values()))), 3),
-            "captions_per_s": round(per_s, 1),
-            "captions_per_cpu_s": round(per_cpu_s, 1),
             "size_mb": round(sum(f.stat().st_size for f in files) / 2**20, 1),
             "files": [f.name for f in files],
             "load_s": round(load_s, 2),
         }
         log.info("%s: %s", kind, json.dumps(results[kind]))
-        del enc
+    for kind, (per_s, per_cpu_s) in speed(encoders, speed_texts, args.repeats).items():
+        results[kind]["captions_per_s"] = round(per_s, 1)
+        results[kind]["captions_per_cpu_s"] = round(per_cpu_s, 1)
+    log.info("speed: %s", {k: (v["captions_per_s"], v["captions_per_cpu_s"]) for k, v in results.items()})
     if len(vectors) >= 2:
         # Two towers side by side (pooled vectors concatenated, equal weight): the mean of their cosines.
         kinds = list(vectors)
