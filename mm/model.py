@@ -120,8 +120,12 @@ class MultimodalEmbedder:
         # in ingest's worker threads and the service's uploads alike (index.protocol.MediaReader).
         audio = model.cfg.audio
         self.media = (
-            MediaReader(sample_rate=audio.sample_rate, crop_seconds=audio.max_seconds)
-            if "audio" in model.cfg.modalities
+            # the rate the audio encoder reads (44.1 kHz with the sfx tower), not only the log-mel's
+            MediaReader(
+                sample_rate=getattr(model.encoders["audio"], "sample_rate", audio.sample_rate),
+                crop_seconds=audio.max_seconds,
+            )
+            if "audio" in model.encoders
             else MediaReader()
         )
 

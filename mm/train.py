@@ -118,7 +118,8 @@ class Trainer:
             m: FeatureCache(
                 self.model.encoders[m],
                 m,
-                sample_rate=self.model.cfg.audio.sample_rate,
+                # the rate the encoder reads (44.1 kHz with the sfx tower), not only the log-mel's
+                sample_rate=getattr(self.model.encoders[m], "sample_rate", self.model.cfg.audio.sample_rate),
                 crop_seconds=self.model.cfg.audio.max_seconds,
             )
             for m in mods

@@ -243,6 +243,17 @@ def test_encoder_prepare_and_freeze(hf_model):
         W.WhisperAudioEncoder(pretrained=folder / "missing")
 
 
+def test_int8_encoder_stays_close_to_fp32(hf_model):
+    _, folder = hf_model
+    fp32 = W.WhisperAudioEncoder(pretrained=folder)
+    int8 = W.WhisperAudioEncoder(pretrained=folder)
+    int8.quantize_int8()
+    assert any("quantized" in type(m).__module__ for m in int8.net.modules())
+    batch = {"mel": _mel(2 * N_CTX, seed=5), "frame_mask": torch.ones(1, 2 * N_CTX, dtype=torch.bool)}
+    a, b = fp32(batch).tokens.flatten(), int8(batch).tokens.flatten()
+    assert not torch.equal(a, b) and torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.99
+
+
 def test_packaged_join_is_atomic_and_verified(tmp_path, monkeypatch):
     """The split model is joined under the cache, verified; a damaged cache file is refused."""
     pkg = W.WHISPER_MODELS["base"]
@@ -323,6 +334,7 @@ def test_model_with_combined_audio_towers(hf_model, tmp_path):
     }
     emb = create_model("tiny", pretrained=False, overrides={"audio": audio})
     enc = emb.model.encoders["audio"]
+    assert emb.media.sample_rate == 44100  # files decode at the highest rate a tower reads (sfx's)
     assert isinstance(enc, CombinedEncoder) and enc.out_dim == 16 + 16 + 32 and not enc.frozen
     assert enc.towers["whisper"].frozen and enc.towers["sfx"].frozen and not enc.towers["logmel_patch"].frozen
     rng = np.random.default_rng(0)
@@ -332,12 +344,16 @@ def test_model_with_combined_audio_towers(hf_model, tmp_path):
     ]
     batch = enc.prepare(clips)
     out = enc(batch)
-    assert out.tokens.shape[1] == 20 + 12 + 12  # whisper, sfx (one padded block), logmel (6 steps x 2 bands)
-    assert out.mask[:, :20].sum(1).tolist() == [20, 10] and out.mask[:, 20:32].all()
-    assert (
-        out.tokens[:, :20, 16:].abs().sum() == 0 and out.tokens[:, 20:32, :16].abs().sum() == 0
-    )  # own slots
-    assert out.tokens[:, 20:32, 32:].abs().sum() == 0 and out.tokens[:, 32:, :32].abs().sum() == 0
+    # each row: its real tokens first (whisper, sfx, logmel), then padding
+    assert out.tokens.shape[1] == 20 + 12 + 12 and out.mask.sum(1).tolist() == [44, 10 + 12 + 6]
+    for row, (w, f, m) in enumerate([(20, 12, 12), (10, 12, 6)]):
+        x = out.tokens[row]
+        assert x[:w, 16:].abs().sum() == 0 and x[:w, :16].abs().sum() > 0  # whisper's slot only
+        assert x[w : w + f, :16].abs().sum() == 0 and x[w : w + f, 32:].abs().sum() == 0  # sfx's
+        assert x[w + f : w + f + m, :32].abs().sum() == 0 and x[w + f : w + f + m, 32:].abs().sum() > 0
+        assert out.mask[row, : w + f + m].all() and not out.mask[row, w + f + m :].any()
+    alone = enc(enc.prepare(clips[1:]))  # the short clip alone: the same real tokens
+    torch.testing.assert_close(alone.tokens[0, :28], out.tokens[1, :28], atol=1e-5, rtol=1e-5)
     merged = enc.collate([enc.prepare(clips[:1]), enc.prepare(clips[1:])])
     torch.testing.assert_close(enc(merged).pooled, out.pooled, atol=1e-5, rtol=1e-5)
     z = emb.encode_audio(clips)

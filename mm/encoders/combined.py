@@ -3,9 +3,9 @@
 ``kind: ["whisper", "sfx"]`` in an audio config builds a :class:`CombinedEncoder` over those towers.
 Each tower keeps its own width; token channels are laid out in disjoint slots (tower i's ``C_i``
 channels at offset ``sum(C_<i)``, zeros elsewhere), so ``out_dim = sum(C_i)`` and the model's input
-projection is, in effect, a separate linear map per tower with no extra parameters. Tokens are
-concatenated along time (tower 0's, then tower 1's, ...) with their masks; ``pooled`` concatenates
-the towers' pooled vectors along channels.
+projection is, in effect, a separate linear map per tower with no extra parameters. Each row's real
+tokens come first, tower 0's then tower 1's ..., padding after (the prefix layout of every encoder);
+``pooled`` concatenates the towers' pooled vectors along channels.
 
 ``prepare`` decodes each clip once (at the highest rate a tower reads, centre-cropped) and hands
 ``(wave, rate)`` to every tower, which resamples as it needs; batch keys are ``"<tower>.<key>"``.
@@ -86,7 +86,14 @@ class CombinedEncoder(Encoder):
             masks.append(o.mask)
             pooled.append(o.pooled.float())
             offset += c
-        return EncoderOutput(torch.cat(tokens, 1), torch.cat(masks, 1), torch.cat(pooled, 1))
+        toks, mask = torch.cat(tokens, 1), torch.cat(masks, 1)  # (B, sum T_i, C), (B, sum T_i)
+        # real tokens first in every row, in tower order (a stable sort of the mask), padding after: the
+        # prefix layout every encoder gives (the training feature cache keeps tokens[:n_real])
+        order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices  # (B, T)
+        toks = toks.gather(1, order.unsqueeze(-1).expand(-1, -1, toks.shape[-1]))
+        mask = mask.gather(1, order)
+        t = max(int(mask.sum(1).max()), 1)
+        return EncoderOutput(toks[:, :t], mask[:, :t], torch.cat(pooled, 1))
 
     def forward(self, batch: dict[str, Tensor]) -> EncoderOutput:
         return self.encode(batch)  # each tower moves its inputs and handles its own freezing
