@@ -143,3 +143,102 @@ def test_items_still_work_after_the_hostile_requests(client):
     assert client.get(f"/items/{client.item_id}").json()["caption"] == "a red circle"
     hits = client.post("/search", json={"query": "a red circle"}).json()["results"]
     assert [h["id"] for h in hits][:1] == [client.item_id]
+
+
+# -- issue 18 item 7 and issue 17 item 6: the WebSocket ------------------------------------------------
+
+TERMINAL = {"results", "done", "error"}
+
+
+def ws_burst(app, messages: list[dict], *, expect: int, timeout: float = 10.0) -> list[dict]:
+    """Drive ``/ws`` at the ASGI level, every message of ``messages`` already received at once (as when
+    they arrive in one TCP write: the server reads them without waiting), until ``expect`` terminal
+    messages came back; then the client leaves. Returns every message the server sent."""
+    import asyncio
+    import contextlib
+    import json
+
+    async def session() -> list[dict]:
+        inbox = [{"type": "websocket.connect"}]
+        inbox += [{"type": "websocket.receive", "text": json.dumps(m)} for m in messages]
+        out: list[dict] = []
+        enough = asyncio.Event()
+
+        async def receive() -> dict:
+            if inbox:
+                return inbox.pop(0)  # no await: the next frame is already there
+            await enough.wait()
+            return {"type": "websocket.disconnect", "code": 1000}
+
+        async def send(msg: dict) -> None:
+            if msg["type"] == "websocket.send":
+                out.append(json.loads(msg["text"]))
+                if sum(m["type"] in TERMINAL for m in out) >= expect:
+                    enough.set()
+
+        scope = {
+            "type": "websocket",
+            "path": "/ws",
+            "raw_path": b"/ws",
+            "query_string": b"",
+            "headers": [],
+            "scheme": "ws",
+            "server": ("testserver", 80),
+            "client": ("testclient", 50000),
+            "root_path": "",
+            "subprotocols": [],
+        }
+        with contextlib.suppress(TimeoutError):  # the assertions below say what was missing
+            await asyncio.wait_for(app(scope, receive, send), timeout)
+        return out
+
+    return asyncio.run(session())
+
+
+def terminals(out: list[dict], rid) -> list[dict]:
+    return [m for m in out if m.get("id") == rid and m["type"] in TERMINAL]
+
+
+@pytest.mark.parametrize("bad_id", [[1, 2], {"a": 1}, 1.5, True])
+def test_ws_cancel_with_an_unusable_id_is_an_error_and_the_connection_lives_on(client, bad_id):
+    with client.websocket_connect("/ws") as ws:
+        ws.send_json({"type": "cancel", "id": bad_id})
+        err = ws.receive_json()
+        assert err["type"] == "error" and err["id"] is None and err["status"] == 422, err
+        ws.send_json({"type": "search", "id": "after", "query": "red circle", "k": 1})
+        assert ws.receive_json()["type"] == "results"
+
+
+def test_ws_bad_cancel_does_not_cancel_other_requests(client):
+    out = ws_burst(
+        client.app,
+        [
+            {"type": "generate", "id": "g", "query": "red circle", "k": 2},
+            {"type": "cancel", "id": [1, 2]},
+            {"type": "search", "id": "s", "query": "red circle", "k": 1},
+        ],
+        expect=3,
+    )
+    assert [m["type"] for m in terminals(out, "g")] == ["done"]
+    assert "cancelled" not in terminals(out, "g")[0]
+    assert [m["type"] for m in terminals(out, "s")] == ["results"]
+    assert [m["status"] for m in out if m["type"] == "error"] == [422]
+
+
+@pytest.mark.parametrize("kind", ["generate", "search"])
+def test_ws_request_and_cancel_in_one_write_get_exactly_one_terminal_message(client, kind):
+    for i in range(20):
+        request = {"type": kind, "id": i, "query": "red circle", "k": 2}
+        out = ws_burst(client.app, [request, {"type": "cancel", "id": i}], expect=1)
+        ends = terminals(out, i)
+        assert len(ends) == 1, (i, out)
+        assert ends[0] == {"type": "done", "id": i, "cancelled": True}, (i, out)
+
+
+def test_ws_cancel_of_a_finished_request_adds_nothing(client):
+    with client.websocket_connect("/ws") as ws:
+        ws.send_json({"type": "search", "id": 1, "query": "red", "k": 1})
+        assert ws.receive_json()["type"] == "results"
+        ws.send_json({"type": "cancel", "id": 1})
+        ws.send_json({"type": "search", "id": 2, "query": "red", "k": 1})
+        assert ws.receive_json() | {"results": None} == {"type": "results", "id": 2, "results": None}

@@ -9,11 +9,14 @@ Client messages (JSON text frames), each with a client-chosen ``id`` echoed in e
 
 Server messages: ``results`` (``{"results": [...]}`` as ``POST /search``), ``token`` (``{"text"}``),
 ``citations`` (``{"citations": [...]}``), ``done`` (``{"backend"}``, or ``{"cancelled": true}``) and
-``error`` (``{"code", "message", "status"}``). A malformed message gets an ``error`` and the
-connection stays open. Requests run concurrently; when the client disconnects, running generations
-are cancelled (their generators are closed). With ``MM_API_KEYS`` set, the key goes in the query
-string (``/ws?api_key=KEY``, browsers cannot set headers here) or in ``Authorization``/``X-API-Key``;
-a wrong key closes the connection with code 1008 before it is accepted.
+``error`` (``{"code", "message", "status"}``). Every accepted request gets exactly one terminal
+message: ``results`` (search), ``done`` (generate; ``cancelled: true`` when cancelled, whenever the
+cancel arrived) or ``error``. A malformed message (an id that is not a string or a number included)
+gets an ``error`` with ``id`` null when the id is unusable, and the connection stays open; a cancel of
+an id that is not running is ignored. Requests run concurrently; when the client disconnects,
+running generations are cancelled (their generators are closed). With ``MM_API_KEYS`` set, the key
+goes in the query string (``/ws?api_key=KEY``, browsers cannot set headers here) or in
+``Authorization``/``X-API-Key``; a wrong key closes the connection with code 1008 before it is accepted.
 """
 
 from __future__ import annotations
@@ -22,18 +25,17 @@ import asyncio
 import contextlib
 import json
 import logging
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, WebSocket
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError
 from starlette.exceptions import HTTPException
 
 from mm.errors import MediaError
 from service.auth import bearer_token, key_matches
 from service.generation import GeneratorUnavailable
-from service.routers.generate import Backend, find_hits, start_answer
-from service.schemas import Modality
-from service.search import hit_to_dict
+from service.routers.generate import Backend, find, start_answer
+from service.schemas import Modality, QueryText, SearchQuery
 
 log = logging.getLogger(__name__)
 
@@ -41,30 +43,35 @@ router = APIRouter(tags=["websocket"])
 
 MAX_MESSAGE = 64 * 1024  # bytes of one client message
 MAX_RUNNING = 8  # concurrent requests per connection
+RequestId = Annotated[str, Field(max_length=256)] | Annotated[int, Strict()]  # strict: true is no id
 
 
-class WSSearch(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class WSSearch(SearchQuery):
+    """A search: the body of ``POST /search`` plus the message's ``type`` and ``id``."""
 
     type: Literal["search"]
-    id: str | int
-    query: str = Field(min_length=1, max_length=2000)
-    k: int = Field(10, ge=1, le=100)
-    modalities: list[Modality] | None = None
+    id: RequestId
 
 
 class WSGenerate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["generate"]
-    id: str | int
-    query: str = Field(min_length=1, max_length=2000)
+    id: RequestId
+    query: QueryText
     k: int = Field(5, ge=1, le=20)
     modalities: list[Modality] | None = None
     backend: Backend | None = None
     max_tokens: int = Field(128, ge=1, le=4096)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     stop: list[str] | None = Field(None, max_length=4)
+
+
+class WSCancel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["cancel"]
+    id: RequestId
 
 
 def _authorised(ws: WebSocket, keys: list[str]) -> bool:
@@ -82,6 +89,7 @@ class Connection:
         self.ws = ws
         self.app = ws.app
         self.tasks: dict[str | int, asyncio.Task] = {}
+        self.notices: set[asyncio.Task] = set()  # "cancelled" messages being sent (see _finished)
         self.lock = asyncio.Lock()
 
     async def send(self, msg: dict[str, Any]) -> None:
@@ -97,12 +105,19 @@ class Connection:
                 msg = await self.ws.receive()
                 if msg["type"] == "websocket.disconnect":
                     return
-                await self.dispatch(msg.get("text") if msg.get("text") is not None else msg.get("bytes"))
+                raw = msg.get("text") if msg.get("text") is not None else msg.get("bytes")
+                try:
+                    await self.dispatch(raw)
+                except Exception:  # one message must never end the connection or its other requests
+                    log.exception("websocket message could not be dispatched")
+                    await self._safe_error(None, "internal_error", "internal server error", 500)
         finally:
-            for task in self.tasks.values():
+            for task in list(self.tasks.values()):
                 task.cancel()
             if self.tasks:
                 await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+            if self.notices:
+                await asyncio.gather(*self.notices, return_exceptions=True)
 
     async def dispatch(self, raw: str | bytes | None) -> None:
         if raw is None or len(raw) > MAX_MESSAGE:
@@ -115,20 +130,24 @@ class Connection:
             return await self.error(None, "bad_message", "messages must be JSON objects")
         if not isinstance(msg, dict):
             return await self.error(None, "bad_message", "messages must be JSON objects")
-        rid, kind = msg.get("id"), msg.get("type")
-        if kind == "cancel":
-            task = self.tasks.get(rid)
-            if task is not None:
-                task.cancel()
-            return None
-        if kind not in ("search", "generate"):
+        kind = msg.get("type")
+        rid = msg.get("id")
+        if not isinstance(rid, str | int | None) or isinstance(rid, bool):
+            rid = None  # not echoed: it could not name a request
+        if kind not in ("search", "generate", "cancel"):
             return await self.error(rid, "bad_message", "type must be 'search', 'generate' or 'cancel'")
+        model = {"search": WSSearch, "generate": WSGenerate, "cancel": WSCancel}[kind]
         try:
-            req = (WSSearch if kind == "search" else WSGenerate).model_validate(msg)
+            req = model.model_validate(msg)
         except ValidationError as exc:
             err = exc.errors()[0]
             where = ".".join(str(p) for p in err["loc"])
             return await self.error(rid, "validation_error", f"{where}: {err['msg']}", 422)
+        if isinstance(req, WSCancel):
+            task = self.tasks.get(req.id)
+            if task is not None:
+                task.cancel()  # _finished answers "cancelled", even if the task never got to run
+            return None
         if req.id in self.tasks:
             return await self.error(rid, "bad_message", f"request id {req.id!r} is still running")
         if len(self.tasks) >= MAX_RUNNING:
@@ -137,18 +156,31 @@ class Connection:
             )
         task = asyncio.create_task(self.handle(req))
         self.tasks[req.id] = task
-        task.add_done_callback(lambda _t, rid=req.id: self.tasks.pop(rid, None))
+        task.add_done_callback(lambda t, rid=req.id: self._finished(rid, t))
         return None
+
+    def _finished(self, rid: str | int, task: asyncio.Task) -> None:
+        """A request's task ended. A cancelled one is answered here, not in :meth:`handle`: a task
+        cancelled before its first step never runs its body (a cancel sent in the same write as its
+        request lands there), so only this callback sees every cancellation."""
+        if self.tasks.get(rid) is task:
+            del self.tasks[rid]
+        if task.cancelled():
+            notice = asyncio.get_running_loop().create_task(
+                self._safe_send({"type": "done", "id": rid, "cancelled": True})
+            )
+            self.notices.add(notice)
+            notice.add_done_callback(self.notices.discard)
 
     async def handle(self, req: WSSearch | WSGenerate) -> None:
         rid = req.id
         try:
             coll, emb = self.app.state.collection, self.app.state.embedder
-            hits = await find_hits(coll, emb, k=req.k, modalities=req.modalities, text=req.query)
             if isinstance(req, WSSearch):
-                return await self.send(
-                    {"type": "results", "id": rid, "results": [hit_to_dict(h) for h in hits]}
-                )
+                found = await find(req, emb, coll)
+                return await self.send({"type": "results", "id": rid, "results": found.results()})
+            query = SearchQuery(query=req.query, k=req.k, modalities=req.modalities)
+            hits = (await find(query, emb, coll)).hits
             answer = await start_answer(
                 self.app,
                 req.query,
@@ -167,11 +199,6 @@ class Connection:
             cites = [c.model_dump() for c in answer.citations]
             await self.send({"type": "citations", "id": rid, "citations": cites})
             await self.send({"type": "done", "id": rid, "backend": answer.backend})
-        except asyncio.CancelledError:
-            await self._safe_send(
-                {"type": "done", "id": rid, "cancelled": True}
-            )  # fails once the client is gone
-            raise
         except HTTPException as exc:
             await self._safe_error(rid, getattr(exc, "code", "error"), str(exc.detail), exc.status_code)
         except GeneratorUnavailable as exc:
