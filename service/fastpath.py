@@ -9,8 +9,8 @@ alternating servers, 6 rounds).
 
 It answers a ``POST /search`` that declares a Content-Length within ``MM_MAX_UPLOAD_MB`` and carries a
 valid API key when keys are set, on an app without CORS origins and without OpenTelemetry configured:
-it reads the body, validates it as a :class:`SearchRequest` and answers through the route's own
-:func:`service.routers.search.answer_search`, then records the request in the latency histogram as
+it reads the body, validates it as a :class:`~service.schemas.SearchRequest` and answers it as the route
+does (:func:`service.search.answer_async`), then records the request in the latency histogram as
 :class:`service.metrics.MetricsMiddleware` does.
 
 Everything else goes to the full app untouched: other requests, requests it does not take (no
@@ -36,8 +36,9 @@ from starlette.types import Message, Receive, Scope, Send
 from service.auth import bearer_token, key_matches
 from service.body import validate
 from service.metrics import STARTED_KEY
-from service.routers.search import answer_search
+from service.responses import FastJSONResponse
 from service.schemas import SearchRequest
+from service.search import answer_async
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -123,7 +124,9 @@ class SearchFastPath:
         response = None
         if body is not None:
             with contextlib.suppress(Exception):  # the app answers every failure itself (module docstring)
-                response = await answer_search(self.app.state, validate(SearchRequest, body))
+                state = self.app.state
+                found = await answer_async(validate(SearchRequest, body), state.embedder, state.collection)
+                response = FastJSONResponse(found.to_dict())
         if response is None:  # a failure, a body past the limit or a client gone: the app's own answer
             scope[STARTED_KEY] = t0  # its latency histogram counts the time spent here too
             await full(scope, _replay(messages, receive), send)

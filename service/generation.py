@@ -27,11 +27,8 @@ import numpy as np
 from pydantic import BaseModel
 
 from index.types import Hit
-from service.search import build_filter, embed_query, search
 
 if TYPE_CHECKING:
-    from index.collection import Collection
-    from index.protocol import Embedder
     from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -359,22 +356,6 @@ class Generators:
                 s.openai_timeout,
             )
         return GGUFGenerator(s.gguf_path)
-
-
-def retrieve(
-    collection: Collection,
-    embedder: Embedder,
-    *,
-    text: str | None = None,
-    image: str | Path | None = None,
-    audio: str | Path | None = None,
-    k: int = 5,
-    modalities: Sequence[str] | None = None,
-) -> list[Hit]:
-    """The items an answer is grounded in: the query embedded and searched (``service.search``)."""
-    vector, _ = embed_query(collection, embedder, text=text, image=image, audio=audio)
-    hits, _ = search(collection, vector, k=k, filter=build_filter(modalities=modalities))
-    return hits
 
 
 def start_stream(

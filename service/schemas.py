@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+import math
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
+import numpy as np
 from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     StringConstraints,
+    ValidationError,
     field_validator,
     model_validator,
 )
+from pydantic.json_schema import SkipJsonSchema
+from typing_extensions import TypedDict  # pydantic needs typing_extensions' on Python < 3.12
 
+from index.types import Filter
 from service.limits import (
     INT64_MAX,
     MAX_NAME_BYTES,
@@ -70,8 +79,46 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": ErrorResponse} for code in codes}
 
 
+# -- search: one query type for every entry point ------------------------------------------------------
+#
+# ``SearchQuery`` is the body of ``POST /search`` and what the upload form, the WebSocket, the CLI and
+# generation's retrieval build: every rule of a search query lives here, once, and the OpenAPI schema
+# states it. Answering one is ``service.search.answer``.
+
+MAX_K = 100  # results per search, at every entry point; deeper results are paged with ``offset``
+MAX_OFFSET = 10_000  # paging stops here: an exact top-(offset + k) is searched for each page
+QueryKind = Literal["text", "image", "audio", "item", "vector"]
+# How results are ranked. Only "vector" (nearest neighbours in the shared space) exists today; lexical
+# ("keyword") and fused ("hybrid") ranking join this list and ``service.search.rank``, nowhere else.
+SearchMode = Literal["vector"]
+
+
+def parse_time(value: datetime | float | str | None) -> float | None:
+    """Unix seconds from unix seconds, a ``datetime`` or an ISO 8601 string (naive means UTC)."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = float(text)
+        except ValueError:
+            try:
+                value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+            except ValueError:
+                raise ValueError(
+                    f"cannot read time {text!r}: use unix seconds or ISO 8601 such as 2024-05-01T12:00:00"
+                ) from None
+    if isinstance(value, datetime):
+        dt = value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+        return dt.timestamp()
+    seconds = float(value)
+    if not math.isfinite(seconds):  # nan, inf and 1e400 parse as floats but order nothing
+        raise ValueError(f"time must be finite, got {value!r}")
+    return seconds
+
+
 class SearchFilters(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     tags: list[Tag] | None = Field(
         None, max_length=MAX_TAGS, description="keep items carrying all of these tags"
@@ -81,31 +128,148 @@ class SearchFilters(BaseModel):
     )
     since: datetime | float | None = Field(None, description="created at/after (ISO 8601 or unix seconds)")
     until: datetime | float | None = Field(None, description="created at/before (ISO 8601 or unix seconds)")
+    _span: tuple[float | None, float | None] = PrivateAttr((None, None))
+
+    @model_validator(mode="after")
+    def _times(self) -> SearchFilters:
+        since, until = parse_time(self.since), parse_time(self.until)
+        if since is not None and until is not None and since > until:
+            raise ValueError("since is after until: nothing can match")
+        self._span = (since, until)
+        return self
+
+    @property
+    def span(self) -> tuple[float | None, float | None]:
+        """``(since, until)`` in unix seconds (None: open)."""
+        return self._span
 
 
-class SearchRequest(BaseModel):
-    """Exactly one of ``query``, ``item_id`` or ``vector``."""
+class QueryMedia:
+    """An image or audio file to search with (an upload, a CLI argument), made by the server's own code
+    only. Deliberately a plain class, not a dataclass or a model: pydantic accepts nothing but an instance
+    for it, so no JSON or form field can name a server-side file (nor is the field in any schema)."""
 
-    model_config = ConfigDict(extra="forbid")
+    __slots__ = ("modality", "path", "name")
+
+    def __init__(self, modality: str, path: str | Path, name: str | None = None):
+        if modality not in ("image", "audio"):
+            raise ValueError(f"a query file is an image or audio, not {modality!r}")
+        self.modality: Literal["image", "audio"] = "image" if modality == "image" else "audio"
+        self.path = Path(path)
+        self.name = name or self.path.name  # what messages and the query echo call it
+
+    def __repr__(self) -> str:
+        return f"QueryMedia({self.modality!r}, {str(self.path)!r}, {self.name!r})"
+
+
+class SearchQuery(BaseModel):
+    """Exactly one of ``query`` (text), ``item_id`` (more-like-this, the item itself excluded) or ``vector``
+    (advanced: a precomputed query in the collection's space, normalised here); the server's own callers
+    may give an image or audio file instead (``media``).
+
+    Extension points: a spoken query's transcript joins ``media`` (an audio query) and is fused where the
+    query is embedded; a calibrated score joins :class:`SearchResult` where results are made
+    (``service.search.hit_to_dict``).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
 
     query: QueryText | None = Field(None, description="text query")
     item_id: ItemId | None = Field(None, description="more-like-this: items like this one (itself excluded)")
     vector: list[float] | None = Field(
         None, description="advanced: a precomputed query vector of the collection's dim (normalised here)"
     )
+    media: SkipJsonSchema[QueryMedia | None] = Field(None, exclude=True)
     modalities: list[Modality] | None = Field(None, description="result modalities; all when omitted")
-    k: int = Field(10, ge=1, le=100)
-    offset: int = Field(0, ge=0, le=10_000)
+    k: int = Field(10, ge=1, le=MAX_K, description=f"results (1..{MAX_K}; page further with offset)")
+    offset: int = Field(0, ge=0, le=MAX_OFFSET, description="results skipped (paging)")
     filters: SearchFilters | None = None
+    mode: SearchMode = Field("vector", description="ranking: nearest neighbours of the query vector")
+    # Derived once, when the query is made: read on every search, so straight from pydantic's private dict
+    # (a private attribute read through the model costs ~1 us, a share of a sub-millisecond search).
+    _unit: np.ndarray | None = PrivateAttr(None)
+    _filter: Filter | None = PrivateAttr(None)
 
     @model_validator(mode="after")
-    def _one_query(self) -> SearchRequest:
-        if sum(x is not None for x in (self.query, self.item_id, self.vector)) != 1:
-            raise ValueError("give exactly one of query, item_id or vector")
+    def _rules(self) -> SearchQuery:
+        if sum(x is not None for x in (self.query, self.item_id, self.vector, self.media)) != 1:
+            raise ValueError("give exactly one query: text, an item id, a vector, or an image or audio file")
+        private = self.__pydantic_private__
+        assert private is not None  # pydantic sets it before "after" validators run
+        if self.vector is not None:
+            private["_unit"] = unit_vector(self.vector)
+        if self.modalities or self.filters or self.item_id is not None:
+            private["_filter"] = self._make_filter()
         return self
 
+    def _make_filter(self) -> Filter | None:
+        f = self.filters
+        since, until = f.span if f else (None, None)
+        flt = Filter(
+            modalities=list(dict.fromkeys(self.modalities)) if self.modalities else None,
+            tags=[t for t in f.tags if t] or None if f and f.tags else None,
+            path_prefix=f.path_prefix or None if f else None,
+            since=since,
+            until=until,
+            exclude_ids=[self.item_id] if self.item_id is not None else None,  # more-like-this: not itself
+        )
+        return None if flt.is_empty() else flt
 
-class SearchResult(BaseModel):
+    @property
+    def kind(self) -> QueryKind:
+        if self.query is not None:
+            return "text"
+        if self.media is not None:
+            return self.media.modality
+        return "item" if self.item_id is not None else "vector"
+
+    @property
+    def filter(self) -> Filter | None:
+        """The collection filter: modalities, tags, path, time span and the excluded item (None: none)."""
+        return self.__pydantic_private__["_filter"]  # type: ignore[index]
+
+    @property
+    def unit(self) -> np.ndarray | None:
+        """The ``(D,)`` float32 unit vector of a vector query (its length is checked against the collection
+        where it is searched)."""
+        return self.__pydantic_private__["_unit"]  # type: ignore[index]
+
+    def echo(self) -> QueryEcho:
+        """What was searched for, as answers echo it."""
+        value = {"text": self.query, "item": self.item_id, "vector": None}.get(self.kind)
+        return {"type": self.kind, "value": self.media.name if self.media is not None else value}
+
+
+class SearchRequest(SearchQuery):
+    """The body of ``POST /search``: a :class:`SearchQuery`, under the name the API's schema has always
+    given it."""
+
+
+def unit_vector(values: Sequence[float]) -> np.ndarray:
+    """``values`` as a float32 unit vector; ValueError when one is not finite (float32) or all are zero."""
+    vec = np.asarray(values, dtype=np.float32).reshape(-1)
+    # One float64 dot checks and measures at once: it is finite exactly when every value is (a float32
+    # squared cannot overflow float64), and it does not overflow as a float32 norm would.
+    wide = vec.astype(np.float64)
+    squares = float(wide @ wide)
+    if not math.isfinite(squares):
+        raise ValueError("vector must hold finite numbers")
+    if squares == 0.0:
+        raise ValueError("vector must not be all zeros")
+    return (wide / math.sqrt(squares)).astype(np.float32)
+
+
+def error_message(exc: ValidationError) -> str:
+    """The first error of ``exc`` as one line, ``field: message`` (as the REST API words it)."""
+    err = exc.errors(include_url=False)[0]
+    where = ".".join(str(p) for p in err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{where}: {msg}" if where else msg
+
+
+# One result shape: a TypedDict, so that the dicts ``service.search.hit_to_dict`` builds (no validation
+# pass per result on the hot path) are checked against it by mypy, and the OpenAPI schema comes from it.
+class SearchResult(TypedDict):
     id: int
     score: float
     modality: Modality
@@ -120,9 +284,9 @@ class SearchResult(BaseModel):
     tags: list[str]
 
 
-class QueryEcho(BaseModel):
-    type: Literal["text", "image", "audio", "item", "vector"]
-    value: str | int | None = None
+class QueryEcho(TypedDict):
+    type: QueryKind
+    value: str | int | None
 
 
 class SearchResponse(BaseModel):

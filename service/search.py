@@ -1,112 +1,140 @@
-"""Search shared by the REST routes and the CLI: query embedding, filters, result serialisation.
+"""Search: one :class:`~service.schemas.SearchQuery` answered by one function, :func:`answer`.
 
-A query is exactly one of: ``text``, an ``image`` file, an ``audio`` file, an ``item_id``
-(more-like-this: the item's own vector, the item itself excluded) or a raw ``vector``
-(advanced: a precomputed query in the collection's space).
+Every entry point builds a ``SearchQuery`` (which holds every rule of a query: exactly one of text,
+item, vector or file; ``k`` and ``offset`` bounds; filters; the item's own exclusion in more-like-this;
+vector normalisation) and hands it here: ``POST /search`` and its fast path, ``POST /search/upload``, the
+WebSocket, generation's retrieval and ``mm search``. Nothing below it checks the query again.
+
+Answering is two steps, so that an async caller can run only the model in a thread:
+
+1. :func:`query_vector`: the query in the collection's space (the model for text and files, the stored
+   vector for an item, the given vector checked against the collection's dim);
+2. :func:`rank`: the collection searched with the query's filter, ranked by its ``mode``.
+
+:class:`SearchAnswer` holds the hits; :func:`hit_to_dict` makes the one result shape
+(:class:`~service.schemas.SearchResult`) that the REST API, the WebSocket and ``mm search --json`` give.
 """
 
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from starlette.concurrency import run_in_threadpool
 
-from index.types import Filter, Hit, Item
+from index.types import Hit, Item
+from mm.errors import MediaError
 from mm.media import text_snippet
-from service.limits import MAX_TAGS
+from service.errors import APIError
+from service.schemas import QueryMedia, SearchQuery, SearchResult
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from index.collection import Collection
     from index.protocol import Embedder
-
-MODALITIES = ("text", "image", "audio")
 
 
 class NotFound(LookupError):
     """An item id the collection does not hold (REST: 404)."""
 
 
-def parse_time(value: str | float | int | datetime | None) -> float | None:
-    """Unix seconds from unix seconds, a ``datetime`` or an ISO 8601 string (naive means UTC)."""
-    if value is None or value == "":
-        return None
-    if isinstance(value, datetime):
-        dt = value
-    elif isinstance(value, int | float):
-        if not math.isfinite(value):
-            raise ValueError(f"time must be finite, got {value!r}")
-        return float(value)
-    else:
-        text = str(value).strip()
-        try:
-            seconds = float(text)
-        except ValueError:
-            pass
-        else:
-            if not math.isfinite(seconds):  # nan, inf and 1e400 parse as floats but order nothing
-                raise ValueError(f"time must be finite, got {text!r}")
-            return seconds
-        try:
-            dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
-        except ValueError:
-            raise ValueError(
-                f"cannot read time {text!r}: use unix seconds or ISO 8601 such as 2024-05-01T12:00:00"
-            ) from None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
-    return dt.timestamp()
+def http_error(exc: NotFound | ValueError) -> APIError:
+    """The HTTP error for what :func:`answer` raises, but for a MediaError, which callers re-raise for the
+    app's own handler (415/413/422)."""
+    if isinstance(exc, NotFound):
+        return APIError(404, str(exc))
+    return APIError(422, str(exc), "validation_error")
 
 
-def check_modalities(modalities: Sequence[str] | None) -> list[str] | None:
-    if not modalities:
-        return None
-    wrong = [m for m in modalities if m not in MODALITIES]
-    if wrong:
-        raise ValueError(f"unknown modality {wrong[0]!r}; choose from {', '.join(MODALITIES)}")
-    return list(dict.fromkeys(modalities))
+def needs_model(query: SearchQuery) -> bool:
+    """Whether step 1 runs the model (text or a file), i.e. is worth a thread hand-off in async code."""
+    return query.query is not None or query.media is not None
 
 
-def build_filter(
-    *,
-    modalities: Sequence[str] | None = None,
-    tags: Sequence[str] | None = None,
-    path_prefix: str | None = None,
-    since: Any = None,
-    until: Any = None,
-    exclude_ids: Sequence[int] | None = None,
-) -> Filter | None:
-    """A ``Filter`` from user values (times as unix seconds or ISO strings); ``None`` when nothing filters."""
-    if tags is not None and len(tags) > MAX_TAGS:  # each tag is one SQL clause; SQLite caps the depth
-        raise ValueError(f"filter by at most {MAX_TAGS} tags, got {len(tags)}")
-    t0, t1 = parse_time(since), parse_time(until)
-    if t0 is not None and t1 is not None and t0 > t1:
-        raise ValueError("since is after until: nothing can match")
-    f = Filter(
-        modalities=check_modalities(modalities),
-        tags=[t for t in tags if t] or None if tags is not None else None,
-        path_prefix=path_prefix or None,
-        since=t0,
-        until=t1,
-        exclude_ids=list(exclude_ids) if exclude_ids else None,
-    )
-    return None if f.is_empty() else f
+def embed_media(embedder: Embedder, media: QueryMedia) -> np.ndarray:
+    """The ``(D,)`` vector of an image or audio file, decoded by the embedder's reader exactly as ingest and
+    ``POST /items`` decode (same limits, checked from the header). Raises :class:`MediaError`."""
+    try:
+        info = embedder.media.sniff(media.path, media.name, media.modality)
+        payload = embedder.media.decode(media.path, info, media.name)
+        encode = embedder.encode_image if media.modality == "image" else embedder.encode_audio
+        return np.asarray(encode([payload])[0], dtype=np.float32)
+    except MediaError:
+        raise
+    except (ValueError, OSError) as exc:  # a decoder error the model did not wrap: still bad input
+        raise MediaError(f"cannot read {media.name}: {exc}", kind="corrupt", path=str(media.path)) from exc
+
+
+def query_vector(query: SearchQuery, embedder: Embedder, collection: Collection) -> np.ndarray:
+    """Step 1: the ``(D,)`` float32 query vector. Raises NotFound, ValueError (a vector of the wrong
+    length) and MediaError."""
+    if query.query is not None:
+        return embedder.encode_text([query.query])[0]
+    if query.media is not None:
+        # a spoken query's transcript (issue 15) is fused with the clip's vector here
+        return embed_media(embedder, query.media)
+    if query.item_id is not None:
+        vec = collection.vector(query.item_id)
+        if vec is None:
+            raise NotFound(f"item {query.item_id} not found (or it has no vector)")
+        return np.asarray(vec, dtype=np.float32)
+    unit = query.unit
+    assert unit is not None  # SearchQuery: exactly one kind of query
+    if unit.shape[0] != collection.dim:
+        raise ValueError(f"vector must hold {collection.dim} finite numbers, got {unit.shape[0]}")
+    return unit
 
 
 @dataclass
-class Query:
-    """What was searched for, as echoed back to the caller."""
+class SearchAnswer:
+    """The hits of one query, best first, and the time the search itself took (not the embedding)."""
 
-    kind: str  # "text" | "image" | "audio" | "item" | "vector"
-    value: str | int | None = None  # the text, the file name, the item id; None for a raw vector
+    query: SearchQuery
+    hits: list[Hit]
+    took_ms: float
+
+    def results(self) -> list[SearchResult]:
+        return [hit_to_dict(h) for h in self.hits]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": self.kind, "value": self.value}
+        """The ``SearchResponse`` body: ``{"results", "took_ms", "query"}``."""
+        return {"results": self.results(), "took_ms": round(self.took_ms, 3), "query": self.query.echo()}
+
+
+def rank(query: SearchQuery, vector: np.ndarray, collection: Collection) -> SearchAnswer:
+    """Step 2: the collection searched with ``vector`` under the query's filter, ``k`` hits after ``offset``.
+
+    ``query.mode`` is "vector" (nearest neighbours), the only mode there is; keyword and hybrid ranking
+    (the collection's lexical index, fused through calibrated scores) branch here.
+    """
+    t0 = time.perf_counter()
+    q = np.asarray(vector, dtype=np.float32)[None, :]  # (1, D)
+    hits = collection.search(q, k=query.k, filter=query.filter, offset=query.offset)
+    return SearchAnswer(query, hits[0] if hits else [], (time.perf_counter() - t0) * 1000.0)
+
+
+def answer(query: SearchQuery, embedder: Embedder, collection: Collection) -> SearchAnswer:
+    """The answer to ``query``: embedded (step 1), then searched and ranked (step 2). Blocking.
+
+    Raises NotFound (an unknown item), ValueError (a vector of the wrong length) and MediaError (a file
+    that cannot be read); every other rule was checked when the ``SearchQuery`` was made.
+    """
+    return rank(query, query_vector(query, embedder, collection), collection)
+
+
+async def answer_async(query: SearchQuery, embedder: Embedder, collection: Collection) -> SearchAnswer:
+    """:func:`answer` for the event loop: only the model runs in the thread pool. A FAISS search of a
+    served collection takes well under a millisecond, less than the two thread hand-offs it would cost,
+    so it (and an item or vector query's step 1) runs on the loop."""
+    if needs_model(query):
+        vector = await run_in_threadpool(query_vector, query, embedder, collection)
+    else:
+        vector = query_vector(query, embedder, collection)
+    return rank(query, vector, collection)
 
 
 def embed_query(
@@ -118,53 +146,18 @@ def embed_query(
     audio: str | Path | None = None,
     item_id: int | None = None,
     vector: Sequence[float] | np.ndarray | None = None,
-) -> tuple[np.ndarray, Query]:
-    """The ``(dim,)`` query vector for exactly one kind of query; raises ValueError, NotFound, MediaError."""
-    given = [v for v in (text, image, audio, item_id, vector) if v is not None]
-    if len(given) != 1:
-        raise ValueError("give exactly one query: text, an image, an audio file, an item id or a vector")
-    if text is not None:
-        if not text.strip():
-            raise ValueError("the query text is empty")
-        return embedder.encode_text([text])[0], Query("text", text)
-    if image is not None:
-        return embedder.encode_image([str(image)])[0], Query("image", Path(image).name)
-    if audio is not None:
-        return embedder.encode_audio([str(audio)])[0], Query("audio", Path(audio).name)
-    if item_id is not None:
-        vec = collection.vector(int(item_id))
-        if vec is None:
-            raise NotFound(f"item {item_id} not found (or it has no vector)")
-        return np.asarray(vec, dtype=np.float32), Query("item", int(item_id))
-    vec = np.asarray(vector, dtype=np.float32).reshape(-1)
-    # One float64 dot checks and measures at once: it is finite exactly when every value is (a float32
-    # squared cannot overflow float64), and it does not overflow as a float32 norm would.
-    wide = vec.astype(np.float64)
-    squares = float(wide @ wide)
-    if vec.shape[0] != collection.dim or not math.isfinite(squares):
-        raise ValueError(f"vector must hold {collection.dim} finite numbers, got {vec.shape[0]}")
-    if squares == 0.0:
-        raise ValueError("vector must not be all zeros")
-    return (wide / math.sqrt(squares)).astype(np.float32), Query("vector")
+) -> tuple[np.ndarray, SearchQuery]:
+    """Step 1 for a query given as keywords (notebooks, scripts): the ``(D,)`` vector and the query.
 
-
-def search(
-    collection: Collection,
-    query_vector: np.ndarray,
-    *,
-    k: int = 10,
-    filter: Filter | None = None,
-    offset: int = 0,
-) -> tuple[list[Hit], float]:
-    """Search one ``(dim,)`` vector; returns the hits and the time taken in milliseconds."""
-    if not 1 <= k <= 1000:
-        raise ValueError(f"k must be between 1 and 1000, got {k}")
-    if offset < 0:
-        raise ValueError(f"offset must be >= 0, got {offset}")
-    t0 = time.perf_counter()
-    q = np.asarray(query_vector, dtype=np.float32)[None, :]  # (1, D)
-    hits = collection.search(q, k=k, filter=filter, offset=offset)
-    return hits[0] if hits else [], (time.perf_counter() - t0) * 1000.0
+    Raises ValueError (pydantic's ValidationError for a rule of ``SearchQuery``), NotFound, MediaError.
+    """
+    if image is not None and audio is not None:  # one media field holds one file
+        raise ValueError("give one file: an image or an audio clip, not both")
+    media = QueryMedia("image", image) if image is not None else None
+    media = QueryMedia("audio", audio) if audio is not None else media
+    values = None if vector is None else np.asarray(vector, dtype=np.float64).reshape(-1).tolist()
+    query = SearchQuery(query=text, item_id=item_id, vector=values, media=media)
+    return query_vector(query, embedder, collection), query
 
 
 def media_urls(item: Item) -> tuple[str | None, str | None]:
@@ -196,14 +189,15 @@ def item_to_dict(item: Item) -> dict[str, Any]:
     }
 
 
-def hit_to_dict(hit: Hit) -> dict[str, Any]:
-    """One result as the REST API and ``mm search --json`` give it."""
+def hit_to_dict(hit: Hit) -> SearchResult:
+    """One result, in the one shape every answer uses (a dict literal that mypy checks against
+    :class:`~service.schemas.SearchResult`; no validation pass per result on the hot path)."""
     item = hit.item
     media_url, thumbnail_url = media_urls(item)
     return {
         "id": int(hit.id),
         "score": round(float(hit.score), 6),
-        "modality": item.modality,
+        "modality": item.modality,  # type: ignore[typeddict-item]  # the collection stores only these
         "caption": text_snippet(item.caption),  # a hit carries a snippet; GET /items/{id} the stored text
         "media_url": media_url,
         "thumbnail_url": thumbnail_url,

@@ -32,23 +32,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from service.generation import Generators, retrieve, start_stream
-    from service.search import check_modalities
+    from pydantic import ValidationError
+
+    from service.generation import Generators, start_stream
+    from service.schemas import SearchQuery, error_message
+    from service.search import answer
     from service.settings import Settings
     from service.store import open_collection
 
-    if not args.question.strip():
-        raise UsageError("the question is empty")
     if not 1 <= args.k <= 20:
         raise UsageError("-k must be in 1..20")
-    try:
-        modalities = check_modalities(split_csv(args.modality))
-    except ValueError as exc:
-        raise UsageError(str(exc)) from exc
+    try:  # the question is also the retrieval query
+        query = SearchQuery(query=args.question, k=args.k, modalities=split_csv(args.modality) or None)
+    except ValidationError as exc:
+        raise UsageError(error_message(exc)) from exc
 
     embedder = load_embedder(args.model)
     with open_collection(args.collection, embedder, readonly=True) as coll:
-        hits = retrieve(coll, embedder, text=args.question, k=args.k, modalities=modalities)
+        hits = answer(query, embedder, coll).hits
         gen = Generators(Settings(), coll.vector).get(args.backend)
         try:
             pieces, cites = start_stream(

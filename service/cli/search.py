@@ -30,7 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--audio", type=Path, metavar="FILE", help="query with an audio file")
     p.add_argument("--item", type=int, metavar="ID", help="more like this item (itself excluded)")
     p.add_argument("--modality", default="", help="result modalities, comma-separated: image,audio,text")
-    p.add_argument("-k", type=int, default=10, help="number of results (1..1000, default 10)")
+    # the bounds of -k and --offset are SearchQuery's (service.schemas), named in its error message
+    p.add_argument("-k", type=int, default=10, help="number of results (default 10)")
     p.add_argument(
         "--filter",
         action="append",
@@ -46,36 +47,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from service.search import build_filter, check_modalities, embed_query, hit_to_dict, search
+    from pydantic import ValidationError
+
+    from service.schemas import QueryMedia, SearchQuery, error_message
+    from service.search import answer
     from service.store import open_collection
 
-    given = [x for x in (args.text, args.image, args.audio, args.item) if x is not None]
-    if len(given) != 1:
-        raise UsageError("give exactly one query: TEXT, --image FILE, --audio FILE or --item ID")
-    if not 1 <= args.k <= 1000 or args.offset < 0:
-        raise UsageError("-k must be in 1..1000 and --offset >= 0")
-    for f in (args.image, args.audio):
-        if f is not None and not f.is_file():
-            raise FileNotFoundError(f"no such file: {f}")
+    media = None
+    if args.image is not None or args.audio is not None:
+        media = QueryMedia("image", args.image) if args.image else QueryMedia("audio", args.audio)
     try:
-        modalities = check_modalities(split_csv(args.modality))
-        flt_kw = parse_filters(args.filter)
-        exclude = [args.item] if args.item is not None else None
-        flt = build_filter(modalities=modalities, exclude_ids=exclude, **flt_kw)
-    except UsageError:
-        raise
-    except ValueError as exc:
-        raise UsageError(str(exc)) from exc
+        query = SearchQuery(
+            query=args.text,
+            item_id=args.item,
+            media=media,
+            modalities=split_csv(args.modality) or None,
+            k=args.k,
+            offset=args.offset,
+            filters=parse_filters(args.filter) or None,
+        )
+    except ValidationError as exc:
+        raise UsageError(error_message(exc)) from exc
+    if media is not None and not media.path.is_file():  # before the model loads (seconds)
+        raise FileNotFoundError(f"no such file: {media.path}")
 
     embedder = load_embedder(args.model)
     with open_collection(args.collection, embedder, readonly=True) as coll:
-        vector, query = embed_query(
-            coll, embedder, text=args.text, image=args.image, audio=args.audio, item_id=args.item
-        )
-        hits, took_ms = search(coll, vector, k=args.k, filter=flt, offset=args.offset)
-    results = [hit_to_dict(h) for h in hits]
+        found = answer(query, embedder, coll)
+    results = found.results()
     if args.json:
-        print(json.dumps({"query": query.to_dict(), "took_ms": round(took_ms, 3), "results": results}))
+        print(json.dumps(found.to_dict()))
         return 0
     if not results:
         print("no results")

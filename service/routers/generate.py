@@ -18,16 +18,15 @@ import os
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.concurrency import run_in_threadpool
 
 from index.types import Hit
 from mm.errors import MediaError
+from service import search
 from service.body import parse_json, schema_ref, validate
 from service.deps import CollectionDep, EmbedderDep, SettingsDep
 from service.errors import APIError
@@ -36,10 +35,10 @@ from service.generation import (
     Generators,
     GeneratorUnavailable,
     iterate_in_thread,
-    retrieve,
     start_stream,
 )
-from service.schemas import Modality, error_responses
+from service.schemas import Modality, QueryMedia, QueryText, SearchQuery, error_responses
+from service.search import NotFound, SearchAnswer, answer_async, http_error
 
 router = APIRouter(tags=["generate"])
 
@@ -50,7 +49,7 @@ DEFAULT_QUESTION = "What is this?"
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    query: str = Field(min_length=1, max_length=2000, description="the question; also the retrieval query")
+    query: QueryText = Field(description="the question; also the retrieval query")
     k: int = Field(5, ge=1, le=20, description="items retrieved to ground the answer")
     modalities: list[Modality] | None = Field(None, description="modalities of the retrieved items")
     backend: Backend | None = Field(None, description="generator backend; MM_GENERATOR when omitted")
@@ -112,7 +111,7 @@ async def start_answer(
 
     The backend starts (model loading, parameter checks) in the thread that then makes the pieces:
     one thread hand-off from here to the first piece. ``hits`` may be a function that retrieves them
-    (e.g. :func:`service.generation.retrieve`): it then runs in that thread too.
+    (e.g. :func:`service.search.answer`'s hits): it then runs in that thread too.
     """
     try:
         gen = generators_of(app).get(backend)
@@ -145,13 +144,14 @@ async def start_answer(
     return Answer(agen, first, cites, gen.name)
 
 
-async def find_hits(collection: Any, embedder: Any, *, k: int, modalities: list[str] | None, **query: Any):
+async def find(query: SearchQuery, embedder: Any, collection: Any) -> SearchAnswer:
+    """:func:`service.search.answer_async` with its errors as HTTP errors (MediaError: the app's handler)."""
     try:
-        return await run_in_threadpool(retrieve, collection, embedder, k=k, modalities=modalities, **query)
-    except MediaError:  # the app's handler maps it to 415/422/413
+        return await answer_async(query, embedder, collection)
+    except MediaError:
         raise
-    except ValueError as exc:
-        raise APIError(422, str(exc), "validation_error") from exc
+    except (NotFound, ValueError) as exc:
+        raise http_error(exc) from exc
 
 
 def sse(event: str, data: Any) -> str:
@@ -208,7 +208,9 @@ async def _from_form(request: Request, collection: Any, embedder: Any, settings:
     try:
         with os.fdopen(fd, "wb") as dst:
             copy_limited(upload.file, dst, settings.max_upload_bytes)
-        hits = await find_hits(collection, embedder, k=req.k, modalities=req.modalities, **{modality: tmp})
+        media = QueryMedia(modality, tmp, upload.filename)
+        query = SearchQuery(media=media, k=req.k, modalities=req.modalities)
+        hits = (await find(query, embedder, collection)).hits
     finally:
         os.unlink(tmp)
     return req, hits
@@ -251,7 +253,8 @@ async def generate(request: Request, collection: CollectionDep, embedder: Embedd
         req, hits = await _from_form(request, collection, embedder, settings)
     else:
         req = await parse_json(request, GenerateRequest)
-        hits = partial(retrieve, collection, embedder, k=req.k, modalities=req.modalities, text=req.query)
+        query = SearchQuery(query=req.query, k=req.k, modalities=req.modalities)
+        hits = lambda: search.answer(query, embedder, collection).hits  # noqa: E731
     answer = await start_answer(
         request.app,
         req.query,

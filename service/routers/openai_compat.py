@@ -22,9 +22,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from service.deps import CollectionDep, EmbedderDep
 from service.errors import APIError
 from service.generation import BACKENDS, GeneratorUnavailable
-from service.limits import MAX_MESSAGE_CHARS, MAX_MESSAGES
-from service.routers.generate import Answer, find_hits, start_answer
-from service.schemas import Modality, error_responses
+from service.limits import MAX_MESSAGE_CHARS, MAX_MESSAGES, MAX_QUERY_CHARS
+from service.routers.generate import Answer, find, start_answer
+from service.schemas import Modality, SearchQuery, error_responses
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -108,7 +108,9 @@ async def chat_completions(
         raise APIError(
             422, "messages need a user message with text: it is the retrieval query", "validation_error"
         )
-    hits = await find_hits(collection, embedder, k=req.mm_k, modalities=req.mm_modalities, text=question)
+    # the question is the retrieval query; the embedder reads the start of a longer one anyway
+    query = SearchQuery(query=question[:MAX_QUERY_CHARS], k=req.mm_k, modalities=req.mm_modalities)
+    hits = (await find(query, embedder, collection)).hits
     stop = [req.stop] if isinstance(req.stop, str) else req.stop
     answer = await start_answer(
         request.app,

@@ -34,9 +34,8 @@ from starlette.exceptions import HTTPException
 from mm.errors import MediaError
 from service.auth import bearer_token, key_matches
 from service.generation import GeneratorUnavailable
-from service.routers.generate import Backend, find_hits, start_answer
-from service.schemas import Modality
-from service.search import hit_to_dict
+from service.routers.generate import Backend, find, start_answer
+from service.schemas import Modality, QueryText, SearchQuery
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +46,11 @@ MAX_RUNNING = 8  # concurrent requests per connection
 RequestId = Annotated[str, Field(max_length=256)] | Annotated[int, Strict()]  # strict: true is no id
 
 
-class WSSearch(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class WSSearch(SearchQuery):
+    """A search: the body of ``POST /search`` plus the message's ``type`` and ``id``."""
 
     type: Literal["search"]
     id: RequestId
-    query: str = Field(min_length=1, max_length=2000)
-    k: int = Field(10, ge=1, le=100)
-    modalities: list[Modality] | None = None
 
 
 class WSGenerate(BaseModel):
@@ -62,7 +58,7 @@ class WSGenerate(BaseModel):
 
     type: Literal["generate"]
     id: RequestId
-    query: str = Field(min_length=1, max_length=2000)
+    query: QueryText
     k: int = Field(5, ge=1, le=20)
     modalities: list[Modality] | None = None
     backend: Backend | None = None
@@ -180,11 +176,11 @@ class Connection:
         rid = req.id
         try:
             coll, emb = self.app.state.collection, self.app.state.embedder
-            hits = await find_hits(coll, emb, k=req.k, modalities=req.modalities, text=req.query)
             if isinstance(req, WSSearch):
-                return await self.send(
-                    {"type": "results", "id": rid, "results": [hit_to_dict(h) for h in hits]}
-                )
+                found = await find(req, emb, coll)
+                return await self.send({"type": "results", "id": rid, "results": found.results()})
+            query = SearchQuery(query=req.query, k=req.k, modalities=req.modalities)
+            hits = (await find(query, emb, coll)).hits
             answer = await start_answer(
                 self.app,
                 req.query,
