@@ -3,8 +3,8 @@
 The lifespan loads the embedder and opens (or creates) the collection into ``app.state``; routes get
 them through ``service.deps``. Every route but ``/health`` needs an API key when ``MM_API_KEYS`` is set.
 Request bodies larger than ``MM_MAX_UPLOAD_MB`` are refused with 413 while they are read
-(``service.limits``). ``POST /search`` is answered in front of the framework where it can be
-(``service.fastpath``).
+(``service.limits``). API keys never reach a log line (``service.redact``). ``POST /search`` is
+answered in front of the framework where it can be (``service.fastpath``).
 """
 
 from __future__ import annotations
@@ -53,9 +53,13 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         from mm.runtime import tune_allocator
+        from service import redact
         from service.embedding import load_embedder
         from service.store import open_collection, remove_orphan_uploads
 
+        # after the server configured its logging (uvicorn does so before the app starts): its handlers
+        # exist now and get the filter too
+        redaction = redact.install([*settings.api_keys, settings.openai_api_key or ""])
         tune_allocator()
         emb = embedder if embedder is not None else load_embedder(settings.model, settings.adapter)
         collection = open_collection(
@@ -71,6 +75,7 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
             app.state.jobs.shutdown()
             collection.save()
             collection.close()
+            redact.uninstall(redaction)
 
     from service.routers import generate, health, ingest, items, metrics, openai_compat, search, web, ws
 

@@ -242,3 +242,94 @@ def test_ws_cancel_of_a_finished_request_adds_nothing(client):
         ws.send_json({"type": "cancel", "id": 1})
         ws.send_json({"type": "search", "id": 2, "query": "red", "k": 1})
         assert ws.receive_json() | {"results": None} == {"type": "results", "id": 2, "results": None}
+
+
+# -- issue 18 item 8: no key in any log line ---------------------------------------------------------
+
+
+def test_api_keys_never_reach_the_logs(tmp_path):
+    """A real uvicorn server with its own logging config (access log on), plus a root handler as the
+    CLI sets up: keys sent in the URL, in headers and over the WebSocket appear in no line."""
+    import copy
+    import logging
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+    from uvicorn.config import LOGGING_CONFIG
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    key, wrong, upstream = "sekrit-key-0001", "wrong-key-0002", "sk-upstream-0003"
+    log_file = tmp_path / "server.log"
+    config = copy.deepcopy(LOGGING_CONFIG)
+    for handler in config["handlers"].values():
+        handler.pop("stream", None)
+        handler.update({"class": "logging.FileHandler", "filename": str(log_file)})
+    root_handler = logging.FileHandler(log_file)  # what `mm`'s logging.basicConfig adds
+    root_handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(root_handler)
+    settings = Settings(collection=tmp_path / "coll", api_keys=[key], openai_api_key=upstream)
+    app = create_app(settings, embedder=FakeEmbedder())
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=0, log_config=config, log_level="info")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+            time.sleep(0.05)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        base = f"http://127.0.0.1:{port}"
+        with httpx.Client(base_url=base) as http:
+            assert http.get("/stats", params={"api_key": key}).status_code == 401  # the key goes in a header
+            assert http.get("/stats", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+            assert http.get("/stats", headers={"X-API-Key": key}).status_code == 200
+            assert http.get("/items", params={"token": wrong}).status_code == 401
+        with connect(f"ws://127.0.0.1:{port}/ws?api_key={key}") as ws:
+            ws.send('{"type": "search", "id": 1, "query": "red", "k": 1}')
+            assert "results" in ws.recv(timeout=10)
+        with pytest.raises(InvalidStatus), connect(f"ws://127.0.0.1:{port}/ws?api_key={wrong}"):
+            pass
+        # our own loggers: a message quoting a header, and a traceback quoting the upstream key
+        logging.getLogger("service.routers.ws").warning(
+            "headers were %s", [(b"authorization", f"Bearer {key}")]
+        )
+        try:
+            raise RuntimeError(f"upstream refused key {upstream}")
+        except RuntimeError:
+            logging.getLogger("service.generation").exception("backend failed")
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        logging.getLogger().removeHandler(root_handler)
+        root_handler.close()
+    text = log_file.read_text()
+    assert "/ws?api_key=[redacted]" in text and "GET /stats?api_key=[redacted]" in text, text
+    assert "backend failed" in text and "upstream refused key [redacted]" in text, text
+    for secret in (key, wrong, upstream):
+        assert secret not in text, text
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        '127.0.0.1:5 - "GET /ws?x=1&api_key=K3y-value HTTP/1.1" 101',
+        "Authorization: Bearer K3y-value",
+        "x-api-key: K3y-value",
+        "{'X-API-Key': 'K3y-value', 'accept': '*/*'}",
+        "[(b'authorization', b'Bearer K3y-value')]",
+        "GET /items?access_token=K3y-value",
+        "the configured key K3y-value itself",
+    ],
+)
+def test_redact_masks_every_form_a_key_takes(line):
+    from service.redact import MASK, redact
+
+    secrets = ["K3y-value"] if "configured" in line else []  # the others by their form alone
+    out = redact(line, secrets)
+    assert "K3y-value" not in out and MASK in out, out
+    assert redact(out, secrets) == out  # masking again changes nothing
