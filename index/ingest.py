@@ -27,7 +27,7 @@ from typing import Any, Literal
 import numpy as np
 
 from index.collection import Collection
-from index.protocol import Embedder, MediaReader
+from index.protocol import Embedder, MediaReader, Transcribe
 from index.types import IngestReport, Item, ItemError
 from index.walk import OUTSIDE, inside, resolve_roots, walk
 
@@ -130,9 +130,11 @@ def _prepare(
     retry_failed: bool,
     caption: str | None = None,
     name: str | None = None,
+    transcribe: Transcribe | None = None,
 ) -> _Prepared:
-    """Worker side: stat, skip if unchanged, sniff, read, hash, decode. Never raises (errors become
-    ``status="error"``). ``name``: what error messages call the file (its name by default)."""
+    """Worker side: stat, skip if unchanged, sniff, read, hash, decode (and transcribe speech). Never
+    raises (errors become ``status="error"``). ``name``: what error messages call the file (its name by
+    default)."""
     path, modality = cand.path, cand.modality
     uri = str(path)
     name = name or path.name
@@ -169,10 +171,27 @@ def _prepare(
         item.width, item.height, item.duration = info.width, info.height, info.duration
         if modality == "text":
             item.caption = payload  # the text as stored (bounded by the reader); encoders cut their own
+        if modality == "audio" and transcribe is not None:
+            _add_transcript(item, payload, transcribe, name)
         return _Prepared(cand, "ready", item=item, payload=payload, existing=existing)
     except (OSError, ValueError) as e:
         error = str(e) or type(e).__name__
         return _Prepared(cand, "error", error=error, exc=e, item=_bare_item(cand))
+
+
+def _add_transcript(item: Item, payload: Any, transcribe: Transcribe, name: str) -> None:
+    """``item.extra["transcript"] = {"text", "language"}`` when the clip holds speech. A recogniser that
+    fails costs the item its transcript, never the item."""
+    try:
+        heard = transcribe(payload)
+    except Exception as e:  # any recogniser failure: the clip is indexed without a transcript
+        log.warning("cannot transcribe %s: %s", name, e)
+        return
+    if heard and str(heard.get("text", "")).strip():
+        item.extra["transcript"] = {
+            "text": str(heard["text"]).strip(),
+            "language": str(heard.get("language", "")),
+        }
 
 
 def _bare_item(cand: _Candidate) -> Item:
@@ -307,8 +326,13 @@ def ingest(
     should_stop: Callable[[], bool] | None = None,
     retry_failed: bool = False,
     allowed_roots: Sequence[str | Path] | None = None,
+    transcribe: Transcribe | None = None,
 ) -> IngestReport:
     """Index files and folders (recursively). Unchanged files are skipped, so an interrupted run resumes.
+
+    ``transcribe(payload) -> {"text", "language"} | None`` (the service passes Whisper's): audio items
+    with speech keep their transcript in ``extra["transcript"]`` (searchable as text); it runs in the
+    decode workers, beside the encoder.
 
     With ``allowed_roots``, files (and symlinks' targets) outside them are refused, each reported.
 
@@ -339,7 +363,12 @@ def ingest(
                 nxt = next(todo, None)
                 if nxt is not None:
                     queue.append(
-                        [pool.submit(_prepare, collection, media, c, tags, retry_failed) for c in nxt]
+                        [
+                            pool.submit(
+                                _prepare, collection, media, c, tags, retry_failed, transcribe=transcribe
+                            )
+                            for c in nxt
+                        ]
                     )
 
             submit_next()
@@ -383,9 +412,10 @@ def ingest_one(
     tags: list[str] | None = None,
     modality: str | None = None,
     name: str | None = None,
+    transcribe: Transcribe | None = None,
 ) -> Item:
-    """Index one file and return its item. Bad media raise ``ValueError`` (the reader's ``MediaError``,
-    kind kept) and store nothing.
+    """Index one file and return its item (an audio item's speech transcribed with ``transcribe``). Bad
+    media raise ``ValueError`` (the reader's ``MediaError``, kind kept) and store nothing.
 
     ``modality`` overrides the one the suffix names; ``name`` is what error messages call the file (an
     upload's own name rather than where the server stored it). Content already stored (same sha256 and
@@ -402,7 +432,16 @@ def ingest_one(
     p = p.resolve()
     cap_path = p.with_suffix(CAPTION_EXT) if modality != "text" else None
     cand = _Candidate(p, modality, cap_path if cap_path is not None and cap_path.is_file() else None)
-    prep = _prepare(collection, embedder.media, cand, tags, retry_failed=True, caption=caption, name=label)
+    prep = _prepare(
+        collection,
+        embedder.media,
+        cand,
+        tags,
+        retry_failed=True,
+        caption=caption,
+        name=label,
+        transcribe=transcribe,
+    )
     if prep.status == "error":
         if prep.exc is not None and not isinstance(prep.exc, OSError):
             raise prep.exc  # already names the file

@@ -7,11 +7,15 @@ limits, and ``index`` holds no decoder of its own.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+
+# A speech recogniser for ingest: a decoded audio payload -> {"text", "language"}, or None when the clip
+# holds no speech (``mm.speech.Transcriber`` behind the service's adapter).
+Transcribe = Callable[[Any], Mapping[str, str] | None]
 
 
 class MediaInfo(Protocol):

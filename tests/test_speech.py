@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import shutil
 import subprocess
 
@@ -168,3 +169,67 @@ def test_packaged_base_transcribes_speech_and_skips_drums(tmp_path):
     assert got is not None and got.language == "en"
     assert "train station" in got.text.lower()
     assert all(t.transcribe(d) is None for d in DRUMS[:4])
+
+
+def _write_wav(path, wave: np.ndarray, rate: int = SR):
+    import soundfile as sf
+
+    sf.write(str(path), wave, rate)
+    return path
+
+
+def test_ingest_keeps_transcripts_of_speech_and_survives_a_failing_recogniser(tmp_path, embedder):
+    """index.ingest with a recogniser: speech gets extra["transcript"] (found by the lexical index), a clip
+    without speech gets none, a recogniser that raises costs only the transcript."""
+    from index.collection import Collection
+    from index.ingest import ingest, ingest_one
+
+    folder = tmp_path / "media"
+    folder.mkdir()
+    t = np.arange(SR) / SR
+    _write_wav(folder / "speech.wav", (0.3 * np.sin(2 * np.pi * 200 * t)).astype(np.float32))
+    _write_wav(folder / "drum.wav", (0.3 * np.sin(2 * np.pi * 90 * t) * np.exp(-8 * t)).astype(np.float32))
+    seen = []
+
+    def transcribe(payload):
+        wave, rate = payload
+        seen.append((len(wave), rate))
+        return {"text": " a barking dog ", "language": "en"} if len(seen) == 1 else None
+
+    with Collection.create(tmp_path / "c", dim=embedder.dim, embedder_id=embedder.model_id) as coll:
+        report = ingest(
+            coll,
+            embedder,
+            [folder / "speech.wav", folder / "drum.wav"],
+            workers=1,
+            progress=False,
+            transcribe=transcribe,
+        )
+        assert report.added == 2 and len(seen) == 2 and seen[0][1] == embedder.media.sample_rate
+        speech = coll.find_by_uri(str((folder / "speech.wav").resolve()))
+        drum = coll.find_by_uri(str((folder / "drum.wav").resolve()))
+        assert speech.extra["transcript"] == {"text": "a barking dog", "language": "en"}
+        assert "transcript" not in drum.extra
+        assert [h.id for h in coll.lexical_search("barking")] == [speech.id]
+
+        def broken(payload):
+            raise RuntimeError("recogniser crashed")
+
+        _write_wav(folder / "other.wav", (0.2 * np.sin(2 * np.pi * 300 * t)).astype(np.float32))
+        item = ingest_one(coll, embedder, folder / "other.wav", transcribe=broken)
+        assert item.id > 0 and "transcript" not in item.extra
+
+
+def test_cli_no_transcribe_and_env_switch(monkeypatch, caplog):
+    from service.transcription import LazyTranscriber, transcription_enabled
+
+    monkeypatch.delenv("MM_TRANSCRIBE", raising=False)
+    assert transcription_enabled() and not transcription_enabled(False) and transcription_enabled(True)
+    monkeypatch.setenv("MM_TRANSCRIBE", "0")
+    assert not transcription_enabled() and transcription_enabled(True)
+    missing = LazyTranscriber(model="no-such-model")  # fails to load: ingest goes on without transcripts
+    with caplog.at_level(logging.WARNING, logger="service.transcription"):
+        assert missing((np.zeros(SR, np.float32), SR)) is None
+        assert missing((np.zeros(SR, np.float32), SR)) is None
+    warned = [r.getMessage() for r in caplog.records if "not transcribed" in r.getMessage()]
+    assert len(warned) == 1 and "unknown packaged Whisper model 'no-such-model'" in warned[0]

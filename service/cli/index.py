@@ -1,5 +1,8 @@
 """``mm index PATH... --collection DIR``: add files and folders (recursively) to a collection.
 
+Audio files with speech are transcribed (Whisper, :mod:`service.transcription`) and keep the transcript
+and its language with the item; ``--no-transcribe`` skips that.
+
 ``--json`` prints one object: ``{"collection", "count", "added", "updated", "skipped", "failed",
 "seen", "seconds", "errors": [{"path", "error"}]}``. Per-file errors never stop the run (exit 0).
 """
@@ -29,12 +32,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--reembed", action="store_true", help="re-encode every stored item with --model/--adapter"
     )
+    p.add_argument(
+        "--no-transcribe",
+        dest="transcribe",
+        action="store_false",
+        default=None,
+        help="do not transcribe speech in audio files (default: transcribe; MM_TRANSCRIBE=0 too)",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from index.ingest import ingest
     from service.store import open_collection
+    from service.transcription import LazyTranscriber, transcription_enabled
 
     if args.workers < 1 or args.batch_size < 1:
         raise UsageError("--workers and --batch-size must be >= 1")
@@ -55,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
             workers=args.workers,
             progress=not (args.quiet or args.json) and sys.stderr.isatty(),
             tags=split_csv(args.tags) or None,
+            transcribe=LazyTranscriber() if transcription_enabled(args.transcribe) else None,
         )
         coll.save()
         count = coll.count()
