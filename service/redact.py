@@ -26,7 +26,7 @@ _PATTERNS = (
     re.compile(r"(?i)([?&](?:api[_-]?key|access_token|token)=)[^&\s\"'#]*"),
     # header lines and dict/tuple reprs: Authorization: Bearer X, 'x-api-key': 'X', (b'authorization', b'X')
     re.compile(
-        r"(?i)(\b(?:authorization|x-api-key)\b['\"]?\s*[:,=]\s*b?['\"]?)(?:bearer\s+|basic\s+)?[^\s'\",)}]+"
+        r"(?i)(\b(?:authorization|x-api-key)\b['\"]?\s*[:,=]\s*(?:b?['\"])?)(?:bearer\s+|basic\s+)?[^\s'\",)}]+"
     ),
 )
 
