@@ -239,6 +239,10 @@ def test_encoder_prepare_and_freeze(hf_model):
     out = enc(batch)
     assert out.tokens.shape == (2, 13, 16) and out.mask.sum(1).tolist() == [13, 5]
     assert out.pooled.shape == (2, 16) and torch.isfinite(out.pooled).all()
+    assert enc.external_weights  # frozen: left out of checkpoints
+    tuned = W.WhisperAudioEncoder(pretrained=folder, trainable=True)
+    assert not tuned.frozen and not tuned.external_weights  # fine-tuned weights go into the checkpoint
+    assert all(p.requires_grad for p in tuned.parameters())
     with pytest.raises(FileNotFoundError):
         W.WhisperAudioEncoder(pretrained=folder / "missing")
 

@@ -618,7 +618,8 @@ class WhisperAudioEncoder(Encoder):
         self.n_mels = self.net.dims.n_mels
         self.sample_rate = SAMPLE_RATE
         self.max_seconds = min(float(max_seconds), 2 * self.net.dims.n_ctx * HOP / SAMPLE_RATE)
-        self.external_weights = True
+        # frozen: reloaded from the package, left out of checkpoints; fine-tuned: saved with the model
+        self.external_weights = not trainable
         if not trainable:
             self.freeze()
 
