@@ -24,16 +24,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-from pydantic import BaseModel
 
 from index.types import Hit
+from service.schemas import Citation
+from service.settings import BACKENDS
 
 if TYPE_CHECKING:
     from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("extractive", "local", "openai", "gguf")
 DEFAULT_LM_PATH = Path(__file__).resolve().parent.parent / "mm" / "checkpoints" / "lm"
 SYSTEM_PROMPT = (
     "You answer questions about a media collection. Use only the numbered items you are given and cite "
@@ -47,13 +47,6 @@ class GeneratorUnavailable(RuntimeError):
     def __init__(self, backend: str, message: str):
         super().__init__(f"{backend} backend unavailable: {message}")
         self.backend = backend
-
-
-class Citation(BaseModel):
-    id: int
-    modality: str
-    score: float
-    caption: str
 
 
 def citations(hits: Sequence[Hit]) -> list[Citation]:

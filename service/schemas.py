@@ -15,6 +15,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
+    Strict,
     StringConstraints,
     ValidationError,
     field_validator,
@@ -26,6 +27,8 @@ from typing_extensions import TypedDict  # pydantic needs typing_extensions' on 
 from index.types import Filter
 from service.limits import (
     INT64_MAX,
+    MAX_MESSAGE_CHARS,
+    MAX_MESSAGES,
     MAX_NAME_BYTES,
     MAX_PATH_CHARS,
     MAX_QUERY_CHARS,
@@ -33,6 +36,7 @@ from service.limits import (
     MAX_TAGS,
     MAX_TEXT_CHARS,
 )
+from service.settings import Backend
 
 Modality = Literal["text", "image", "audio"]
 NON_BLANK = r"\S"  # JSON Schema patterns search: the text holds at least one non-space character
@@ -391,3 +395,111 @@ class Stats(BaseModel):
     embedder_id: str
     dim: int
     collection: dict[str, Any] = Field(description="the collection's own stats()")
+
+
+# -- generation: POST /generate, the WebSocket and the OpenAI-compatible API -------------------------------
+
+MAX_GROUNDING_K = 20  # items one answer is grounded in (each is a line of the prompt)
+MAX_NEW_TOKENS = 4096
+MAX_STOPS = 4
+DEFAULT_CHAT_MODEL = "mm"  # the OpenAI API's name for the server's default backend
+MAX_PARTS = 64  # content parts of one chat message
+MAX_STOP_CHARS = 200
+
+MessageText = Annotated[str, Field(max_length=MAX_MESSAGE_CHARS)]
+StopText = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+RequestId = Annotated[str, Field(max_length=256)] | Annotated[int, Strict()]  # strict: true is no id
+
+
+class Citation(BaseModel):
+    id: int
+    modality: str
+    score: float
+    caption: str
+
+
+class GenerateParams(BaseModel):
+    """A grounded question, as ``POST /generate`` and the WebSocket's ``generate`` message take it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    query: QueryText = Field(description="the question; also the retrieval query")
+    k: int = Field(5, ge=1, le=MAX_GROUNDING_K, description="items retrieved to ground the answer")
+    modalities: list[Modality] | None = Field(None, description="modalities of the retrieved items")
+    backend: Backend | None = Field(None, description="generator backend; MM_GENERATOR when omitted")
+    max_tokens: int = Field(128, ge=1, le=MAX_NEW_TOKENS)
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 = greedy")
+    stop: list[str] | None = Field(None, max_length=MAX_STOPS, description="stop strings (not emitted)")
+
+    def retrieval(self) -> SearchQuery:
+        """The search that grounds the answer: the question as a text query."""
+        return SearchQuery(query=self.query, k=self.k, modalities=self.modalities)
+
+
+class GenerateRequest(GenerateParams):
+    stream: bool = Field(False, description="answer as Server-Sent Events")
+
+
+class GenerateResponse(BaseModel):
+    answer: str
+    citations: list[Citation]
+    backend: str
+
+
+class WSSearch(SearchQuery):
+    """A WebSocket search: the body of ``POST /search`` plus the message's ``type`` and ``id``."""
+
+    type: Literal["search"]
+    id: RequestId
+
+
+class WSGenerate(GenerateParams):
+    """A WebSocket generation: :class:`GenerateParams` plus the message's ``type`` and ``id``."""
+
+    type: Literal["generate"]
+    id: RequestId
+
+
+class WSCancel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["cancel"]
+    id: RequestId
+
+
+class ContentPart(BaseModel):
+    """One part of a message's content; only ``text`` parts are read (images and others are ignored)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str = Field(max_length=64)
+    text: MessageText | None = Field(None, description="required, a string, when type is 'text'")
+
+    @model_validator(mode="after")
+    def _text_part(self) -> ContentPart:
+        if self.type == "text" and self.text is None:
+            raise ValueError("a 'text' part needs a string 'text'")
+        return self
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: str = Field(max_length=64)
+    content: MessageText | list[ContentPart] | None = Field(None, max_length=MAX_PARTS)
+
+
+class ChatRequest(BaseModel):
+    """``POST /v1/chat/completions``; unknown OpenAI fields are accepted and ignored."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(DEFAULT_CHAT_MODEL, max_length=256)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    stream: bool = False
+    max_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    stop: StopText | list[StopText] | None = Field(None, max_length=MAX_STOPS)
+    mm_k: int = Field(5, ge=1, le=MAX_GROUNDING_K)
+    mm_modalities: list[Modality] | None = None

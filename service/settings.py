@@ -6,10 +6,15 @@ Lists may be given as JSON (``MM_API_KEYS='["a","b"]'``) or comma-separated (``M
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# The generator backends: the one list (service.generation's registry builds each; the API, the OpenAI
+# route's model names and `mm ask --backend` take these names).
+Backend = Literal["extractive", "local", "openai", "gguf"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
 
 
 class Settings(BaseSettings):
@@ -26,7 +31,7 @@ class Settings(BaseSettings):
     ingest_workers: int = Field(2, ge=1, le=64)  # decode threads of background ingest jobs
     batch_size: int = Field(32, ge=1, le=4096)  # encode batch of background ingest jobs
     memory_budget_mb: int = Field(1024, ge=16)  # FAISS index budget when the collection is created
-    generator: Literal["extractive", "local", "openai", "gguf"] = "extractive"  # default answer backend
+    generator: Backend = "extractive"  # default answer backend
     lm_path: Path | None = None  # local backend: LM checkpoint dir; None: mm/checkpoints/lm
     openai_base_url: str | None = None  # openai backend: e.g. http://localhost:8080/v1
     openai_api_key: str | None = None

@@ -13,13 +13,13 @@ import sys
 
 from service.cli.common import UsageError, add_collection, add_model, clip, load_embedder, split_csv, table
 
-BACKENDS = ("extractive", "local", "openai", "gguf")
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("ask", help="answer a question from the closest items, citing them")
     p.add_argument("question", help="the question (also the retrieval query)")
-    p.add_argument("--backend", "-b", choices=BACKENDS, help="generator backend (default: $MM_GENERATOR)")
+    # names and bounds are checked by the API's own model (service.schemas.GenerateParams), whose error
+    # message lists the backends: importing that here would slow every `mm` command's start
+    p.add_argument("--backend", "-b", help="generator backend (default: $MM_GENERATOR)")
     p.add_argument("-k", type=int, default=5, help="items retrieved to ground the answer (1..20, default 5)")
     p.add_argument("--modality", default="", help="modalities of the retrieved items, comma-separated")
     p.add_argument("--max-tokens", type=int, default=128, help="longest answer (default 128)")
@@ -35,30 +35,36 @@ def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from service.generation import Generators, start_stream
-    from service.schemas import SearchQuery, error_message
+    from service.schemas import GenerateParams, error_message
     from service.search import answer
     from service.settings import Settings
     from service.store import open_collection
 
-    if not 1 <= args.k <= 20:
-        raise UsageError("-k must be in 1..20")
-    try:  # the question is also the retrieval query
-        query = SearchQuery(query=args.question, k=args.k, modalities=split_csv(args.modality) or None)
+    try:  # the same rules as POST /generate; the question is also the retrieval query
+        params = GenerateParams(
+            query=args.question,
+            k=args.k,
+            modalities=split_csv(args.modality) or None,
+            backend=args.backend,
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            stop=args.stop or None,
+        )
     except ValidationError as exc:
         raise UsageError(error_message(exc)) from exc
 
     embedder = load_embedder(args.model)
     with open_collection(args.collection, embedder, readonly=True) as coll:
-        hits = answer(query, embedder, coll).hits
-        gen = Generators(Settings(), coll.vector).get(args.backend)
+        hits = answer(params.retrieval(), embedder, coll).hits
+        gen = Generators(Settings(), coll.vector).get(params.backend)
         try:
             pieces, cites = start_stream(
                 gen,
-                args.question,
+                params.query,
                 hits,
-                max_tokens=args.max_tokens,
-                temperature=args.temperature,
-                stop=args.stop,
+                max_tokens=params.max_tokens,
+                temperature=params.temperature,
+                stop=params.stop,
             )
         except ValueError as exc:
             raise UsageError(str(exc)) from exc

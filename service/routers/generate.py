@@ -18,11 +18,10 @@ import os
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
 
 from index.types import Hit
 from mm.errors import MediaError
@@ -31,38 +30,24 @@ from service.body import parse_json, schema_ref, validate
 from service.deps import CollectionDep, EmbedderDep, SettingsDep
 from service.errors import APIError
 from service.generation import (
-    Citation,
     Generators,
     GeneratorUnavailable,
     iterate_in_thread,
     start_stream,
 )
-from service.schemas import Modality, QueryMedia, QueryText, SearchQuery, error_responses
+from service.schemas import (
+    Citation,
+    GenerateRequest,
+    GenerateResponse,
+    QueryMedia,
+    SearchQuery,
+    error_responses,
+)
 from service.search import NotFound, SearchAnswer, answer_async, http_error
 
 router = APIRouter(tags=["generate"])
 
-Backend = Literal["extractive", "local", "openai", "gguf"]
 DEFAULT_QUESTION = "What is this?"
-
-
-class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    query: QueryText = Field(description="the question; also the retrieval query")
-    k: int = Field(5, ge=1, le=20, description="items retrieved to ground the answer")
-    modalities: list[Modality] | None = Field(None, description="modalities of the retrieved items")
-    backend: Backend | None = Field(None, description="generator backend; MM_GENERATOR when omitted")
-    stream: bool = Field(False, description="answer as Server-Sent Events")
-    max_tokens: int = Field(128, ge=1, le=4096)
-    temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 = greedy")
-    stop: list[str] | None = Field(None, max_length=4, description="stop strings (not emitted)")
-
-
-class GenerateResponse(BaseModel):
-    answer: str
-    citations: list[Citation]
-    backend: str
 
 
 def generators_of(app: Any) -> Generators:
@@ -253,7 +238,7 @@ async def generate(request: Request, collection: CollectionDep, embedder: Embedd
         req, hits = await _from_form(request, collection, embedder, settings)
     else:
         req = await parse_json(request, GenerateRequest)
-        query = SearchQuery(query=req.query, k=req.k, modalities=req.modalities)
+        query = req.retrieval()
         hits = lambda: search.answer(query, embedder, collection).hits  # noqa: E731
     answer = await start_answer(
         request.app,

@@ -13,64 +13,20 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from service.deps import CollectionDep, EmbedderDep
 from service.errors import APIError
-from service.generation import BACKENDS, GeneratorUnavailable
-from service.limits import MAX_MESSAGE_CHARS, MAX_MESSAGES, MAX_QUERY_CHARS
+from service.generation import GeneratorUnavailable
+from service.limits import MAX_QUERY_CHARS
 from service.routers.generate import Answer, find, start_answer
-from service.schemas import Modality, SearchQuery, error_responses
+from service.schemas import DEFAULT_CHAT_MODEL, ChatRequest, ContentPart, SearchQuery, error_responses
+from service.settings import BACKENDS
 
 router = APIRouter(prefix="/v1", tags=["openai"])
-
-DEFAULT_MODEL = "mm"
-MAX_PARTS = 64  # content parts of one message
-MAX_STOP_CHARS = 200
-
-
-MessageText = Annotated[str, Field(max_length=MAX_MESSAGE_CHARS)]
-StopText = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
-
-
-class ContentPart(BaseModel):
-    """One part of a message's content; only ``text`` parts are read (images and others are ignored)."""
-
-    model_config = ConfigDict(extra="allow")
-
-    type: str = Field(max_length=64)
-    text: MessageText | None = Field(None, description="required, a string, when type is 'text'")
-
-    @model_validator(mode="after")
-    def _text_part(self) -> ContentPart:
-        if self.type == "text" and self.text is None:
-            raise ValueError("a 'text' part needs a string 'text'")
-        return self
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    role: str = Field(max_length=64)
-    content: MessageText | list[ContentPart] | None = Field(None, max_length=MAX_PARTS)
-
-
-class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    model: str = Field(DEFAULT_MODEL, max_length=256)
-    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
-    stream: bool = False
-    max_tokens: int | None = Field(None, ge=1, le=4096)
-    max_completion_tokens: int | None = Field(None, ge=1, le=4096)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    stop: StopText | list[StopText] | None = Field(None, max_length=4)
-    mm_k: int = Field(5, ge=1, le=20)
-    mm_modalities: list[Modality] | None = None
 
 
 def _text(content: str | list[ContentPart] | None) -> str:
@@ -82,7 +38,7 @@ def _text(content: str | list[ContentPart] | None) -> str:
 def _backend(model: str) -> str | None:
     if model in BACKENDS:
         return model
-    if model in (DEFAULT_MODEL, ""):
+    if model in (DEFAULT_CHAT_MODEL, ""):
         return None
     raise APIError(
         404, f"model {model!r} not found; GET /v1/models lists: mm, {', '.join(BACKENDS)}", "not_found"
@@ -92,7 +48,9 @@ def _backend(model: str) -> str | None:
 @router.get("/models")
 async def list_models() -> JSONResponse:
     """The backends, as OpenAI model objects (``mm`` = the server's default backend)."""
-    data = [{"id": m, "object": "model", "created": 0, "owned_by": "mm"} for m in (DEFAULT_MODEL, *BACKENDS)]
+    data = [
+        {"id": m, "object": "model", "created": 0, "owned_by": "mm"} for m in (DEFAULT_CHAT_MODEL, *BACKENDS)
+    ]
     return JSONResponse({"object": "list", "data": data})
 
 
@@ -122,7 +80,7 @@ async def chat_completions(
         stop=stop,
     )
     cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-    model = req.model or DEFAULT_MODEL
+    model = req.model or DEFAULT_CHAT_MODEL
     if req.stream:
         return StreamingResponse(
             _chunks(answer, cid, created, model),

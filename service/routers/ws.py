@@ -25,17 +25,17 @@ import asyncio
 import contextlib
 import json
 import logging
-from typing import Annotated, Any, Literal
+from typing import Any
 
 from fastapi import APIRouter, WebSocket
-from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
 from mm.errors import MediaError
 from service.auth import bearer_token, key_matches
 from service.generation import GeneratorUnavailable
-from service.routers.generate import Backend, find, start_answer
-from service.schemas import Modality, QueryText, SearchQuery
+from service.routers.generate import find, start_answer
+from service.schemas import WSCancel, WSGenerate, WSSearch
 
 log = logging.getLogger(__name__)
 
@@ -43,35 +43,6 @@ router = APIRouter(tags=["websocket"])
 
 MAX_MESSAGE = 64 * 1024  # bytes of one client message
 MAX_RUNNING = 8  # concurrent requests per connection
-RequestId = Annotated[str, Field(max_length=256)] | Annotated[int, Strict()]  # strict: true is no id
-
-
-class WSSearch(SearchQuery):
-    """A search: the body of ``POST /search`` plus the message's ``type`` and ``id``."""
-
-    type: Literal["search"]
-    id: RequestId
-
-
-class WSGenerate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    type: Literal["generate"]
-    id: RequestId
-    query: QueryText
-    k: int = Field(5, ge=1, le=20)
-    modalities: list[Modality] | None = None
-    backend: Backend | None = None
-    max_tokens: int = Field(128, ge=1, le=4096)
-    temperature: float = Field(0.0, ge=0.0, le=2.0)
-    stop: list[str] | None = Field(None, max_length=4)
-
-
-class WSCancel(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    type: Literal["cancel"]
-    id: RequestId
 
 
 def _authorised(ws: WebSocket, keys: list[str]) -> bool:
@@ -179,8 +150,7 @@ class Connection:
             if isinstance(req, WSSearch):
                 found = await find(req, emb, coll)
                 return await self.send({"type": "results", "id": rid, "results": found.results()})
-            query = SearchQuery(query=req.query, k=req.k, modalities=req.modalities)
-            hits = (await find(query, emb, coll)).hits
+            hits = (await find(req.retrieval(), emb, coll)).hits
             answer = await start_answer(
                 self.app,
                 req.query,
