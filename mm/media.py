@@ -14,7 +14,7 @@ Limits, all checked before a byte of payload is decoded (:func:`sniff` reads onl
 ``MAX_MEDIA_BYTES``    100 MiB     image or audio file size (``stat``, before the file is read)
 ``MAX_IMAGE_PIXELS``   50 M        width x height from the image header
 ``MAX_AUDIO_SECONDS``  600 s       duration from the audio header
-``MIN_AUDIO_SECONDS``  0.05 s      shorter files hold no usable sound (a 100-byte WAV)
+``MIN_AUDIO_SECONDS``  0.01 s      shorter files hold no usable sound (a 100-byte WAV)
 ``MAX_TEXT_BYTES``     1 MB        a text file or sidecar caption (the text as stored)
 ``MAX_DECODE_SIDE``    1024 px     decoded images are shrunk to this (encoders use far less)
 ``MAX_EMBED_CHARS``    4096        characters a text encoder's tokenizer sees (8 per token of 512)
@@ -53,7 +53,7 @@ MODALITIES = ("text", "image", "audio")
 MAX_MEDIA_BYTES = 100 * (1 << 20)
 MAX_IMAGE_PIXELS = 50_000_000
 MAX_AUDIO_SECONDS = 600.0
-MIN_AUDIO_SECONDS = 0.05
+MIN_AUDIO_SECONDS = 0.01  # 10 ms: the shortest real sound in the sample corpus, a tick, is 19 ms
 MAX_TEXT_BYTES = 1_000_000
 MAX_DECODE_SIDE = 1024
 # Our text encoders keep at most 512 tokens and natural text runs 2-6 characters a token: 8 per token
@@ -482,12 +482,15 @@ def _read_sound(
         with sf.SoundFile(_fp(src)) as f:
             rate, frames = f.samplerate, f.frames
             _check_duration(frames, rate, max_seconds, name)  # from the header: nothing decoded yet
+            if f.format == "WAV":
+                _check_wav_length(src, name, _size(src, name))
             start, count = 0, -1
             if crop_seconds is not None and 0 < crop_seconds * rate < frames:
                 count = max(1, int(crop_seconds * rate))
                 start = (frames - count) // 2
                 f.seek(start)
             data = f.read(frames=count, dtype="float32", always_2d=True)  # (n, channels)
+        _check_complete(len(data), count if count > 0 else frames - start, name)
     except MediaError:
         raise
     except sf.LibsndfileError as e:
@@ -497,6 +500,18 @@ def _read_sound(
     except Exception as e:
         raise MediaError(f"{name}: corrupt audio ({_reason(e, src, name)})", "corrupt", name) from e
     return data.mean(axis=1), rate
+
+
+def _check_complete(got: int, expected: int, name: str) -> None:
+    """Refuse a file that decodes to fewer samples than its header declares (an MP3 cut short still
+    claims its full length in its Xing header; libsndfile returns what is left without a word). The
+    slack covers encoder padding (two MP3 frames) and rounding."""
+    if expected - got > max(2304, expected // 100):
+        raise MediaError(
+            f"{name}: truncated audio (its header declares {expected} samples, {got} could be decoded)",
+            kind="corrupt",
+            path=name,
+        )
 
 
 def _resample(wave: np.ndarray, rate: int, target_rate: int) -> np.ndarray:

@@ -441,3 +441,20 @@ def test_reader_decodes_audio_as_the_encoder_would(tmp_path):
     np.testing.assert_array_equal(wave, want)
     assert abs(len(wave) - 16000) <= 1
     assert reader.modality_of("x.JPG") == "image" and ".wav" in reader.media_suffixes
+
+
+@pytest.mark.parametrize("fmt,ext", [("MP3", "mp3"), ("WAV", "wav")])
+def test_audio_cut_short_is_corrupt_not_a_shorter_sound(tmp_path, fmt, ext):
+    # An MP3 cut short keeps claiming its full length (Xing header) and libsndfile decodes what is left
+    # without complaint; a cut WAV's header declares more data than the file holds.
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, _sine(440.0, 2.0, 16000), 16000, format=fmt)
+    cut = tmp_path / f"cut.{ext}"
+    cut.write_bytes(buf.getvalue()[: len(buf.getvalue()) * 3 // 10])
+    err = _expect("corrupt", load_audio, cut, name=f"cut.{ext}")
+    assert "declares" in str(err)
+    full = tmp_path / f"full.{ext}"
+    full.write_bytes(buf.getvalue())
+    assert abs(len(load_audio(full, target_rate=16000)) - 32000) <= 1152
