@@ -90,6 +90,14 @@ class MediaLimits:
 LIMITS = MediaLimits()
 
 
+def describe_limits(limits: MediaLimits = LIMITS) -> str:
+    """The limits in words, for API descriptions (e.g. the OpenAPI text of an upload field)."""
+    return (
+        f"at most {limits.max_bytes / (1 << 20):g} MB, {limits.max_pixels / 1e6:g} M pixels, "
+        f"{limits.min_audio_seconds:g}-{limits.max_audio_seconds:g} s of audio"
+    )
+
+
 @dataclass(frozen=True)
 class MediaInfo:
     """What a file's header says (:func:`sniff`): enough to refuse it or to describe it without decoding."""

@@ -16,7 +16,7 @@ from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
 
 from mm.errors import MediaError
-from mm.media import require_modality
+from mm.media import describe_limits, require_modality
 from service.deps import CollectionDep, EmbedderDep, SettingsDep
 from service.errors import APIError
 from service.limits import INT64_MAX, MAX_TAG_CHARS, MAX_TAGS, MAX_TEXT_CHARS
@@ -63,12 +63,15 @@ def _add_text(collection, embedder, text: str, tags: list[str]) -> ItemOut:
     return ItemOut.model_validate(item_to_dict(item))
 
 
+FILE_DOC = f"an image or audio file ({describe_limits()})"
+
+
 @router.post("", response_model=ItemOut, status_code=201, responses=error_responses(401, 413, 415, 422))
 def add_item(
     collection: CollectionDep,
     embedder: EmbedderDep,
     settings: SettingsDep,
-    file: Annotated[UploadFile | None, File(description="an image or audio file")] = None,
+    file: Annotated[UploadFile | None, File(description=FILE_DOC)] = None,
     text: Annotated[
         str | None,
         Form(description="a text item instead of a file", max_length=MAX_TEXT_CHARS, pattern=r"\S"),

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, File, Form, Request, UploadFile
 
 from mm.errors import MediaError
-from mm.media import require_modality
+from mm.media import describe_limits, require_modality
 from service.body import json_body_doc, parse_json, validate
 from service.deps import CollectionDep, EmbedderDep, SettingsDep
 from service.responses import FastJSONResponse
@@ -28,7 +28,7 @@ from service.schemas import (
     SearchResponse,
     error_responses,
 )
-from service.search import NotFound, SearchAnswer, answer, answer_async, http_error
+from service.search import NotFound, SearchAnswer, answer, answer_http, http_error
 from service.store import copy_limited, safe_suffix
 
 # LeanRoute: /search takes only the request, so FastAPI's per-request dependency solving is skipped
@@ -48,6 +48,9 @@ def respond(found: SearchAnswer) -> FastJSONResponse:
     return FastJSONResponse(found.to_dict())
 
 
+FILE_DOC = f"an image or audio file to search with ({describe_limits()})"
+
+
 @router.post(
     "/search",
     response_model=SearchResponse,
@@ -65,11 +68,7 @@ async def search_json(request: Request) -> FastJSONResponse:
     """
     query = await parse_json(request, SearchRequest)
     state = request.app.state
-    try:
-        found = await answer_async(query, state.embedder, state.collection)
-    except (NotFound, ValueError) as exc:  # no file, so no MediaError
-        raise http_error(exc) from exc
-    return respond(found)
+    return respond(await answer_http(query, state.embedder, state.collection))
 
 
 def _bounds(low: int, high: int) -> dict[str, Any]:
@@ -79,7 +78,7 @@ def _bounds(low: int, high: int) -> dict[str, Any]:
 
 @router.post("/search/upload", response_model=SearchResponse, responses=error_responses(401, 413, 415, 422))
 def search_upload(
-    file: Annotated[UploadFile, File(description="an image or audio file to search with")],
+    file: Annotated[UploadFile, File(description=FILE_DOC)],
     collection: CollectionDep,
     embedder: EmbedderDep,
     settings: SettingsDep,
