@@ -293,21 +293,22 @@ def _check_wav_length(src: Src, name: str, size: int) -> None:
     """Refuse a WAV whose RIFF or data chunk claims more bytes than the file holds.
 
     libsndfile quietly reads what is there, so a truncated upload or a header that lies would be
-    indexed as a shorter sound. 0 and 0xFFFFFFFF mean "length unknown" (streaming writers) and pass.
+    indexed as a shorter sound. 0 and 0xFFFFFFFF mean "length unknown" (streaming writers) and pass;
+    the RIFF size gets 8 bytes of slack (writers that count its own header, or a missing pad byte).
     """
     head = _read_head(src, 4096)
     if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
         return
-    declared = [(struct.unpack("<I", head[4:8])[0], 8)]
+    declared = [(struct.unpack("<I", head[4:8])[0], 8, 8)]  # (length, offset, slack)
     pos = 12
     while pos + 8 <= len(head):
         tag, length = head[pos : pos + 4], struct.unpack("<I", head[pos + 4 : pos + 8])[0]
         if tag == b"data":
-            declared.append((length, pos + 8))
+            declared.append((length, pos + 8, 0))
             break
         pos += 8 + length + (length & 1)
-    for length, offset in declared:
-        if length not in (0, 0xFFFFFFFF) and offset + length > size:
+    for length, offset, slack in declared:
+        if length not in (0, 0xFFFFFFFF) and offset + length > size + slack:
             raise MediaError(
                 f"{name}: corrupt WAV (its header declares {offset + length} bytes, the file holds {size})",
                 kind="corrupt",

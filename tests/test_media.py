@@ -458,3 +458,21 @@ def test_audio_cut_short_is_corrupt_not_a_shorter_sound(tmp_path, fmt, ext):
     full = tmp_path / f"full.{ext}"
     full.write_bytes(buf.getvalue())
     assert abs(len(load_audio(full, target_rate=16000)) - 32000) <= 1152
+
+
+def test_wav_riff_size_off_by_a_header_still_passes(tmp_path):
+    # Some writers count the RIFF header in its own size (8 bytes too many): the samples are all there.
+    import soundfile as sf
+
+    from mm.media import sniff
+
+    buf = io.BytesIO()
+    sf.write(buf, _sine(440.0, 0.5, 16000), 16000, format="WAV", subtype="PCM_16")
+    data = bytearray(buf.getvalue())
+    data[4:8] = struct.pack("<I", len(data))  # should be len - 8
+    (tmp_path / "sloppy.wav").write_bytes(bytes(data))
+    assert sniff(tmp_path / "sloppy.wav").duration == pytest.approx(0.5)
+    assert len(load_audio(tmp_path / "sloppy.wav", target_rate=16000)) == 8000
+    data[4:8] = struct.pack("<I", len(data) + 4096)  # but not a RIFF that claims kilobytes more
+    (tmp_path / "lying.wav").write_bytes(bytes(data))
+    _expect("corrupt", sniff, tmp_path / "lying.wav", name="lying.wav")
