@@ -137,6 +137,17 @@ async def answer_async(query: SearchQuery, embedder: Embedder, collection: Colle
     return rank(query, vector, collection)
 
 
+async def answer_http(query: SearchQuery, embedder: Embedder, collection: Collection) -> SearchAnswer:
+    """:func:`answer_async` for a route or a WebSocket: NotFound and ValueError become HTTP errors
+    (:func:`http_error`); a MediaError goes on to the app's own handler."""
+    try:
+        return await answer_async(query, embedder, collection)
+    except MediaError:
+        raise
+    except (NotFound, ValueError) as exc:
+        raise http_error(exc) from exc
+
+
 def embed_query(
     collection: Collection,
     embedder: Embedder,

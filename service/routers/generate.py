@@ -16,127 +16,32 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from index.types import Hit
-from mm.errors import MediaError
 from service import search
 from service.body import parse_json, schema_ref, validate
 from service.deps import CollectionDep, EmbedderDep, SettingsDep
 from service.errors import APIError
-from service.generation import (
-    Generators,
-    GeneratorUnavailable,
-    iterate_in_thread,
-    start_stream,
-)
+from service.generation import Answer, GeneratorUnavailable, start_answer
+from service.generation import generators_of as generators_of  # re-exported: tests reach the registry here
+from service.generation.usecases import unavailable
 from service.schemas import (
-    Citation,
     GenerateRequest,
     GenerateResponse,
     QueryMedia,
     SearchQuery,
     error_responses,
 )
-from service.search import NotFound, SearchAnswer, answer_async, http_error
+from service.search import answer_http
 
 router = APIRouter(tags=["generate"])
 
 DEFAULT_QUESTION = "What is this?"
-
-
-def generators_of(app: Any) -> Generators:
-    """The app's backend registry, made on first use (item vectors come from its collection)."""
-    gens = getattr(app.state, "generators", None)
-    if gens is None:
-        gens = app.state.generators = Generators(app.state.settings, app.state.collection.vector)
-    return gens
-
-
-@dataclass
-class Answer:
-    """A started generation: its first piece (already made, so failures surface before any byte is sent)."""
-
-    pieces: AsyncIterator[str]
-    first: str | None  # None: the answer is empty
-    citations: list[Citation]
-    backend: str
-
-    async def rest(self) -> AsyncIterator[str]:
-        try:
-            if self.first is None:
-                return
-            yield self.first
-            async for piece in self.pieces:
-                yield piece
-        finally:
-            await self.pieces.aclose()  # type: ignore[attr-defined]
-
-
-def unavailable(exc: GeneratorUnavailable) -> APIError:
-    return APIError(503, str(exc), "generator_unavailable")
-
-
-async def start_answer(
-    app: Any,
-    question: str,
-    hits: list[Hit] | Callable[[], list[Hit]],
-    *,
-    backend: str | None,
-    max_tokens: int,
-    temperature: float,
-    stop: list[str] | None,
-) -> Answer:
-    """Pick the backend, start it in a thread and wait for its first piece. Raises APIError 422/503.
-
-    The backend starts (model loading, parameter checks) in the thread that then makes the pieces:
-    one thread hand-off from here to the first piece. ``hits`` may be a function that retrieves them
-    (e.g. :func:`service.search.answer`'s hits): it then runs in that thread too.
-    """
-    try:
-        gen = generators_of(app).get(backend)
-    except ValueError as exc:
-        raise APIError(422, str(exc), "validation_error") from exc
-    cites: list[Citation] = []
-
-    def begin() -> Iterator[str]:
-        found = hits() if callable(hits) else hits
-        pieces, used = start_stream(
-            gen, question, found, max_tokens=max_tokens, temperature=temperature, stop=stop
-        )
-        cites.extend(used)
-        return pieces
-
-    agen = iterate_in_thread(begin)
-    try:
-        first: str | None = await agen.__anext__()
-    except StopAsyncIteration:
-        first = None
-    except GeneratorUnavailable as exc:
-        await agen.aclose()
-        raise unavailable(exc) from exc
-    except MediaError:  # from retrieval; the app's handler maps it to 415/422/413
-        await agen.aclose()
-        raise
-    except ValueError as exc:
-        await agen.aclose()
-        raise APIError(422, str(exc), "validation_error") from exc
-    return Answer(agen, first, cites, gen.name)
-
-
-async def find(query: SearchQuery, embedder: Any, collection: Any) -> SearchAnswer:
-    """:func:`service.search.answer_async` with its errors as HTTP errors (MediaError: the app's handler)."""
-    try:
-        return await answer_async(query, embedder, collection)
-    except MediaError:
-        raise
-    except (NotFound, ValueError) as exc:
-        raise http_error(exc) from exc
 
 
 def sse(event: str, data: Any) -> str:
@@ -182,7 +87,7 @@ async def _from_form(request: Request, collection: Any, embedder: Any, settings:
     upload = form.get("file")
     if upload is None or isinstance(upload, str):
         raise APIError(422, "multipart /generate needs a 'file' (an image or audio clip)", "validation_error")
-    fields = {k: v for k, v in form.items() if k != "file"}
+    fields: dict[str, Any] = {k: v for k, v in form.items() if k != "file"}
     fields["query"] = fields.pop("question", None) or DEFAULT_QUESTION
     fields["modalities"] = _form_list(fields.get("modalities"))
     fields["stop"] = _form_list(fields.get("stop"))
@@ -195,7 +100,7 @@ async def _from_form(request: Request, collection: Any, embedder: Any, settings:
             copy_limited(upload.file, dst, settings.max_upload_bytes)
         media = QueryMedia(modality, tmp, upload.filename)
         query = SearchQuery(media=media, k=req.k, modalities=req.modalities)
-        hits = (await find(query, embedder, collection)).hits
+        hits = (await answer_http(query, embedder, collection)).hits
     finally:
         os.unlink(tmp)
     return req, hits

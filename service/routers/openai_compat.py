@@ -20,10 +20,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from service.deps import CollectionDep, EmbedderDep
 from service.errors import APIError
-from service.generation import GeneratorUnavailable
+from service.generation import Answer, GeneratorUnavailable, start_answer
 from service.limits import MAX_QUERY_CHARS
-from service.routers.generate import Answer, find, start_answer
 from service.schemas import DEFAULT_CHAT_MODEL, ChatRequest, ContentPart, SearchQuery, error_responses
+from service.search import answer_http
 from service.settings import BACKENDS
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -68,7 +68,7 @@ async def chat_completions(
         )
     # the question is the retrieval query; the embedder reads the start of a longer one anyway
     query = SearchQuery(query=question[:MAX_QUERY_CHARS], k=req.mm_k, modalities=req.mm_modalities)
-    hits = (await find(query, embedder, collection)).hits
+    hits = (await answer_http(query, embedder, collection)).hits
     stop = [req.stop] if isinstance(req.stop, str) else req.stop
     answer = await start_answer(
         request.app,

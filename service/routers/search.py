@@ -28,7 +28,7 @@ from service.schemas import (
     SearchResponse,
     error_responses,
 )
-from service.search import NotFound, SearchAnswer, answer, answer_async, http_error
+from service.search import NotFound, SearchAnswer, answer, answer_http, http_error
 from service.store import copy_limited, safe_suffix
 
 # LeanRoute: /search takes only the request, so FastAPI's per-request dependency solving is skipped
@@ -68,11 +68,7 @@ async def search_json(request: Request) -> FastJSONResponse:
     """
     query = await parse_json(request, SearchRequest)
     state = request.app.state
-    try:
-        found = await answer_async(query, state.embedder, state.collection)
-    except (NotFound, ValueError) as exc:  # no file, so no MediaError
-        raise http_error(exc) from exc
-    return respond(found)
+    return respond(await answer_http(query, state.embedder, state.collection))
 
 
 def _bounds(low: int, high: int) -> dict[str, Any]:

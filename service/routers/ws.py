@@ -33,9 +33,9 @@ from starlette.exceptions import HTTPException
 
 from mm.errors import MediaError
 from service.auth import bearer_token, key_matches
-from service.generation import GeneratorUnavailable
-from service.routers.generate import find, start_answer
+from service.generation import GeneratorUnavailable, start_answer
 from service.schemas import WSCancel, WSGenerate, WSSearch
+from service.search import answer_http
 
 log = logging.getLogger(__name__)
 
@@ -148,9 +148,9 @@ class Connection:
         try:
             coll, emb = self.app.state.collection, self.app.state.embedder
             if isinstance(req, WSSearch):
-                found = await find(req, emb, coll)
+                found = await answer_http(req, emb, coll)
                 return await self.send({"type": "results", "id": rid, "results": found.results()})
-            hits = (await find(req.retrieval(), emb, coll)).hits
+            hits = (await answer_http(req.retrieval(), emb, coll)).hits
             answer = await start_answer(
                 self.app,
                 req.query,

@@ -1,0 +1,1 @@
+"""One module per generator backend; ``service.generation.registry`` builds them by name."""

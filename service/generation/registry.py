@@ -1,0 +1,52 @@
+"""``Generators``: the backends of one app (or one CLI run), each built on first use, then shared."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from service.generation.backends.extractive import ExtractiveGenerator
+from service.generation.backends.gguf import GGUFGenerator
+from service.generation.backends.local import DEFAULT_LM_PATH, LocalGenerator
+from service.generation.backends.openai import OpenAIGenerator
+from service.settings import BACKENDS
+
+if TYPE_CHECKING:
+    from service.generation.base import Generator
+    from service.settings import Settings
+
+
+class Generators:
+    """The backends of one app, built on first use and then shared across requests."""
+
+    def __init__(self, settings: Settings, vector_of: Callable[[int], np.ndarray | None]):
+        self.settings = settings
+        self.vector_of = vector_of
+        self._made: dict[str, Generator] = {}
+        self._lock = threading.Lock()
+        s = settings
+        self._build: dict[str, Callable[[], Generator]] = {  # one per name of service.settings.Backend
+            "extractive": ExtractiveGenerator,
+            "local": lambda: LocalGenerator(s.lm_path or DEFAULT_LM_PATH, vector_of),
+            "openai": lambda: OpenAIGenerator(
+                s.openai_base_url, s.openai_api_key, s.openai_model, s.openai_timeout
+            ),
+            "gguf": lambda: GGUFGenerator(s.gguf_path),
+        }
+        assert tuple(self._build) == BACKENDS, "a backend of service.settings.Backend has no builder"
+
+    @property
+    def default(self) -> str:
+        return self.settings.generator
+
+    def get(self, name: str | None = None) -> Generator:
+        name = name or self.default
+        if name not in self._build:
+            raise ValueError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
+        with self._lock:
+            if name not in self._made:
+                self._made[name] = self._build[name]()
+            return self._made[name]

@@ -1,0 +1,126 @@
+"""Answering a question from retrieved items: the use cases ``POST /generate``, the WebSocket, the
+OpenAI-compatible API and ``mm ask`` share.
+
+:func:`start_stream` (blocking) validates the parameters, trims the items to what the backend uses and
+starts it; :func:`start_answer` does that in the generation thread and waits for the first piece, so
+that a backend that cannot answer fails before any byte of the response is sent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from index.types import Hit
+from mm.errors import MediaError
+from service.errors import APIError
+from service.generation.base import Generator, GeneratorUnavailable, check_params
+from service.generation.bridge import iterate_in_thread
+from service.generation.registry import Generators
+from service.schemas import Citation
+
+
+def citations(hits: Sequence[Hit]) -> list[Citation]:
+    return [
+        Citation(
+            id=int(h.id), modality=h.item.modality, score=round(float(h.score), 6), caption=h.item.caption
+        )
+        for h in hits
+    ]
+
+
+def start_stream(
+    generator: Generator,
+    question: str,
+    hits: list[Hit],
+    *,
+    max_tokens: int = 128,
+    temperature: float = 0.0,
+    stop: Sequence[str] | None = None,
+) -> tuple[Iterator[str], list[Citation]]:
+    """Validate, trim the hits to what the backend uses, and return (pieces, citations)."""
+    stops = check_params(max_tokens, temperature, stop)
+    limit = generator.max_items
+    used = hits if limit is None else hits[:limit]
+    pieces = generator.stream(question, used, max_tokens=max_tokens, temperature=temperature, stop=stops)
+    return iter(pieces), citations(used)
+
+
+def generators_of(app: Any) -> Generators:
+    """The app's backend registry, made on first use (item vectors come from its collection)."""
+    gens = getattr(app.state, "generators", None)
+    if gens is None:
+        gens = app.state.generators = Generators(app.state.settings, app.state.collection.vector)
+    return gens
+
+
+@dataclass
+class Answer:
+    """A started generation: its first piece (already made, so failures surface before any byte is sent)."""
+
+    pieces: AsyncGenerator[str, None]
+    first: str | None  # None: the answer is empty
+    citations: list[Citation]
+    backend: str
+
+    async def rest(self) -> AsyncGenerator[str, None]:
+        try:
+            if self.first is None:
+                return
+            yield self.first
+            async for piece in self.pieces:
+                yield piece
+        finally:
+            await self.pieces.aclose()
+
+
+def unavailable(exc: GeneratorUnavailable) -> APIError:
+    return APIError(503, str(exc), "generator_unavailable")
+
+
+async def start_answer(
+    app: Any,
+    question: str,
+    hits: list[Hit] | Callable[[], list[Hit]],
+    *,
+    backend: str | None,
+    max_tokens: int,
+    temperature: float,
+    stop: list[str] | None,
+) -> Answer:
+    """Pick the backend, start it in a thread and wait for its first piece. Raises APIError 422/503.
+
+    The backend starts (model loading, parameter checks) in the thread that then makes the pieces:
+    one thread hand-off from here to the first piece. ``hits`` may be a function that retrieves them
+    (e.g. :func:`service.search.answer`'s hits): it then runs in that thread too.
+    """
+    try:
+        gen = generators_of(app).get(backend)
+    except ValueError as exc:
+        raise APIError(422, str(exc), "validation_error") from exc
+    cites: list[Citation] = []
+
+    def begin() -> Iterator[str]:
+        found = hits() if callable(hits) else hits
+        pieces, used = start_stream(
+            gen, question, found, max_tokens=max_tokens, temperature=temperature, stop=stop
+        )
+        cites.extend(used)
+        return pieces
+
+    agen = iterate_in_thread(begin)
+    try:
+        first: str | None = await agen.__anext__()
+    except StopAsyncIteration:
+        first = None
+    except GeneratorUnavailable as exc:
+        await agen.aclose()
+        raise unavailable(exc) from exc
+    except MediaError:  # from retrieval; the app's handler maps it to 415/422/413
+        await agen.aclose()
+        raise
+    except ValueError as exc:
+        await agen.aclose()
+        raise APIError(422, str(exc), "validation_error") from exc
+    return Answer(agen, first, cites, gen.name)
