@@ -17,12 +17,13 @@ from typing import TYPE_CHECKING
 from fastapi import Depends, FastAPI
 from starlette.types import Receive, Scope, Send
 
+from service import openapi
 from service.auth import require_api_key
 from service.body import register_models
 from service.errors import install_error_handlers
 from service.fastpath import SearchFastPath
 from service.jobs import JobManager
-from service.limits import BodyLimitMiddleware
+from service.limits import BODY_IDLE_S, BodyLimitMiddleware, BodyTimeout, has_body, idle_limited, reply
 from service.metrics import Metrics, MetricsMiddleware
 from service.schemas import SearchRequest
 from service.settings import Settings
@@ -37,11 +38,17 @@ class ServiceApp(FastAPI):
     """FastAPI with :class:`service.fastpath.SearchFastPath` in front of it (``create_app`` sets it)."""
 
     fast_search: SearchFastPath | None = None
+    body_timeout: float = BODY_IDLE_S  # seconds a request body may pause before 408 (service.limits)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and has_body(scope):
+            receive = idle_limited(receive, self.body_timeout)
         fast = self.fast_search
         if fast is not None and fast.handles(scope):
-            await fast(scope, receive, send, super().__call__)
+            try:
+                await fast(scope, receive, send, super().__call__)
+            except BodyTimeout as err:  # the fast path reads the body itself, before any answer
+                await reply(send, err)
         else:
             await super().__call__(scope, receive, send)
 
@@ -100,6 +107,7 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
     app.include_router(ws.router)  # checks its key itself: ?api_key= (browsers cannot set WS headers)
 
     register_models(app, SearchRequest, generate.GenerateRequest)  # bodies parsed by service.body
+    openapi.install(app)  # what the server enforces beyond FastAPI's own schema (body errors, one-of)
 
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware

@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mm.errors import MediaError
@@ -26,6 +26,7 @@ _CODES = {
     403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
+    408: "request_timeout",
     409: "conflict",
     413: "payload_too_large",
     415: "unsupported_media",
@@ -56,12 +57,35 @@ def error_body(status: int, message: str, code: str | None = None, **extra: Any)
     return {"error": {"code": code or _CODES.get(status, "error"), "message": message, **extra}}
 
 
+PROBED_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+
+
+def allowed_methods(request: Request) -> str:
+    """Every method some route takes at this path (Starlette's 405 names only the first route's).
+
+    Each method is asked of the router's own matching (routes may be nested in included routers)."""
+    from starlette.routing import Match
+
+    scope = {k: v for k, v in request.scope.items() if k not in ("endpoint", "route", "path_params")}
+    methods = {"OPTIONS"}
+    for method in PROBED_METHODS:
+        probe = {**scope, "method": method}
+        if any(route.matches(probe)[0] == Match.FULL for route in request.app.router.routes):
+            methods.add(method)
+    return ", ".join(sorted(methods))
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        headers = exc.headers
+        if exc.status_code == 405:
+            headers = {**(headers or {}), "Allow": allowed_methods(request)}
+            if request.method == "OPTIONS":  # a plain OPTIONS (CORS preflights never get here): the answer
+                return Response(status_code=204, headers=headers)
         code = getattr(exc, "code", None)
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
-        return JSONResponse(error_body(exc.status_code, message, code), exc.status_code, headers=exc.headers)
+        return JSONResponse(error_body(exc.status_code, message, code), exc.status_code, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

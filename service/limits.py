@@ -12,6 +12,7 @@ answers in plain text, hence this middleware.
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -27,6 +28,58 @@ MAX_MESSAGE_CHARS = 32_000  # one chat message (OpenAI route); the question is M
 MAX_MESSAGES = 256  # messages of one chat request
 MAX_PATH_CHARS = 4096  # PATH_MAX on Linux
 MAX_NAME_BYTES = 255  # one path component (NAME_MAX)
+BODY_IDLE_S = 30.0  # a request body that stops arriving for this long is answered 408 (a slow client)
+
+
+class BodyTimeout(APIError):
+    """A request body that stopped arriving before its declared end."""
+
+    def __init__(self, seconds: float) -> None:
+        message = f"the request body stopped arriving (nothing for {seconds:g} s)"
+        # close: the rest of the body may still come, and the connection cannot carry another request
+        super().__init__(408, message, "request_timeout", headers={"Connection": "close"})
+
+
+def has_body(scope: Scope) -> bool:
+    """Whether an HTTP request declares a body (a non-zero Content-Length, or chunked)."""
+    for name, value in scope.get("headers") or ():
+        if name == b"content-length" and value not in (b"0", b""):
+            return True
+        if name == b"transfer-encoding":
+            return True
+    return False
+
+
+def idle_limited(receive: Receive, seconds: float) -> Receive:
+    """``receive`` that raises :class:`BodyTimeout` when the next piece of the body takes longer than
+    ``seconds``: a body shorter than its Content-Length would otherwise hold the request (and its
+    connection) until the client gives up. Once the body is complete it waits as long as asked (a
+    streamed answer listens for the client's disconnect that way)."""
+    complete = False
+
+    async def receive_limited() -> Message:
+        nonlocal complete
+        if complete:
+            return await receive()
+        try:
+            async with asyncio.timeout(seconds):
+                message = await receive()
+        except TimeoutError:
+            raise BodyTimeout(seconds) from None
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            complete = True
+        return message
+
+    return receive_limited
+
+
+async def reply(send: Send, err: APIError) -> None:
+    """Send ``err`` as the service's JSON error answer (for code that runs outside the app's handlers)."""
+    body = json.dumps(error_body(err.status_code, err.detail, err.code)).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (err.headers or {}).items()]
+    await send({"type": "http.response.start", "status": err.status_code, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 class BodyLimitMiddleware:
@@ -38,19 +91,13 @@ class BodyLimitMiddleware:
         mb = self.max_bytes / (1 << 20)
         return APIError(413, f"request body is larger than the {mb:g} MB limit (MM_MAX_UPLOAD_MB)")
 
-    async def _reply(self, send: Send, err: APIError) -> None:
-        body = json.dumps(error_body(err.status_code, err.detail, err.code)).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        await send({"type": "http.response.start", "status": err.status_code, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
-
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         declared = dict(scope.get("headers") or ()).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._reply(send, self._error())
+            await reply(send, self._error())
             return
 
         received = 0
@@ -76,4 +123,4 @@ class BodyLimitMiddleware:
         except APIError as err:
             if started or err.status_code != 413:
                 raise
-            await self._reply(send, err)
+            await reply(send, err)

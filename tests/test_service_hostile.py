@@ -3,6 +3,9 @@ OpenAPI schema states the bound the server enforces. One app per module, on the 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import pytest
 from conftest import FakeEmbedder, image_bytes
 from fastapi.testclient import TestClient
@@ -247,16 +250,35 @@ def test_ws_cancel_of_a_finished_request_adds_nothing(client):
 # -- issue 18 item 8: no key in any log line ---------------------------------------------------------
 
 
+@contextlib.contextmanager
+def serving(app, **config) -> Iterator[int]:
+    """``app`` under a real uvicorn server on a free port (in a thread); yields the port."""
+    import threading
+    import time
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="info", **config))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+            time.sleep(0.05)
+        yield server.servers[0].sockets[0].getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
 def test_api_keys_never_reach_the_logs(tmp_path):
     """A real uvicorn server with its own logging config (access log on), plus a root handler as the
     CLI sets up: keys sent in the URL, in headers and over the WebSocket appear in no line."""
     import copy
     import logging
-    import threading
-    import time
 
     import httpx
-    import uvicorn
     from uvicorn.config import LOGGING_CONFIG
     from websockets.exceptions import InvalidStatus
     from websockets.sync.client import connect
@@ -271,40 +293,26 @@ def test_api_keys_never_reach_the_logs(tmp_path):
     root_handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(root_handler)
     settings = Settings(collection=tmp_path / "coll", api_keys=[key], openai_api_key=upstream)
-    app = create_app(settings, embedder=FakeEmbedder())
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=0, log_config=config, log_level="info")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
     try:
-        deadline = time.monotonic() + 30
-        while not server.started:
-            assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-            time.sleep(0.05)
-        port = server.servers[0].sockets[0].getsockname()[1]
-        base = f"http://127.0.0.1:{port}"
-        with httpx.Client(base_url=base) as http:
-            assert http.get("/stats", params={"api_key": key}).status_code == 401  # the key goes in a header
-            assert http.get("/stats", headers={"Authorization": f"Bearer {key}"}).status_code == 200
-            assert http.get("/stats", headers={"X-API-Key": key}).status_code == 200
-            assert http.get("/items", params={"token": wrong}).status_code == 401
-        with connect(f"ws://127.0.0.1:{port}/ws?api_key={key}") as ws:
-            ws.send('{"type": "search", "id": 1, "query": "red", "k": 1}')
-            assert "results" in ws.recv(timeout=10)
-        with pytest.raises(InvalidStatus), connect(f"ws://127.0.0.1:{port}/ws?api_key={wrong}"):
-            pass
-        # our own loggers: a message quoting a header, and a traceback quoting the upstream key
-        logging.getLogger("service.routers.ws").warning(
-            "headers were %s", [(b"authorization", f"Bearer {key}")]
-        )
-        try:
-            raise RuntimeError(f"upstream refused key {upstream}")
-        except RuntimeError:
-            logging.getLogger("service.generation").exception("backend failed")
+        with serving(create_app(settings, embedder=FakeEmbedder()), log_config=config) as port:
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}") as http:
+                assert http.get("/stats", params={"api_key": key}).status_code == 401  # keys go in headers
+                assert http.get("/stats", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+                assert http.get("/stats", headers={"X-API-Key": key}).status_code == 200
+                assert http.get("/items", params={"token": wrong}).status_code == 401
+            with connect(f"ws://127.0.0.1:{port}/ws?api_key={key}") as ws:
+                ws.send('{"type": "search", "id": 1, "query": "red", "k": 1}')
+                assert "results" in ws.recv(timeout=10)
+            with pytest.raises(InvalidStatus), connect(f"ws://127.0.0.1:{port}/ws?api_key={wrong}"):
+                pass
+            # our own loggers: a message quoting a header, and a traceback quoting the upstream key
+            headers = [(b"authorization", f"Bearer {key}")]
+            logging.getLogger("service.routers.ws").warning("headers were %s", headers)
+            try:
+                raise RuntimeError(f"upstream refused key {upstream}")
+            except RuntimeError:
+                logging.getLogger("service.generation").exception("backend failed")
     finally:
-        server.should_exit = True
-        thread.join(30)
         logging.getLogger().removeHandler(root_handler)
         root_handler.close()
     text = log_file.read_text()
@@ -333,3 +341,112 @@ def test_redact_masks_every_form_a_key_takes(line):
     out = redact(line, secrets)
     assert "K3y-value" not in out and MASK in out, out
     assert redact(out, secrets) == out  # masking again changes nothing
+
+
+# -- issue 18 item 10 (service parts) ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("since", ["nan", "inf", "-inf", "1e400"])
+def test_a_time_that_is_not_finite_is_422(client, since):
+    upload = {"file": ("q.png", image_bytes(), "image/png")}
+    assert_4xx(client.post("/search/upload", files=upload, data={"since": since}))
+    assert_4xx(client.post("/search/upload", files=upload, data={"until": since}))
+    if since == "1e400":  # the one a JSON number can spell
+        body = b'{"query": "red", "filters": {"since": 1e400}}'
+        assert_4xx(client.post("/search", content=body, headers={"content-type": "application/json"}))
+
+
+@pytest.mark.parametrize("since", ["nan", "inf", "1e400"])
+def test_cli_search_refuses_a_time_that_is_not_finite(tmp_path, capsys, since):
+    from service.cli import main
+
+    code = main(["search", "red", "--filter", f"since={since}", "--collection", str(tmp_path / "none")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "finite" in err and len(err.splitlines()) == 1, (code, err)
+
+
+def _raw_request(port: int, head: bytes, body: bytes, timeout: float = 10.0) -> tuple[bytes, bool]:
+    """Send ``head`` + ``body`` and wait: (what came back, whether the server closed the connection)."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(head + body)
+        data = b""
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                return data, False
+            if not chunk:
+                return data, True
+            data += chunk
+
+
+@pytest.mark.parametrize("path", ["/items/text", "/search", "/v1/chat/completions"])
+def test_a_body_shorter_than_its_length_gets_408_and_the_connection_closes(tmp_path, path):
+    app = create_app(Settings(collection=tmp_path / "coll"), embedder=FakeEmbedder())
+    app.body_timeout = 0.5
+    with serving(app) as port:
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            "Content-Length: 100\r\n\r\n"
+        ).encode()
+        data, closed = _raw_request(port, head, b'{"query": "re')
+        assert data.startswith(b"HTTP/1.1 408"), data
+        assert b'"request_timeout"' in data and closed, data
+        # and the server answers the next client
+        data, _ = _raw_request(port, b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", b"")
+        assert data.startswith(b"HTTP/1.1 200"), data
+
+
+def test_a_slow_but_steady_body_is_read_whole(tmp_path):
+    import socket
+    import time
+
+    app = create_app(Settings(collection=tmp_path / "coll"), embedder=FakeEmbedder())
+    app.body_timeout = 0.5
+    body = b'{"text": "a slow red circle"}'
+    with serving(app) as port, socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /items/text HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+        )
+        for i in range(0, len(body), 8):  # 4 pieces, 0.3 s apart: 1.2 s in all, no pause over 0.5 s
+            sock.sendall(body[i : i + 8])
+            time.sleep(0.3)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 201"), data
+
+
+def test_options_and_405_name_every_method_of_the_path(client):
+    resp = client.options(f"/items/{client.item_id}")
+    assert resp.status_code == 204, resp.text
+    allowed = {m.strip() for m in resp.headers["allow"].split(",")}
+    assert {"GET", "DELETE", "OPTIONS"} <= allowed and "POST" not in allowed
+    resp = client.post(f"/items/{client.item_id}")
+    assert_4xx(resp, 405)
+    assert {"GET", "DELETE"} <= {m.strip() for m in resp.headers["allow"].split(",")}
+
+
+def test_schema_documents_the_body_errors_and_exactly_one_of(spec):
+    for path, operations in spec["paths"].items():
+        for method, op in operations.items():
+            if "requestBody" in op:
+                missing = {"400", "408", "413", "422"} - set(op["responses"])
+                assert not missing, (method, path, missing)
+    body = spec["paths"]["/search"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    search = spec["components"]["schemas"][body["$ref"].rsplit("/", 1)[1]]
+    assert [b["required"] for b in search["oneOf"]] == [["query"], ["item_id"], ["vector"]]
+
+
+def test_the_server_enforces_what_the_schema_says_of_exactly_one_of(client):
+    assert client.post("/search", json={"query": "red", "item_id": None}).status_code == 200
+    assert_4xx(client.post("/search", json={}))
+    assert_4xx(client.post("/search", json={"query": "red", "item_id": client.item_id}))
+
+
+def test_multipart_without_a_boundary_is_the_documented_400(client):
+    resp = client.post("/items", content=b"abc", headers={"content-type": "multipart/form-data"})
+    assert_4xx(resp, 400)
