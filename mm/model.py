@@ -116,6 +116,9 @@ class MultimodalEmbedder:
         self._model_id: str | None = None
         # raw cosine -> P(relevant) per modality pair (identity until a checkpoint brings a fitted one)
         self.calibration = Calibration()
+        # speech recogniser the service attaches (decoded clip -> {"text", "language"} | None); spoken
+        # queries are searched by their clip and transcript fused (service.search)
+        self.transcribe: Callable[[Any], dict[str, str] | None] | None = None
         # Files decode for this model as its encoders would (audio at their rate, cropped to their window),
         # in ingest's worker threads and the service's uploads alike (index.protocol.MediaReader).
         audio = model.cfg.audio

@@ -35,5 +35,10 @@ def load_embedder(name_or_path: str = DEFAULT_MODEL, adapter: str | Path | None 
         from mm.adapter import load_adapter
 
         load_adapter(model, adapter)
+    from service.transcription import LazyTranscriber, transcription_enabled
+
+    if "audio" in model.modalities and transcription_enabled():
+        # spoken queries are transcribed and fused (service.search.embed_file); loads on first use
+        model.transcribe = LazyTranscriber()
     log.info("loaded embedder %s (dim %d)", getattr(model, "model_id", name_or_path), model.dim)
     return model

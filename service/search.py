@@ -7,8 +7,9 @@ WebSocket, generation's retrieval and ``mm search``. Nothing below it checks the
 
 Answering is two steps, so that an async caller can run only the model in a thread:
 
-1. :func:`query_vector`: the query in the collection's space (the model for text and files, the stored
-   vector for an item, the given vector checked against the collection's dim);
+1. :func:`query_vector` (:func:`embed` also says what a spoken query was heard to say): the query in
+   the collection's space (the model for text and files, an audio file's transcript fused in, the
+   stored vector for an item, the given vector checked against the collection's dim);
 2. :func:`rank`: the collection searched with the query's filter, ranked by its ``mode``.
 
 :class:`SearchAnswer` holds the hits; :func:`hit_to_dict` makes the one result shape
@@ -17,6 +18,7 @@ Answering is two steps, so that an async caller can run only the model in a thre
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +40,9 @@ if TYPE_CHECKING:
     from index.protocol import Embedder
 
 
+log = logging.getLogger(__name__)
+
+
 class NotFound(LookupError):
     """An item id the collection does not hold (REST: 404)."""
 
@@ -55,18 +60,59 @@ def needs_model(query: SearchQuery) -> bool:
     return query.query is not None or query.media is not None
 
 
+# A spoken query searches with normalise(clip vector + w * transcript vector): what was said counts more
+# than how it sounded (both are unit vectors in the shared space). A first choice, not yet tuned by mm eval.
+SPOKEN_TEXT_WEIGHT = 2.0
+
+
+@dataclass(frozen=True)
+class QueryVector:
+    """Step 1's result: the ``(D,)`` query vector and, for a spoken query, what was heard."""
+
+    vector: np.ndarray
+    heard: dict[str, str] | None = None  # {"text", "language"} of the speech in an audio query
+
+
 def embed_media(embedder: Embedder, media: QueryMedia) -> np.ndarray:
-    """The ``(D,)`` vector of an image or audio file, decoded by the embedder's reader exactly as ingest and
-    ``POST /items`` decode (same limits, checked from the header). Raises :class:`MediaError`."""
+    """The ``(D,)`` vector of an image or audio file (a spoken query's transcript fused in)."""
+    return embed_file(embedder, media).vector
+
+
+def embed_file(embedder: Embedder, media: QueryMedia) -> QueryVector:
+    """An image or audio file decoded by the embedder's reader exactly as ingest and ``POST /items`` decode
+    (same limits, checked from the header), then embedded. An audio file with speech, when the embedder
+    carries a recogniser (``embedder.transcribe``, attached by :func:`service.embedding.load_embedder`),
+    is also transcribed and searched by the fusion of its clip and its transcript. Raises
+    :class:`MediaError`."""
     try:
         info = embedder.media.sniff(media.path, media.name, media.modality)
         payload = embedder.media.decode(media.path, info, media.name)
         encode = embedder.encode_image if media.modality == "image" else embedder.encode_audio
-        return np.asarray(encode([payload])[0], dtype=np.float32)
+        vector = np.asarray(encode([payload])[0], dtype=np.float32)
     except MediaError:
         raise
     except (ValueError, OSError) as exc:  # a decoder error the model did not wrap: still bad input
         raise MediaError(f"cannot read {media.name}: {exc}", kind="corrupt", path=str(media.path)) from exc
+    transcribe = getattr(embedder, "transcribe", None) if media.modality == "audio" else None
+    if transcribe is None:
+        return QueryVector(vector)
+    try:
+        heard = transcribe(payload)
+    except Exception as exc:  # a recogniser failure costs the fusion, never the search
+        log.warning("cannot transcribe %s: %s", media.name, exc)
+        return QueryVector(vector)
+    if not heard or not str(heard.get("text", "")).strip():
+        return QueryVector(vector)
+    heard = {"text": str(heard["text"]).strip(), "language": str(heard.get("language", ""))}
+    fused = vector + SPOKEN_TEXT_WEIGHT * np.asarray(embedder.encode_text([heard["text"]])[0], np.float32)
+    return QueryVector((fused / max(float(np.linalg.norm(fused)), 1e-12)).astype(np.float32), heard)
+
+
+def embed(query: SearchQuery, embedder: Embedder, collection: Collection) -> QueryVector:
+    """Step 1 with what a spoken query was heard to say (see :func:`query_vector`)."""
+    if query.media is not None:
+        return embed_file(embedder, query.media)
+    return QueryVector(query_vector(query, embedder, collection))
 
 
 def query_vector(query: SearchQuery, embedder: Embedder, collection: Collection) -> np.ndarray:
@@ -75,8 +121,7 @@ def query_vector(query: SearchQuery, embedder: Embedder, collection: Collection)
     if query.query is not None:
         return embedder.encode_text([query.query])[0]
     if query.media is not None:
-        # a spoken query's transcript (issue 15) is fused with the clip's vector here
-        return embed_media(embedder, query.media)
+        return embed_file(embedder, query.media).vector  # a spoken query: clip and transcript fused
     if query.item_id is not None:
         vec = collection.vector(query.item_id)
         if vec is None:
@@ -96,16 +141,22 @@ class SearchAnswer:
     query: SearchQuery
     hits: list[Hit]
     took_ms: float
+    heard: dict[str, str] | None = None  # a spoken query's transcript {"text", "language"}
 
     def results(self) -> list[SearchResult]:
         return [hit_to_dict(h) for h in self.hits]
 
     def to_dict(self) -> dict[str, Any]:
-        """The ``SearchResponse`` body: ``{"results", "took_ms", "query"}``."""
-        return {"results": self.results(), "took_ms": round(self.took_ms, 3), "query": self.query.echo()}
+        """The ``SearchResponse`` body: ``{"results", "took_ms", "query"}`` (+ ``"heard"`` for speech)."""
+        out = {"results": self.results(), "took_ms": round(self.took_ms, 3), "query": self.query.echo()}
+        if self.heard is not None:
+            out["heard"] = self.heard
+        return out
 
 
-def rank(query: SearchQuery, vector: np.ndarray, collection: Collection) -> SearchAnswer:
+def rank(
+    query: SearchQuery, vector: np.ndarray, collection: Collection, heard: dict[str, str] | None = None
+) -> SearchAnswer:
     """Step 2: the collection searched with ``vector`` under the query's filter, ``k`` hits after ``offset``.
 
     ``query.mode`` is "vector" (nearest neighbours), the only mode there is; keyword and hybrid ranking
@@ -114,7 +165,7 @@ def rank(query: SearchQuery, vector: np.ndarray, collection: Collection) -> Sear
     t0 = time.perf_counter()
     q = np.asarray(vector, dtype=np.float32)[None, :]  # (1, D)
     hits = collection.search(q, k=query.k, filter=query.filter, offset=query.offset)
-    return SearchAnswer(query, hits[0] if hits else [], (time.perf_counter() - t0) * 1000.0)
+    return SearchAnswer(query, hits[0] if hits else [], (time.perf_counter() - t0) * 1000.0, heard)
 
 
 def answer(query: SearchQuery, embedder: Embedder, collection: Collection) -> SearchAnswer:
@@ -123,7 +174,8 @@ def answer(query: SearchQuery, embedder: Embedder, collection: Collection) -> Se
     Raises NotFound (an unknown item), ValueError (a vector of the wrong length) and MediaError (a file
     that cannot be read); every other rule was checked when the ``SearchQuery`` was made.
     """
-    return rank(query, query_vector(query, embedder, collection), collection)
+    qv = embed(query, embedder, collection)
+    return rank(query, qv.vector, collection, qv.heard)
 
 
 async def answer_async(query: SearchQuery, embedder: Embedder, collection: Collection) -> SearchAnswer:

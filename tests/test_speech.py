@@ -233,3 +233,48 @@ def test_cli_no_transcribe_and_env_switch(monkeypatch, caplog):
         assert missing((np.zeros(SR, np.float32), SR)) is None
     warned = [r.getMessage() for r in caplog.records if "not transcribed" in r.getMessage()]
     assert len(warned) == 1 and "unknown packaged Whisper model 'no-such-model'" in warned[0]
+
+
+def test_spoken_query_is_fused_with_its_transcript_and_says_what_was_heard(tmp_path, embedder, monkeypatch):
+    """service.search: an audio query through an embedder with a recogniser searches by
+    normalise(clip + w * transcript) and the answer carries "heard"; without speech, the clip alone."""
+    from index.collection import Collection
+    from service import search
+    from service.schemas import QueryMedia, SearchQuery
+
+    t = np.arange(SR) / SR
+    clip = _write_wav(tmp_path / "q.wav", (0.3 * np.sin(2 * np.pi * 200 * t)).astype(np.float32))
+    query = SearchQuery(media=QueryMedia("audio", clip))
+    with Collection.create(tmp_path / "c", dim=embedder.dim, embedder_id=embedder.model_id) as coll:
+        from index.ingest import add_text
+
+        dog, car = add_text(coll, embedder, "a barking dog"), add_text(coll, embedder, "a red car")
+        audio = embedder.encode_audio([(load_wave(clip), SR)])[0]
+        plain = search.answer(query, embedder, coll)  # no recogniser attached: the clip alone
+        assert plain.heard is None and "heard" not in plain.to_dict()
+        monkeypatch.setattr(
+            embedder, "transcribe", lambda payload: {"text": "a red car", "language": "en"}, raising=False
+        )
+        spoken = search.answer(query, embedder, coll)
+        assert spoken.heard == {"text": "a red car", "language": "en"}
+        assert spoken.to_dict()["heard"] == spoken.heard and spoken.hits[0].id == car.id
+        fused = audio + search.SPOKEN_TEXT_WEIGHT * embedder.encode_text(["a red car"])[0]
+        np.testing.assert_allclose(
+            search.embed(query, embedder, coll).vector, fused / np.linalg.norm(fused), atol=1e-5
+        )
+        monkeypatch.setattr(embedder, "transcribe", lambda payload: None)  # no speech: clip alone
+        assert search.answer(query, embedder, coll).heard is None
+        np.testing.assert_allclose(search.query_vector(query, embedder, coll), audio, atol=1e-5)
+
+        def broken(payload):
+            raise RuntimeError("recogniser crashed")
+
+        monkeypatch.setattr(embedder, "transcribe", broken)
+        assert search.answer(query, embedder, coll).heard is None  # the search still answers
+        assert dog.id != car.id
+
+
+def load_wave(path):
+    from mm.media import load_audio
+
+    return load_audio(path, target_rate=SR)
