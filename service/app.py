@@ -91,6 +91,8 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
         summary="Multimodal retrieval: any-to-any search over text, images and audio",
         version="0.1.0",
         lifespan=lifespan,
+        docs_url=None,  # /docs is served by service.routers.web, with Swagger UI's files from here (no CDN)
+        redoc_url=None,  # ReDoc would come from a CDN: /docs is the one documentation page
     )
     app.state.settings = settings
     app.state.metrics = Metrics()

@@ -450,3 +450,32 @@ def test_the_server_enforces_what_the_schema_says_of_exactly_one_of(client):
 def test_multipart_without_a_boundary_is_the_documented_400(client):
     resp = client.post("/items", content=b"abc", headers={"content-type": "multipart/form-data"})
     assert_4xx(resp, 400)
+
+
+# -- issue 17 item 8: /docs works offline ----------------------------------------------------------
+
+
+def test_docs_page_loads_every_asset_from_the_server(client):
+    import re
+
+    page = client.get("/docs")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html"), page.text
+    html = page.text
+    urls = re.findall(r'<script[^>]*\bsrc="([^"]+)"', html) + re.findall(r'<link[^>]*\bhref="([^"]+)"', html)
+    assert any(u.endswith(".js") for u in urls) and any(u.endswith(".css") for u in urls), urls
+    for url in urls:
+        assert url.startswith("/") and not url.startswith("//"), f"{url} is not on this server"
+        asset = client.get(url)
+        assert asset.status_code == 200, (url, asset.status_code)
+        assert len(asset.content) > 0, url
+    kinds = {client.get(u).headers["content-type"].split(";")[0] for u in urls}
+    assert {"text/javascript", "text/css"} <= kinds
+    # the page's script reads the schema from this server too, and calls no validator
+    assert "url: '/openapi.json'" in html and '"validatorUrl": null' in html
+    assert "http://" not in html and "https://" not in html
+
+
+def test_docs_assets_are_a_fixed_list(client):
+    assert_4xx(client.get("/docs/assets/index.html"), 404)
+    assert_4xx(client.get("/docs/assets/..%2F__init__.py"), 404)
+    assert client.get("/redoc").status_code == 404  # ReDoc would need a CDN: /docs is the page
