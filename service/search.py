@@ -183,10 +183,10 @@ async def answer_async(query: SearchQuery, embedder: Embedder, collection: Colle
     served collection takes well under a millisecond, less than the two thread hand-offs it would cost,
     so it (and an item or vector query's step 1) runs on the loop."""
     if needs_model(query):
-        vector = await run_in_threadpool(query_vector, query, embedder, collection)
+        qv = await run_in_threadpool(embed, query, embedder, collection)
     else:
-        vector = query_vector(query, embedder, collection)
-    return rank(query, vector, collection)
+        qv = embed(query, embedder, collection)
+    return rank(query, qv.vector, collection, qv.heard)
 
 
 async def answer_http(query: SearchQuery, embedder: Embedder, collection: Collection) -> SearchAnswer:
