@@ -119,6 +119,19 @@ def test_chat_parts_whose_text_is_not_a_string_are_422(client, content):
     assert_4xx(resp)
 
 
+def test_chat_messages_up_to_the_limit_are_answered(client):
+    from service.limits import MAX_MESSAGE_CHARS
+
+    text = ("red circle " * MAX_MESSAGE_CHARS)[:MAX_MESSAGE_CHARS]
+    for content in (text, [{"type": "text", "text": text}], [{"type": "text", "text": "red"}] * 64):
+        resp = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": content}]})
+        assert resp.status_code == 200, resp.text[:300]
+    too_many = [{"type": "text", "text": "red"}] * 65
+    assert_4xx(
+        client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": too_many}]})
+    )
+
+
 def test_chat_parts_of_other_types_are_ignored(client):
     content = [{"type": "image_url", "image_url": {"url": "x"}}, {"type": "text", "text": "red circle"}]
     resp = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": content}]})
@@ -479,3 +492,64 @@ def test_docs_assets_are_a_fixed_list(client):
     assert_4xx(client.get("/docs/assets/index.html"), 404)
     assert_4xx(client.get("/docs/assets/..%2F__init__.py"), 404)
     assert client.get("/redoc").status_code == 404  # ReDoc would need a CDN: /docs is the page
+
+
+# -- issue 18 item 3, API side: every text a route reads has a length limit ----------------------------
+
+
+@pytest.fixture
+def model_calls(client, monkeypatch) -> list[int]:
+    """Texts handed to the embedder during a test (a refused request must not reach it)."""
+    calls: list[int] = []
+    emb = client.app.state.embedder
+    encode = emb.encode_text
+
+    def counting(texts):
+        calls.append(len(texts))
+        return encode(texts)
+
+    monkeypatch.setattr(emb, "encode_text", counting)
+    return calls
+
+
+def test_over_long_texts_are_refused_before_the_model(client, model_calls):
+    from service.limits import MAX_MESSAGE_CHARS, MAX_QUERY_CHARS, MAX_TEXT_CHARS
+
+    long_query = "a" * (MAX_QUERY_CHARS + 1)
+    assert_4xx(client.post("/search", json={"query": long_query}))
+    assert_4xx(client.post("/generate", json={"query": long_query}))
+    assert_4xx(client.post("/items/text", json={"text": "a" * (MAX_TEXT_CHARS + 1)}))
+    assert_4xx(client.post("/items", data={"text": "a" * (MAX_TEXT_CHARS + 1)}))
+    upload = {"file": ("q.png", image_bytes(), "image/png")}
+    assert_4xx(client.post("/items", files=upload, data={"caption": "a" * (MAX_TEXT_CHARS + 1)}))
+    message = {"role": "user", "content": "a" * (MAX_MESSAGE_CHARS + 1)}
+    assert_4xx(client.post("/v1/chat/completions", json={"messages": [message]}))
+    with client.websocket_connect("/ws") as ws:
+        ws.send_json({"type": "search", "id": 1, "query": long_query})
+        assert ws.receive_json()["status"] == 422
+    assert model_calls == []
+
+
+def test_an_8_mb_chat_message_is_refused_without_tokenizing_it(client, model_calls):
+    body = {"messages": [{"role": "user", "content": "word " * ((8 << 20) // 5)}]}
+    err = assert_4xx(client.post("/v1/chat/completions", json=body))
+    assert "at most" in err["message"] and model_calls == []
+
+
+def test_schema_states_every_text_limit(spec):
+    from service.limits import MAX_MESSAGE_CHARS, MAX_QUERY_CHARS, MAX_TEXT_CHARS
+
+    schemas = spec["components"]["schemas"]
+
+    def text_bound(schema: dict) -> int:
+        options = schema.get("anyOf", [schema])
+        return next(o["maxLength"] for o in options if o.get("type") == "string")
+
+    search = spec["paths"]["/search"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert text_bound(schemas[search["$ref"].rsplit("/", 1)[1]]["properties"]["query"]) == MAX_QUERY_CHARS
+    assert text_bound(schemas["GenerateRequest"]["properties"]["query"]) == MAX_QUERY_CHARS
+    assert text_bound(schemas["TextItemIn"]["properties"]["text"]) == MAX_TEXT_CHARS
+    assert text_bound(schemas["ChatMessage"]["properties"]["content"]) == MAX_MESSAGE_CHARS
+    assert text_bound(schemas["ContentPart"]["properties"]["text"]) == MAX_MESSAGE_CHARS
+    form = schemas["Body_add_item_items_post"]["properties"]
+    assert text_bound(form["text"]) == MAX_TEXT_CHARS and text_bound(form["caption"]) == MAX_TEXT_CHARS
