@@ -273,6 +273,13 @@ def error_message(exc: ValidationError) -> str:
 
 # One result shape: a TypedDict, so that the dicts ``service.search.hit_to_dict`` builds (no validation
 # pass per result on the hot path) are checked against it by mypy, and the OpenAPI schema comes from it.
+class Transcript(TypedDict):
+    """What Whisper heard in an audio clip (issue 15)."""
+
+    text: str
+    language: str  # ISO 639-1 code ("en", "fr"); "" when unknown
+
+
 class SearchResult(TypedDict):
     id: int
     score: float
@@ -286,6 +293,7 @@ class SearchResult(TypedDict):
     width: int | None
     height: int | None
     tags: list[str]
+    transcript: Transcript | None  # an audio item's speech, when it has any
 
 
 class QueryEcho(TypedDict):
@@ -297,6 +305,7 @@ class SearchResponse(BaseModel):
     results: list[SearchResult]
     took_ms: float
     query: QueryEcho
+    heard: Transcript | None = Field(None, description="a spoken query: the speech it was heard to say")
 
 
 class ItemOut(BaseModel):
@@ -315,6 +324,7 @@ class ItemOut(BaseModel):
     updated_at: float
     media_url: str | None
     thumbnail_url: str | None
+    transcript: Transcript | None = None  # an audio item's speech, when it has any
 
 
 class ItemList(BaseModel):

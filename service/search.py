@@ -31,7 +31,7 @@ from index.types import Hit, Item
 from mm.errors import MediaError
 from mm.media import text_snippet
 from service.errors import APIError
-from service.schemas import QueryMedia, SearchQuery, SearchResult
+from service.schemas import QueryMedia, SearchQuery, SearchResult, Transcript
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -249,7 +249,16 @@ def item_to_dict(item: Item) -> dict[str, Any]:
         "updated_at": item.updated_at,
         "media_url": media_url,
         "thumbnail_url": thumbnail_url,
+        "transcript": transcript_of(item),
     }
+
+
+def transcript_of(item: Item) -> Transcript | None:
+    """The ``{"text", "language"}`` ingest stored for an audio item's speech, or None."""
+    t = item.extra.get("transcript") if isinstance(item.extra, dict) else None
+    if not isinstance(t, dict) or not isinstance(t.get("text"), str):
+        return None
+    return {"text": t["text"], "language": str(t.get("language") or "")}
 
 
 def hit_to_dict(hit: Hit) -> SearchResult:
@@ -270,4 +279,5 @@ def hit_to_dict(hit: Hit) -> SearchResult:
         "width": item.width,
         "height": item.height,
         "tags": list(item.tags),
+        "transcript": transcript_of(item),
     }

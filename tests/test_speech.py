@@ -210,7 +210,12 @@ def test_ingest_keeps_transcripts_of_speech_and_survives_a_failing_recogniser(tm
         drum = coll.find_by_uri(str((folder / "drum.wav").resolve()))
         assert speech.extra["transcript"] == {"text": "a barking dog", "language": "en"}
         assert "transcript" not in drum.extra
-        assert [h.id for h in coll.lexical_search("barking")] == [speech.id]
+        hits = coll.lexical_search("barking")
+        assert [h.id for h in hits] == [speech.id]
+        from service.search import hit_to_dict, item_to_dict
+
+        assert hit_to_dict(hits[0])["transcript"] == {"text": "a barking dog", "language": "en"}
+        assert item_to_dict(drum)["transcript"] is None  # results and items say what was heard, or null
 
         def broken(payload):
             raise RuntimeError("recogniser crashed")

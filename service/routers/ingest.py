@@ -47,6 +47,7 @@ def start_ingest(
             on_progress=job.progress,
             should_stop=job.stop.is_set,
             allowed_roots=settings.allowed_roots,  # a symlink in a root must not lead out of them
+            transcribe=getattr(embedder, "transcribe", None),  # speech keeps its transcript
         )
         collection.save()
         return report

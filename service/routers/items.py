@@ -102,6 +102,7 @@ def add_item(
                 tags=_tags(tags),
                 modality=modality,
                 name=file.filename or "upload",
+                transcribe=getattr(embedder, "transcribe", None),  # speech keeps its transcript
             )
         except BaseException as exc:
             if created:
