@@ -298,7 +298,8 @@ async function loadPage() {
     search.done = data.results.length < search.k;
     const shown = grid.querySelectorAll(".card").length;
     $("#empty").hidden = shown > 0;
-    $("#results-meta").textContent = `${plural(shown, "result", "results")} · ${data.took_ms} ms`;
+    const heard = data.heard && data.heard.text ? ` · heard “${data.heard.text}” (${data.heard.language || "?"})` : "";
+    $("#results-meta").textContent = `${plural(shown, "result", "results")} · ${data.took_ms} ms${heard}`;
   } catch (err) {
     if (gen !== search.gen) return;
     search.done = true;
@@ -386,9 +387,24 @@ function makeCard(r) {
   score.className = "score";
   score.textContent = typeof r.score === "number" ? `score ${r.score.toFixed(3)}` : "cited";
   meta.append(score);
-  body.append(caption, meta);
+  body.append(caption);
+  if (r.transcript && r.transcript.text) body.append(transcriptLine(r.transcript, "heard in this clip"));
+  body.append(meta);
   card.append(body);
   return card;
+}
+
+/** What Whisper heard in a clip (an item's speech, or a spoken query): quoted, in its language. */
+function transcriptLine(t, label) {
+  const p = document.createElement("p");
+  p.className = "transcript";
+  p.title = label;
+  const q = document.createElement("q");
+  q.textContent = t.text;
+  if (t.language) q.lang = t.language;
+  p.append(q);
+  if (t.language) p.append(` (${t.language})`);
+  return p;
 }
 
 function moreLikeThis(card) {
