@@ -4,7 +4,9 @@
 The recogniser (Whisper base through CTranslate2, int8) loads on the first clip that needs it, so runs
 without audio never pay for it. Without CTranslate2 or the Whisper packages, ingest goes on without
 transcripts after one warning naming what to install. ``MM_TRANSCRIBE=0`` turns transcription off
-where a command does not say (``mm index --no-transcribe`` always does).
+where a command does not say (``mm index --no-transcribe`` always does). ``MM_SPEECH_LANGUAGES=en,fr,...``
+limits language detection to those codes (short or synthetic speech is otherwise sometimes taken for an
+unrelated language: espeak-ng English for Thai).
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ class LazyTranscriber:
 
     def __init__(self, model: str = "base", **options: Any):
         self.model = model
-        self.options = options
+        langs = [c.strip() for c in os.environ.get("MM_SPEECH_LANGUAGES", "").split(",") if c.strip()]
+        self.options = ({"languages": tuple(langs)} if langs else {}) | options
         self._tr: Any = None
         self._unavailable: str | None = None
         self._lock = threading.Lock()

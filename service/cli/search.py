@@ -2,7 +2,8 @@
 
 ``--json`` prints the same object as ``POST /search``: ``{"query": {"type", "value"}, "took_ms",
 "results": [{"id", "score", "modality", "caption", "media_url", "thumbnail_url", "uri", "mime",
-"duration", "width", "height", "tags"}]}``.
+"duration", "width", "height", "tags", "transcript"}]}``, plus ``"heard": {"text", "language"}`` for
+an ``--audio`` query with speech (searched by its clip and its transcript together).
 """
 
 from __future__ import annotations
@@ -78,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(found.to_dict()))
         return 0
+    if found.heard is not None:
+        print(f"heard ({found.heard['language'] or '?'}): {found.heard['text']}")
     if not results:
         print("no results")
         return 0
