@@ -396,13 +396,82 @@ def test_openai_models_and_errors(client, oai, backends, tmp_path):
     import openai
 
     ids = {m.id for m in oai.models.list()}
-    assert {"mm", "extractive", "local", "openai", "gguf"} <= ids
+    assert ids == {"mm", "extractive", "local"}  # openai and gguf are not set up here
     with pytest.raises(openai.NotFoundError):
         oai.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "x"}])
     backends["local"] = LocalGenerator(tmp_path / "none", lambda i: None)
     with pytest.raises(openai.InternalServerError) as exc:
         oai.chat.completions.create(model="local", messages=[{"role": "user", "content": "x"}])
     assert exc.value.status_code == 503
+
+
+def test_local_chat_with_the_default_max_tokens_keeps_the_prompt(client):
+    """An OpenAI client's default completion limit (256) is as large as the LM's context: the prompt must
+    still be read whole (it was cut to its BOS token), and usage counts what the model read and wrote."""
+    from service.generation.backends.local import budget
+
+    resp = client.post(
+        "/v1/chat/completions", json={"model": "local", "messages": [{"role": "user", "content": QUESTION}]}
+    )
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    lm = generators_of(client.app).get("local")._load()
+    captions = [c["caption"] for c in body["mm_citations"]]
+    prompt = lm.build_prompt(QUESTION, captions)
+    kept, max_new = budget(prompt, 256, lm.cfg.max_len)
+    # the tiny LM's context is 128: the prompt keeps all but what a quarter-context answer needs
+    assert len(kept) == min(len(prompt), lm.cfg.max_len - lm.cfg.max_len // 4) and len(kept) + max_new <= 128
+    assert lm.tokenizer.decode(kept).endswith(f"Q: {QUESTION}\nA: ")
+    text = body["choices"][0]["message"]["content"]
+    usage = body["usage"]
+    assert usage["prompt_tokens"] == len(kept) + len(captions)  # text tokens + one prefix vector per item
+    assert usage["completion_tokens"] == len(lm.tokenizer.encode(text)) <= max_new
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+@pytest.mark.parametrize(
+    ("prompt_len", "max_tokens", "kept_len", "max_new"),
+    [
+        (50, 256, 50, 78),  # the answer gets what the prompt leaves
+        (50, 16, 50, 16),  # ... up to max_tokens
+        (120, 256, 96, 32),  # a long prompt gives way to a quarter of the context
+        (120, 8, 120, 8),  # ... but only as far as the answer needs
+        (300, 4096, 96, 32),
+    ],
+)
+def test_budget_shares_the_context_between_prompt_and_answer(prompt_len, max_tokens, kept_len, max_new):
+    from service.generation.backends.local import budget
+
+    prompt = [257, *range(1, prompt_len)]  # BOS, then the prompt; its end is the question
+    kept, new = budget(prompt, max_tokens, 128)
+    assert (len(kept), new) == (kept_len, max_new)
+    assert kept[0] == 257 and kept[-1] == prompt[-1] and len(kept) + new <= 128
+
+
+def test_usage_of_the_extractive_backend_counts_its_words(client):
+    resp = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": QUESTION}]})
+    body = resp.json()
+    words = len(body["choices"][0]["message"]["content"].split())
+    assert body["usage"] == {"prompt_tokens": 0, "completion_tokens": words, "total_tokens": words}
+
+
+def test_models_lists_only_the_backends_that_are_set_up(tmp_path, embedder):
+    from conftest import FakeEmbedder
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    settings = Settings(
+        collection=tmp_path / "c",
+        lm_path=tmp_path / "no-lm",
+        openai_base_url="http://127.0.0.1:9/v1",
+        gguf_path=gguf,
+    )
+    with TestClient(create_app(settings, embedder=FakeEmbedder())) as c:
+        ids = [m["id"] for m in c.get("/v1/models").json()["data"]]
+    import importlib.util
+
+    has_llama = importlib.util.find_spec("llama_cpp") is not None
+    assert ids == ["mm", "extractive", "openai", *(["gguf"] if has_llama else [])]
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ that a backend that cannot answer fails before any byte of the response is sent.
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from index.types import Hit
@@ -18,6 +18,7 @@ from service.errors import APIError
 from service.generation.base import Generator, GeneratorUnavailable, check_params
 from service.generation.bridge import iterate_in_thread
 from service.generation.registry import Generators
+from service.generation.usage import Usage, usage_of
 from service.schemas import Citation
 
 
@@ -63,6 +64,11 @@ class Answer:
     first: str | None  # None: the answer is empty
     citations: list[Citation]
     backend: str
+    source: list[Iterator[str]] = field(default_factory=list)  # the backend's own pieces, once started
+
+    def usage(self) -> Usage | None:
+        """Token counts so far (final once :meth:`rest` is done); None when the backend does not count."""
+        return usage_of(self.source[0]) if self.source else None
 
     async def rest(self) -> AsyncGenerator[str, None]:
         try:
@@ -100,6 +106,7 @@ async def start_answer(
     except ValueError as exc:
         raise APIError(422, str(exc), "validation_error") from exc
     cites: list[Citation] = []
+    source: list[Iterator[str]] = []
 
     def begin() -> Iterator[str]:
         found = hits() if callable(hits) else hits
@@ -107,6 +114,7 @@ async def start_answer(
             gen, question, found, max_tokens=max_tokens, temperature=temperature, stop=stop
         )
         cites.extend(used)
+        source.append(pieces)
         return pieces
 
     agen = iterate_in_thread(begin)
@@ -123,4 +131,4 @@ async def start_answer(
     except ValueError as exc:
         await agen.aclose()
         raise APIError(422, str(exc), "validation_error") from exc
-    return Answer(agen, first, cites, gen.name)
+    return Answer(agen, first, cites, gen.name, source)

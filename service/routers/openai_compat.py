@@ -4,27 +4,33 @@ The last user message is the retrieval query and the question. ``model`` names a
 (``extractive``, ``local``, ``openai``, ``gguf``) or ``mm`` for the server's default. The cited items
 are in the extension field ``mm_citations`` of the response (and of the final stream chunk). Optional
 extension request fields: ``mm_k`` (items retrieved, default 5) and ``mm_modalities``. Unknown OpenAI
-fields (``n``, ``presence_penalty``, ...) are accepted and ignored. See docs/api.md.
+fields (``n``, ``presence_penalty``, ...) are accepted and ignored. ``GET /v1/models`` lists the
+backends that are set up (an LM checkpoint, an endpoint, a GGUF file with llama-cpp-python). ``usage``
+holds the backend's own token counts (the local LM's prompt as it read it, prefix vectors included; the
+extractive backend's words), in the answer and in the last stream chunk; a backend that cannot count
+(the upstream ``openai`` and ``gguf`` ones) gives none. See docs/api.md.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from service.deps import CollectionDep, EmbedderDep
+from service.deps import CollectionDep, EmbedderDep, SettingsDep
 from service.errors import APIError
 from service.generation import Answer, GeneratorUnavailable, start_answer
 from service.limits import MAX_QUERY_CHARS
 from service.schemas import DEFAULT_CHAT_MODEL, ChatRequest, ContentPart, SearchQuery, error_responses
 from service.search import answer_http
-from service.settings import BACKENDS
+from service.settings import BACKENDS, Settings
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -45,12 +51,28 @@ def _backend(model: str) -> str | None:
     )
 
 
+def set_up(settings: Settings) -> list[str]:
+    """The backends that can answer as configured (checked without loading any model)."""
+    from mm.lm import WEIGHTS_FILE
+    from service.generation.backends.local import DEFAULT_LM_PATH
+
+    lm = Path(settings.lm_path or DEFAULT_LM_PATH)
+    ready = {
+        "extractive": True,
+        "local": lm.suffix == ".json" and lm.is_file() or (lm / WEIGHTS_FILE).is_file(),
+        "openai": bool(settings.openai_base_url),
+        "gguf": settings.gguf_path is not None
+        and Path(settings.gguf_path).is_file()
+        and importlib.util.find_spec("llama_cpp") is not None,
+    }
+    return [name for name in BACKENDS if ready[name]]
+
+
 @router.get("/models")
-async def list_models() -> JSONResponse:
-    """The backends, as OpenAI model objects (``mm`` = the server's default backend)."""
-    data = [
-        {"id": m, "object": "model", "created": 0, "owned_by": "mm"} for m in (DEFAULT_CHAT_MODEL, *BACKENDS)
-    ]
+async def list_models(settings: SettingsDep) -> JSONResponse:
+    """The backends that are set up, as OpenAI model objects (``mm`` = the server's default backend)."""
+    names = (DEFAULT_CHAT_MODEL, *set_up(settings))
+    data = [{"id": m, "object": "model", "created": 0, "owned_by": "mm"} for m in names]
     return JSONResponse({"object": "list", "data": data})
 
 
@@ -91,17 +113,18 @@ async def chat_completions(
         text = "".join([p async for p in answer.rest()])
     except GeneratorUnavailable as exc:
         raise APIError(503, str(exc), "generator_unavailable") from exc
-    n = len(text.split())
     body = {
         "id": cid,
         "object": "chat.completion",
         "created": created,
         "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": len(question.split()), "completion_tokens": n, "total_tokens": n},
         "system_fingerprint": answer.backend,
         "mm_citations": [c.model_dump() for c in answer.citations],
     }
+    usage = answer.usage()
+    if usage is not None:  # the backend's own counts; a backend that cannot count reports none
+        body["usage"] = usage.to_dict()
     return JSONResponse(body)
 
 
@@ -123,7 +146,9 @@ async def _chunks(answer: Answer, cid: str, created: int, model: str) -> AsyncIt
         yield chunk({"role": "assistant", "content": ""})
         async for piece in stream:
             yield chunk({"content": piece})
-        yield chunk({}, "stop", mm_citations=[c.model_dump() for c in answer.citations])
+        usage = answer.usage()
+        counts = {"usage": usage.to_dict()} if usage is not None else {}
+        yield chunk({}, "stop", mm_citations=[c.model_dump() for c in answer.citations], **counts)
     except GeneratorUnavailable as exc:
         err = {"error": {"code": "generator_unavailable", "message": str(exc)}}
         yield f"data: {json.dumps(err)}\n\n"

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from service.generation.base import with_stop
 from service.generation.prompts import describe
+from service.generation.usage import Metered
 
 if TYPE_CHECKING:
     from index.types import Hit
@@ -31,4 +32,5 @@ class ExtractiveGenerator:
     ) -> Iterator[str]:
         words = self.compose(question, hits).split(" ")
         pieces = (w if i == 0 else " " + w for i, w in enumerate(words[:max_tokens]))
-        return with_stop(pieces, stop)
+        # its tokens are words (max_tokens counts them); it reads no prompt
+        return Metered(with_stop(pieces, stop), 0, lambda text: len(text.split()))

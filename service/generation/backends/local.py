@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from service.generation.base import GeneratorUnavailable
+from service.generation.usage import Metered
 
 if TYPE_CHECKING:
     from index.types import Hit
@@ -64,6 +65,30 @@ class LocalGenerator:
             prefix = np.stack(fit).astype(np.float32)  # (P', M)
         elif vecs:
             log.warning("item vectors do not match the LM's prefix width %d; captions only", lm.cfg.embed_dim)
-        prompt = lm.build_prompt(question, [h.item.caption for h in items])
-        max_new = min(max_tokens, lm.cfg.max_len - 1)
-        return lm.generate(prompt, prefix, max_new_tokens=max_new, temperature=temperature, stop=stop, seed=0)
+        prompt, max_new = budget(
+            lm.build_prompt(question, [h.item.caption for h in items]), max_tokens, lm.cfg.max_len
+        )
+        pieces = lm.generate(
+            prompt, prefix, max_new_tokens=max_new, temperature=temperature, stop=stop, seed=0
+        )
+        n_prefix = 0 if prefix is None else min(len(prefix), lm.cfg.prefix_len)
+        return Metered(pieces, len(prompt) + n_prefix, lambda text: len(lm.tokenizer.encode(text)))
+
+
+MIN_ANSWER_SHARE = 4  # an answer may always take a quarter of the context, the prompt giving way
+
+
+def budget(prompt: list[int], max_tokens: int, context: int) -> tuple[list[int], int]:
+    """The prompt (cut to fit) and the new tokens allowed, both within ``context`` tokens.
+
+    The prompt comes first: the answer gets what it leaves, up to ``max_tokens``; only when that is
+    less than a quarter of the context (or of ``max_tokens``) does the prompt give way, losing the start
+    of its item lines (BOS and the question at its end stay). A ``max_tokens`` as large as the context
+    (OpenAI clients' defaults) thus no longer cuts the prompt down to its BOS.
+    """
+    floor = min(max_tokens, context // MIN_ANSWER_SHARE)
+    max_new = max(min(max_tokens, context - len(prompt)), floor)
+    room = context - max_new
+    if len(prompt) > room:
+        prompt = prompt[:1] + prompt[len(prompt) - room + 1 :]
+    return prompt, max_new
