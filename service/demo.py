@@ -171,9 +171,13 @@ def prepare(work: Path, model: str | None = None, progress: bool = True) -> dict
         log.info("building the sample corpus in %s", corpus)
         build_corpus(corpus, progress=progress)
     build_library(corpus, library)
+    from service.transcription import LazyTranscriber, transcription_enabled
+
     embedder = create_model(model or default_model_name())
+    if transcription_enabled():  # speech in the library keeps its transcript; spoken examples are fused
+        embedder.transcribe = LazyTranscriber()
     coll = _open_collection(coll_dir, embedder, progress)
-    report = ingest(coll, embedder, [library], progress=progress)
+    report = ingest(coll, embedder, [library], progress=progress, transcribe=embedder.transcribe)
     return {"collection": coll, "embedder": embedder, "report": report}
 
 
