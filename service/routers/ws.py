@@ -7,6 +7,10 @@ Client messages (JSON text frames), each with a client-chosen ``id`` echoed in e
      "max_tokens": 64, "temperature": 0, "stop": ["\\n"]}
     {"type": "cancel",   "id": "2"}
 
+A search takes any ``POST /search`` body (``query``, ``item_id`` or ``vector``, ``k``, ``offset``,
+``modalities``, ``filters``: :class:`service.schemas.WSSearch` is that ``SearchQuery``); a generation
+takes ``POST /generate``'s fields but ``stream`` (:class:`service.schemas.WSGenerate`).
+
 Server messages: ``results`` (``{"results": [...]}`` as ``POST /search``), ``token`` (``{"text"}``),
 ``citations`` (``{"citations": [...]}``), ``done`` (``{"backend"}``, or ``{"cancelled": true}``) and
 ``error`` (``{"code", "message", "status"}``). Every accepted request gets exactly one terminal
