@@ -162,13 +162,23 @@ def served(tmp_path_factory):
 
 
 def via_route(client: TestClient, body: dict, fast: bool) -> list[tuple[int, float]]:
-    fastpath = client.app.fast_search
-    was, fastpath.enabled = fastpath.enabled, fast
+    """POST /search answered by the fast path (``fast``) or by the route behind it."""
+    from service import fastpath as module
+
+    fastpath, answered = client.app.fast_search, []
+    real = module.answer_async
+
+    async def spy(*args, **kw):
+        answered.append(1)
+        return await real(*args, **kw)
+
+    was, fastpath.enabled, module.answer_async = fastpath.enabled, fast, spy
     try:
         resp = client.post("/search", json=body)
     finally:
-        fastpath.enabled = was
+        fastpath.enabled, module.answer_async = was, real
     assert resp.status_code == 200, resp.text
+    assert len(answered) == (1 if fast else 0)  # the path asked for is the one that answered
     return [(r["id"], r["score"]) for r in resp.json()["results"]]
 
 
