@@ -374,3 +374,34 @@ def test_train_with_multilingual_tower_saves_without_it_and_reloads(use_folder, 
     with torch.inference_mode():
         want = trained.encode_batch("text", trained.encoders["text"].prepare(texts)).numpy()
     assert np.allclose(emb.encode_text(texts), want, atol=1e-5)
+
+
+def test_mm_train_cli_selects_the_tower_by_override(use_folder, tmp_path, capsys):
+    """`mm train ... --override text.kind=use_multilingual`: the plain string reaches the config."""
+    import json
+
+    from PIL import Image
+
+    from service.cli import main
+
+    rows = []
+    for name, rgb in {"red": (230, 30, 30), "blue": (30, 60, 230)}.items():
+        Image.new("RGB", (32, 32), rgb).save(tmp_path / f"{name}.png")
+        for i, text in enumerate((f"a {name} cat", f"un chat {name}")):
+            rows.append({"id": f"{name}{i}", "image": f"{name}.png", "text": text, "split": "train"})
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = [
+        "train",
+        "--manifest",
+        str(tmp_path / "m.jsonl"),
+        "--out",
+        str(tmp_path / "run"),
+        "--model",
+        "tiny",
+    ]
+    argv += ["--max-steps", "1", "--batch-size", "4", "--no-bf16", "--override", "text.kind=use_multilingual"]
+    argv += ["--override", f"text.pretrained={use_folder}", "--override", "text.trainable=false"]
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 1
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["text"]["kind"] == "use_multilingual"
