@@ -29,7 +29,7 @@ __all__ = [
 
 
 def build_text_encoder(cfg: TextEncoderConfig, pretrained: str | None = None) -> Encoder:
-    """``cfg.kind``: "minilm" (frozen, packaged weights), "open_clip" or "bpe" (from scratch)."""
+    """``cfg.kind``: "minilm", "use_multilingual", "e5_small" (frozen, packaged), "open_clip" or "bpe"."""
     from mm.encoders.text import build_text_encoder as build
 
     return build(cfg, pretrained)
