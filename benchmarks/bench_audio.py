@@ -23,6 +23,10 @@ Reported, each for speech and non-speech clips separately, one clip at a time (a
   collection of sentences, with ``spoken_query_word_accuracy`` at the same settings (and whether the
   question's own text is the top hit) and ``human_word_accuracy`` on the human words.
 
+- ``fusion`` (with the demo collection of ``make demo``): spoken queries for Tux Paint stamps (human
+  recordings of their names; espeak-ng readings of their captions) against the stamps' images, R@1 and
+  R@10 for the clip alone, fused with its transcript at several weights, and the transcript alone.
+
 Targets (issue 15, 2 cores): spoken-query p95 < 1000 ms for a 3 s clip; transcription (detector
 included) >= 10 non-speech clips/s and >= 2 speech clips/s.
 
@@ -276,6 +280,69 @@ def bench_spoken_query(n: int, n_human: int, threads: int) -> dict[str, Any]:
     }
 
 
+def bench_fusion(n_espeak: int, threads: int) -> dict[str, Any]:
+    """Spoken queries against the demo collection (``make demo``): each Tux Paint stamp's image is the
+    target of its English spoken name (human ``*_desc.ogg``) and of its caption read by espeak-ng;
+    R@1/R@10 among images for the clip alone (w=0), the clip fused with its transcript
+    (``mm.speech.fuse_spoken``, weight w) and the transcript alone."""
+    from benchmarks.paths import ROOT
+    from index.collection import Collection
+    from index.types import Filter
+    from mm.model import create_model, default_model_name
+    from mm.speech import SPOKEN_TEXT_WEIGHT, Transcriber, fuse_spoken
+
+    coll_dir, lib = ROOT / "demo" / "collection", (ROOT / "demo" / "library" / "tuxpaint").resolve()
+    if not (coll_dir / "collection.json").exists() or not lib.is_dir():
+        return {"skipped": "no demo collection (make demo builds it)"}
+    embedder = create_model(default_model_name())
+    coll = Collection.open(coll_dir, readonly=True)
+    if coll.embedder_id != embedder.model_id:
+        coll.close()
+        return {"skipped": f"the demo collection holds {coll.embedder_id}, not {embedder.model_id}"}
+    queries: list[tuple[str, Path, str]] = []
+    for p in sorted(glob.glob("/usr/share/tuxpaint/stamps/**/*_desc.ogg", recursive=True)):
+        png = lib / (Path(p).name[: -len("_desc.ogg")] + ".png")
+        if png.exists():
+            queries.append(("human", Path(p), str(png)))
+    pngs = [p for p in sorted(lib.glob("*.png")) if p.with_suffix(".txt").exists()]
+    rng = np.random.default_rng(0)
+    for png in [pngs[i] for i in rng.choice(len(pngs), min(n_espeak, len(pngs)), replace=False)]:
+        caption = png.with_suffix(".txt").read_text(errors="replace").splitlines()[0].strip()
+        name = f"caption_{hashlib.sha1(caption.encode()).hexdigest()[:12]}.wav"
+        queries.append(("espeak", espeak(caption, cache_dir("bench_audio") / name), str(png)))
+    tr = Transcriber("base", threads=threads)
+    weights: list[float | None] = [0.0, 0.5, 1.0, SPOKEN_TEXT_WEIGHT, 4.0, None]  # None: transcript alone
+    ranks: dict[str, dict[str, list[int]]] = {}
+    heard: dict[str, int] = {}
+    images = Filter(modalities=["image"])
+    for kind, path, target in queries:
+        clip = embedder.encode_audio([path])[0]
+        t = tr.transcribe(path)
+        text = embedder.encode_text([t.text])[0] if t is not None else None
+        heard[kind] = heard.get(kind, 0) + (t is not None)
+        for w in weights:
+            if text is None:
+                v = clip / np.linalg.norm(clip)
+            else:
+                v = text / np.linalg.norm(text) if w is None else fuse_spoken(clip, text, w)
+            uris = [h.item.uri for h in coll.search(v[None].astype(np.float32), k=10, filter=images)[0]]
+            key = "text_only" if w is None else f"w={w:g}"
+            ranks.setdefault(kind, {}).setdefault(key, []).append(
+                uris.index(target) + 1 if target in uris else 99
+            )
+    coll.close()
+    out: dict[str, Any] = {"default_weight": SPOKEN_TEXT_WEIGHT}
+    for kind, by_w in ranks.items():
+        out[kind] = {"queries": len(by_w["w=0"]), "transcribed": heard[kind]}
+        for key, r in by_w.items():
+            arr = np.array(r)
+            out[kind][key] = {
+                "r1": round(float(np.mean(arr <= 1)), 3),
+                "r10": round(float(np.mean(arr <= 10)), 3),
+            }
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clips", type=int, default=10, help="speech and non-speech clips each")
@@ -288,6 +355,7 @@ def main() -> None:
         help="torch and CTranslate2 threads (1: on a shared, oversubscribed machine 2 OpenMP threads "
         "stall each other; a dedicated 2-core machine runs two such workers)",
     )
+    ap.add_argument("--fusion", type=int, default=60, help="espeak-ng captions in the fusion test (0: skip)")
     ap.add_argument(
         "--quick", action="store_true", help="4 clips, 5 queries, default transcription mode only"
     )
@@ -320,6 +388,8 @@ def main() -> None:
     result["encoders"] = bench_encoders(clips, args.quick)
     result["transcription"] = bench_transcription(speech, refs, nonspeech, args.quick, args.threads)
     result |= bench_spoken_query(args.queries, args.human, args.threads)
+    if args.fusion and not args.quick:
+        result["fusion"] = bench_fusion(args.fusion, args.threads)
     default = result["transcription"]["ct2_int8"]
     result["targets"] = {
         "spoken_query_p95_under_1000ms": result["spoken_query_p95_ms"] < 1000,

@@ -60,11 +60,6 @@ def needs_model(query: SearchQuery) -> bool:
     return query.query is not None or query.media is not None
 
 
-# A spoken query searches with normalise(clip vector + w * transcript vector): what was said counts more
-# than how it sounded (both are unit vectors in the shared space). A first choice, not yet tuned by mm eval.
-SPOKEN_TEXT_WEIGHT = 2.0
-
-
 @dataclass(frozen=True)
 class QueryVector:
     """Step 1's result: the ``(D,)`` query vector and, for a spoken query, what was heard."""
@@ -104,8 +99,9 @@ def embed_file(embedder: Embedder, media: QueryMedia) -> QueryVector:
     if not heard or not str(heard.get("text", "")).strip():
         return QueryVector(vector)
     heard = {"text": str(heard["text"]).strip(), "language": str(heard.get("language", ""))}
-    fused = vector + SPOKEN_TEXT_WEIGHT * np.asarray(embedder.encode_text([heard["text"]])[0], np.float32)
-    return QueryVector((fused / max(float(np.linalg.norm(fused)), 1e-12)).astype(np.float32), heard)
+    from mm.speech import fuse_spoken  # one fusion for the service and the benchmarks (mm.speech)
+
+    return QueryVector(fuse_spoken(vector, embedder.encode_text([heard["text"]])[0]), heard)
 
 
 def embed(query: SearchQuery, embedder: Embedder, collection: Collection) -> QueryVector:

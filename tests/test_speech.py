@@ -263,7 +263,9 @@ def test_spoken_query_is_fused_with_its_transcript_and_says_what_was_heard(tmp_p
         spoken = search.answer(query, embedder, coll)
         assert spoken.heard == {"text": "a red car", "language": "en"}
         assert spoken.to_dict()["heard"] == spoken.heard and spoken.hits[0].id == car.id
-        fused = audio + search.SPOKEN_TEXT_WEIGHT * embedder.encode_text(["a red car"])[0]
+        from mm.speech import SPOKEN_TEXT_WEIGHT
+
+        fused = audio + SPOKEN_TEXT_WEIGHT * embedder.encode_text(["a red car"])[0]
         np.testing.assert_allclose(
             search.embed(query, embedder, coll).vector, fused / np.linalg.norm(fused), atol=1e-5
         )
