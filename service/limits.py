@@ -28,6 +28,8 @@ MAX_MESSAGE_CHARS = 32_000  # one chat message (OpenAI route); the question is M
 MAX_MESSAGES = 256  # messages of one chat request
 MAX_PATH_CHARS = 4096  # PATH_MAX on Linux
 MAX_NAME_BYTES = 255  # one path component (NAME_MAX)
+# A form's comma-separated modalities ("image, audio"; empty: all), as a schema pattern (anchored).
+MODALITIES_CSV = r"^[\s,]*(?:(?:text|image|audio)\s*(?:,[\s,]*|$))*$"
 BODY_IDLE_S = 30.0  # a request body that stops arriving for this long is answered 408 (a slow client)
 
 

@@ -553,3 +553,28 @@ def test_schema_states_every_text_limit(spec):
     assert text_bound(schemas["ContentPart"]["properties"]["text"]) == MAX_MESSAGE_CHARS
     form = schemas["Body_add_item_items_post"]["properties"]
     assert text_bound(form["text"]) == MAX_TEXT_CHARS and text_bound(form["caption"]) == MAX_TEXT_CHARS
+
+
+def test_forms_and_chat_say_what_the_server_takes(client, spec):
+    form = spec["paths"]["/generate"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert form["properties"]["k"]["maximum"] == 20 and form["additionalProperties"] is False
+    upload = {"file": ("q.png", image_bytes(), "image/png")}
+    assert_4xx(client.post("/generate", files=upload, data={"k": "21"}))
+    assert_4xx(client.post("/generate", files=upload, data={"surprise": "x"}))
+    assert_4xx(client.post("/search/upload", files=upload, data={"modalities": "video"}))
+    assert (
+        client.post("/search/upload", files=upload, data={"modalities": " image, audio"}).status_code == 200
+    )
+    # a form field is a value or absent: no null in a multipart body's schema
+    items_form = spec["components"]["schemas"]["Body_add_item_items_post"]
+    assert all("anyOf" not in p for p in items_form["properties"].values())
+    assert [b["required"] for b in items_form["oneOf"]] == [["file"], ["text"]]
+    # chat: the question is the last user message with text, as the schema's "contains" says
+    messages = spec["components"]["schemas"]["ChatRequest"]["properties"]["messages"]
+    assert messages["contains"]["properties"]["role"] == {"const": "user"}
+    image_only = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}
+    body = {"messages": [{"role": "user", "content": "red circle"}, image_only]}
+    assert client.post("/v1/chat/completions", json=body).status_code == 200
+    assert_4xx(client.post("/v1/chat/completions", json={"messages": [image_only]}))
+    streamed = spec["paths"]["/v1/chat/completions"]["post"]["responses"]["200"]["content"]
+    assert {"application/json", "text/event-stream"} <= set(streamed)

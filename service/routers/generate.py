@@ -30,7 +30,11 @@ from service.errors import APIError
 from service.generation import Answer, GeneratorUnavailable, start_answer
 from service.generation import generators_of as generators_of  # re-exported: tests reach the registry here
 from service.generation.usecases import unavailable
+from service.limits import MAX_QUERY_CHARS, MODALITIES_CSV
 from service.schemas import (
+    MAX_GROUNDING_K,
+    MAX_NEW_TOKENS,
+    MAX_STOPS,
     GenerateRequest,
     GenerateResponse,
     QueryMedia,
@@ -38,6 +42,7 @@ from service.schemas import (
     error_responses,
 )
 from service.search import answer_http
+from service.settings import BACKENDS
 
 router = APIRouter(tags=["generate"])
 
@@ -106,6 +111,31 @@ async def _from_form(request: Request, collection: Any, embedder: Any, settings:
     return req, hits
 
 
+# The multipart form, with the bounds GenerateRequest enforces on the same fields (the form's text
+# fields are validated as GenerateRequest): the schema says what the server takes.
+FORM_SCHEMA = {
+    "type": "object",
+    "required": ["file"],
+    "additionalProperties": False,  # GenerateRequest forbids unknown fields
+    "properties": {
+        "file": {"type": "string", "format": "binary", "minLength": 1},
+        "question": {
+            "type": "string",
+            "maxLength": MAX_QUERY_CHARS,
+            "pattern": r"^$|\S",
+            "description": f"empty or omitted: {DEFAULT_QUESTION!r}",
+        },
+        "k": {"type": "integer", "minimum": 1, "maximum": MAX_GROUNDING_K},
+        "modalities": {"type": "string", "pattern": MODALITIES_CSV, "description": "comma-separated"},
+        "backend": {"type": "string", "enum": list(BACKENDS)},
+        "stream": {"type": "boolean"},
+        "max_tokens": {"type": "integer", "minimum": 1, "maximum": MAX_NEW_TOKENS},
+        "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+        "stop": {"type": "string", "description": f"comma-separated, at most {MAX_STOPS}"},
+    },
+}
+
+
 @router.post(
     "/generate",
     response_model=GenerateResponse,
@@ -117,20 +147,7 @@ async def _from_form(request: Request, collection: Any, embedder: Any, settings:
         "requestBody": {
             "content": {
                 "application/json": {"schema": schema_ref(GenerateRequest)},
-                "multipart/form-data": {
-                    "schema": {
-                        "type": "object",
-                        "required": ["file"],
-                        "properties": {
-                            "file": {"type": "string", "format": "binary"},
-                            "question": {"type": "string"},
-                            "k": {"type": "integer"},
-                            "modalities": {"type": "string", "description": "comma-separated"},
-                            "backend": {"type": "string"},
-                            "stream": {"type": "boolean"},
-                        },
-                    }
-                },
+                "multipart/form-data": {"schema": FORM_SCHEMA},
             },
             "required": True,
         }

@@ -76,13 +76,23 @@ async def list_models(settings: SettingsDep) -> JSONResponse:
     return JSONResponse({"object": "list", "data": data})
 
 
-@router.post("/chat/completions", responses=error_responses(401, 404, 422, 503))
+@router.post(
+    "/chat/completions",
+    responses={
+        **error_responses(401, 404, 422, 503),
+        200: {
+            "content": {"text/event-stream": {}},
+            "description": "a completion, or chunks when stream=true",
+        },
+    },
+)
 async def chat_completions(
     req: ChatRequest, request: Request, collection: CollectionDep, embedder: EmbedderDep
 ):
     """Chat completion whose answer is grounded in the items retrieved for the last user message."""
     backend = _backend(req.model)
-    users = [_text(m.content) for m in req.messages if m.role == "user"]
+    # the last user message with text (one holding only an image, say, is skipped), as the schema says
+    users = [text for m in req.messages if m.role == "user" and (text := _text(m.content))]
     question = users[-1] if users else ""
     if not question:
         raise APIError(

@@ -17,6 +17,7 @@ from mm.errors import MediaError
 from mm.media import describe_limits, require_modality
 from service.body import json_body_doc, parse_json, validate
 from service.deps import CollectionDep, EmbedderDep, SettingsDep
+from service.limits import MODALITIES_CSV
 from service.responses import FastJSONResponse
 from service.routing import LeanRoute
 from service.schemas import (
@@ -82,7 +83,9 @@ def search_upload(
     collection: CollectionDep,
     embedder: EmbedderDep,
     settings: SettingsDep,
-    modalities: Annotated[str | None, Form(description="comma-separated: text,image,audio")] = None,
+    modalities: Annotated[
+        str | None, Form(description="comma-separated: text,image,audio", pattern=MODALITIES_CSV)
+    ] = None,
     k: Annotated[int, Form(json_schema_extra=_bounds(1, MAX_K))] = 10,
     offset: Annotated[int, Form(json_schema_extra=_bounds(0, MAX_OFFSET))] = 0,
     tags: Annotated[str | None, Form(description="comma-separated; items must carry all")] = None,
