@@ -19,6 +19,7 @@ from collections.abc import Iterable
 
 MASK = "[redacted]"
 LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "service", "mm", "index", "httpx")
+KEEP_ARGS = ("uvicorn.access",)  # its formatter reads the arguments (client, method, path, ...) one by one
 MIN_SECRET_CHARS = 4  # shorter configured "secrets" would mask ordinary words in every line
 
 _PATTERNS = (
@@ -68,6 +69,15 @@ class RedactSecrets(logging.Filter):
             record.args = tuple(self._clean(a) for a in record.args)
         elif isinstance(record.args, dict):
             record.args = {k: self._clean(v) for k, v in record.args.items()}
+        if record.args and record.name not in KEEP_ARGS:
+            # a key split over the arguments ("< %s: %s" % ("x-api-key", KEY), as the websockets library
+            # logs a handshake) shows only in the whole message: mask that, and log it as one string
+            try:
+                text = record.getMessage()
+            except (TypeError, ValueError):  # a malformed call: logging reports it itself
+                text = None
+            if text is not None and (masked := redact(text, self.secrets)) != text:
+                record.msg, record.args = masked, None
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)
         if record.exc_text:

@@ -578,3 +578,28 @@ def test_forms_and_chat_say_what_the_server_takes(client, spec):
     assert_4xx(client.post("/v1/chat/completions", json={"messages": [image_only]}))
     streamed = spec["paths"]["/v1/chat/completions"]["post"]["responses"]["200"]["content"]
     assert {"application/json", "text/event-stream"} <= set(streamed)
+
+
+def test_a_key_split_over_log_arguments_is_masked():
+    """The websockets library logs each handshake header as ``"< %s: %s" % (name, value)``: neither
+    argument alone looks like a header, and a wrong key is no configured secret."""
+    import logging
+
+    from service.redact import RedactSecrets
+
+    record = logging.LogRecord(
+        "uvicorn.error", logging.DEBUG, __file__, 1, "< %s: %s", ("x-api-key", "k-9z"), None
+    )
+    RedactSecrets(["configured-key"]).filter(record)
+    assert record.getMessage() == "< x-api-key: [redacted]"
+    access = logging.LogRecord(
+        "uvicorn.access",
+        logging.INFO,
+        __file__,
+        1,
+        '%s - "%s %s HTTP/%s" %d',
+        ("c", "GET", "/ws?api_key=k-9z", "1.1", 101),
+        None,
+    )
+    RedactSecrets().filter(access)
+    assert access.args == ("c", "GET", "/ws?api_key=[redacted]", "1.1", 101)  # its formatter reads them
