@@ -252,9 +252,11 @@ class Collection:
 
     @contextlib.contextmanager
     def bulk(self) -> Iterator[Collection]:
-        """Defer FAISS writes to the end of the block (SQLite still commits each change).
+        """Defer FAISS writes and index type switches to the end of the block (SQLite still commits
+        each change; searches meanwhile see every change, in the index type the block started with).
 
-        A crash inside the block loses nothing committed: the next open rebuilds the index from SQLite.
+        A crash inside the block loses nothing committed: the next open catches the FAISS file up from
+        the change log, or rebuilds it from SQLite when most of the collection changed.
         """
         with self._wlock:
             self._defer += 1
@@ -264,6 +266,9 @@ class Collection:
             with self._wlock:
                 self._defer -= 1
                 if self._defer == 0:
+                    # one switch at the end: a bulk load of 1M would otherwise build Flat, then HNSW,
+                    # then IVF (each a rebuild from SQLite) on its way up
+                    self._maybe_switch()
                     self.save()
 
     def refresh(self) -> bool:
@@ -364,10 +369,17 @@ class Collection:
         gen = self.store.generation()
         side = self._read_sidecar()
         vi, reason = None, None
+        caught_up = False
         if side is None:
             reason = f"{SIDECAR_FILE} is missing or unreadable"
         elif int(side["generation"]) != gen:
             reason = f"{VECTORS_FILE} is at generation {side['generation']} but {META_FILE} at {gen}"
+            # a writer killed after its SQLite commit, before its FAISS save: the file plus the change
+            # log since its generation is the index now (a million vectors are not rebuilt for one edit)
+            found = self._load_stale(int(side["generation"]), str(side.get("spec", "Flat")))
+            if found is not None:
+                vi, gen = found
+                reason, caught_up = None, True
         else:
             try:
                 vi = VectorIndex.read(self.path / VECTORS_FILE, str(side.get("spec", "Flat")), self.policy)
@@ -393,7 +405,14 @@ class Collection:
         with self._rw.write():
             self._vindex = vi
         self.generation = gen
-        if reason is None:
+        if caught_up:
+            log.info(
+                "collection %s: caught %s up to generation %d from the change log",
+                self.path,
+                VECTORS_FILE,
+                gen,
+            )
+        if reason is None and not caught_up:
             self._saved_generation = gen
         elif not self.readonly:
             with self._wlock:
@@ -401,6 +420,32 @@ class Collection:
                 if on_open:  # a catch-up runs in a search: the writer saves its own file, close() ours
                     with self._flock:
                         self.save()
+
+    def _load_stale(self, file_gen: int, spec: str) -> tuple[VectorIndex, int] | None:
+        """The FAISS file at ``file_gen`` brought up to date from ``vector_changes``: ``(index, generation)``,
+        or None when the log does not reach back that far, most of the collection changed, or the result
+        does not hold exactly SQLite's ids (then the caller rebuilds)."""
+        try:
+            vi = VectorIndex.read(self.path / VECTORS_FILE, spec, self.policy)
+        except (RuntimeError, ValueError, OSError):
+            return None
+        if vi.dim != self.dim:
+            return None
+        changes = self.store.changes_since(file_gen, max_ids=vi.live // 2 + 1000)
+        if changes is None:
+            return None
+        try:
+            vi.remove(changes.changed)
+            if len(changes.ids):
+                vi.add(changes.ids, changes.vectors)
+        except Exception:
+            log.exception("collection %s: applying the change log to %s failed", self.path, VECTORS_FILE)
+            return None
+        # the ids must be SQLite's (at the log's snapshot; a writer committing meanwhile fails this, and
+        # the caller rebuilds: correct, only slower)
+        if not np.array_equal(np.sort(vi.live_ids()), self.store.all_ids()):
+            return None
+        return vi, changes.generation
 
     # index type -------------------------------------------------------------------------------------
     def _target_spec(self, n: int) -> str:
@@ -467,8 +512,8 @@ class Collection:
             with self._rw.write():
                 self._vindex = new
         self.generation = gen
-        self._maybe_switch()
         if self._defer == 0:
+            self._maybe_switch()
             self.save()
 
     def _check_vectors(self, vectors: np.ndarray, n: int) -> np.ndarray:
@@ -713,14 +758,35 @@ class Collection:
             vi = self._vindex
             assert vi is not None
             exact = allowed is not None and vi.kind != "flat" and len(allowed) <= self.policy.exact_max
+            quantized = vi.kind == "ivf" and ("SQ" in vi.spec or "PQ" in vi.spec)
             if not exact:
-                scores, labels, full = vi.search(q, k, allowed, excluded)
+                wide = k * max(self.policy.rescore, 1) if quantized else k
+                scores, labels, full = vi.search(q, wide, allowed, excluded)
                 # an approximate index that cannot fill k from a filtered set: fall back to exact
                 exact = not full and allowed is not None
         if exact:
             assert allowed is not None
             scores, labels = self._exact_search(q, k, allowed)
+        elif quantized:
+            scores, labels = self._rescore(q, labels, k)
         return scores, labels
+
+    def _rescore(self, q: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Order a quantized index's candidates (Q, c) by their exact scores against the stored float32
+        vectors (SQ8 codes cannot tell near-duplicates apart); the top ``k`` (Q, k), -1 padded."""
+        ids, vecs = self.store.vectors(np.unique(labels[labels >= 0]))
+        row = {int(i): r for r, i in enumerate(ids)}
+        out_s = np.full((len(q), k), -np.inf, dtype=np.float32)
+        out_i = np.full((len(q), k), -1, dtype=np.int64)
+        for r, lrow in enumerate(labels):
+            cand = np.array([i for i in dict.fromkeys(lrow.tolist()) if i in row], dtype=np.int64)
+            if not len(cand):
+                continue
+            s = vecs[[row[int(i)] for i in cand]] @ q[r]
+            top = np.argsort(-s, kind="stable")[:k]
+            out_s[r, : len(top)] = s[top]
+            out_i[r, : len(top)] = cand[top]
+        return out_s, out_i
 
     def lexical_search(self, text: str, k: int = 10, filter: Filter | None = None) -> list[Hit]:
         """Items whose words match ``text`` by BM25 (higher is better), after ``filter`` (index.lexical)."""

@@ -40,12 +40,18 @@ class IndexPolicy:
     ef_search: int = 128  # HNSW search breadth; >= 0.95 recall@10 on embedding-like data
     nprobe: int = 0  # IVF lists probed per query; 0 = nlist / 8, at least 8
     exact_max: int = 2048  # filtered sets this small are scored exactly from the stored vectors
+    rescore: int = 4  # quantized (SQ/PQ) indexes: candidates per wanted hit, rescored from float32
     tombstone_ratio: float = 0.2  # rebuild an index that cannot delete once this share is dead
 
 
 def _nlist_for(n: int) -> int:
-    """IVF list count ~ 4 sqrt(n), a power of two (so it changes only when n grows 4x), 16..65536."""
-    target = 4 * math.sqrt(max(n, 1))
+    """IVF list count ~ sqrt(n), a power of two (so it changes only when n grows 4x), 16..65536.
+
+    The faiss wiki suggests 4-16 sqrt(n); on a small box k-means training is what bounds a rebuild
+    (39 points x nlist centroids x nlist), and sqrt(n) lists of ~sqrt(n) vectors each keep both the
+    training (~10 s at 1M, 2 cores) and a probe of a few dozen lists (with rescoring) cheap.
+    """
+    target = math.sqrt(max(n, 1))
     return int(min(65536, max(16, 2 ** round(math.log2(target)))))
 
 
@@ -152,7 +158,7 @@ def build_index(
             got = 0 if train_vectors is None else len(train_vectors)
             raise ValueError(f"index spec {spec!r} needs at least {need} vectors to train, got {got}")
         x = _as_matrix(train_vectors, dim)
-        cap = max(need * 64, 50_000)
+        cap = max(train_threshold(spec), 50_000)
         if len(x) > cap:  # k-means quality saturates; training time does not
             x = x[np.random.default_rng(0).choice(len(x), cap, replace=False)]
         inner.train(x)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import shutil
@@ -193,7 +194,7 @@ def test_restart_keeps_everything(tmp_path, caplog):
     c.close()
 
 
-@pytest.mark.parametrize("damage", ["corrupt", "missing", "stale"])
+@pytest.mark.parametrize("damage", ["corrupt", "missing"])
 def test_mismatch_is_repaired_from_sqlite_with_warning(tmp_path, caplog, damage):
     path = tmp_path / "c"
     x = unit(60, seed=7)
@@ -205,11 +206,8 @@ def test_mismatch_is_repaired_from_sqlite_with_warning(tmp_path, caplog, damage)
         c.delete([ids[0]])
     if damage == "corrupt":
         (path / VECTORS_FILE).write_bytes(b"garbage" * 100)
-    elif damage == "missing":
+    else:
         (path / VECTORS_FILE).unlink()
-    else:  # as if the process died after the SQLite commit, before the FAISS write
-        shutil.copy(tmp_path / "old.faiss", path / VECTORS_FILE)
-        shutil.copy(tmp_path / "old.json", path / SIDECAR_FILE)
     with caplog.at_level(logging.WARNING, logger="index"):
         c = Collection.open(path)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -222,6 +220,59 @@ def test_mismatch_is_repaired_from_sqlite_with_warning(tmp_path, caplog, damage)
     with caplog.at_level(logging.WARNING, logger="index"), Collection.open(path) as c:
         assert c.count() == 59  # the repair was saved: no second warning
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+@pytest.mark.parametrize("readonly", [False, True])
+def test_stale_file_catches_up_from_the_change_log_without_a_rebuild(tmp_path, caplog, monkeypatch, readonly):
+    """Killed after the SQLite commit, before the FAISS write: the old file + the log are the index."""
+    path = tmp_path / "c"
+    x = unit(60, seed=7)
+    with Collection.create(path, dim=DIM, embedder_id="f", index_spec="HNSW32") as c:
+        ids = c.add(x[:30], items(30))
+        shutil.copy(path / VECTORS_FILE, tmp_path / "old.faiss")
+        shutil.copy(path / SIDECAR_FILE, tmp_path / "old.json")
+        ids += c.add(x[30:], items(30, start=30))
+        c.delete([ids[0]])
+        c.upsert(x[5:6] * -1, [dataclasses.replace(c.get(ids[5]), id=0)])  # same uri, new vector
+    shutil.copy(tmp_path / "old.faiss", path / VECTORS_FILE)
+    shutil.copy(tmp_path / "old.json", path / SIDECAR_FILE)
+
+    def no_rebuild(*a, **kw):
+        raise AssertionError("a stale file the change log covers must not be rebuilt")
+
+    monkeypatch.setattr(Collection, "_rebuild_index", no_rebuild)
+    with caplog.at_level(logging.WARNING, logger="index"):
+        c = Collection.open(path, readonly=readonly)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert c.count() == 59 and c.stats()["ntotal"] == 59 and c.stats()["index"] == "HNSW32"
+    assert c.search(x[45], k=1)[0][0].id == ids[45]
+    assert c.search(-x[5], k=1)[0][0].id == ids[5]  # the upserted vector, not the one in the old file
+    assert all(h.id != ids[0] for h in c.search(x[0], k=10)[0])
+    report = c.check()
+    assert report["faiss_live"] == 59 and not report["missing_in_faiss"] and not report["extra_in_faiss"]
+    c.close()
+    written = (path / SIDECAR_FILE).read_bytes() != (tmp_path / "old.json").read_bytes()
+    assert written is not readonly  # a writable open saves the caught-up file; a read-only one cannot
+    with Collection.open(path) as c:
+        assert c.check()["disk_index"] == "current"
+
+
+def test_stale_file_beyond_the_trimmed_log_is_rebuilt(tmp_path, caplog):
+    path = tmp_path / "c"
+    x = unit(40, seed=3)
+    with Collection.create(path, dim=DIM, embedder_id="f") as c:
+        c.add(x[:10], items(10))
+        shutil.copy(path / VECTORS_FILE, tmp_path / "old.faiss")
+        shutil.copy(path / SIDECAR_FILE, tmp_path / "old.json")
+        for i in range(10, 40):
+            c.add(x[i : i + 1], items(1, start=i))
+        c.store.trim_changes(keep=5)  # the log no longer reaches back to the old file's generation
+    shutil.copy(tmp_path / "old.faiss", path / VECTORS_FILE)
+    shutil.copy(tmp_path / "old.json", path / SIDECAR_FILE)
+    with caplog.at_level(logging.WARNING, logger="index"), Collection.open(path) as c:
+        assert c.count() == 40 and c.stats()["ntotal"] == 40
+        assert c.search(x[33], k=1)[0][0].item.uri == "/data/a/f33"
+    assert any("rebuilding" in r.getMessage() for r in caplog.records)
 
 
 def test_readonly_repair_stays_in_memory(tmp_path, caplog):
