@@ -4,12 +4,17 @@
 "results": [{"id", "score", "modality", "caption", "media_url", "thumbnail_url", "uri", "mime",
 "duration", "width", "height", "tags", "transcript"}]}``, plus ``"heard": {"text", "language"}`` for
 an ``--audio`` query with speech (searched by its clip and its transcript together).
+
+When an ``mm serve`` of the same collection and model is running (its ``serve.json``, see
+:mod:`service.cli.remote`), the query goes to it and the model is not loaded here; the answer is the
+same. A line on stderr says which path answered; ``--local`` always loads the model here.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from service.cli.common import (
@@ -42,6 +47,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--offset", type=int, default=0, help="skip this many results (paging)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument(
+        "--local", action="store_true", help="load the model here even when `mm serve` runs on the collection"
+    )
     add_collection(p)
     add_model(p)
     p.set_defaults(func=run)
@@ -72,15 +80,18 @@ def run(args: argparse.Namespace) -> int:
     if media is not None and not media.path.is_file():  # before the model loads (seconds)
         raise FileNotFoundError(f"no such file: {media.path}")
 
-    embedder = load_embedder(args.model)
-    with open_collection(args.collection, embedder, readonly=True) as coll:
-        found = answer(query, embedder, coll)
-    results = found.results()
+    body = None if args.local else search_served(args.collection, args.model, query)
+    if body is None:
+        embedder = load_embedder(args.model)
+        with open_collection(args.collection, embedder, readonly=True) as coll:
+            body = answer(query, embedder, coll).to_dict()
+    results = body["results"]
     if args.json:
-        print(json.dumps(found.to_dict()))
+        print(json.dumps(body))
         return 0
-    if found.heard is not None:
-        print(f"heard ({found.heard['language'] or '?'}): {found.heard['text']}")
+    heard = body.get("heard")
+    if heard is not None:
+        print(f"heard ({heard['language'] or '?'}): {heard['text']}")
     if not results:
         print("no results")
         return 0
@@ -97,3 +108,18 @@ def run(args: argparse.Namespace) -> int:
     ]
     print(table(rows, ["#", "score", "modality", "id", "caption", "uri"]))
     return 0
+
+
+def search_served(collection: Path, model: str, query) -> dict | None:
+    """The answer of the running ``mm serve`` of ``collection`` (None: there is none; load the model)."""
+    from service.cli import remote
+
+    server, why = remote.find_server(collection, model)
+    if server is None:
+        print(f"mm: loading the model ({why}; `mm serve` keeps it warm)", file=sys.stderr)
+        return None
+    print(
+        f"mm: using the server at {server.url} (pid {server.pid}; --local to load the model here)",
+        file=sys.stderr,
+    )
+    return remote.search_remote(server, query)
