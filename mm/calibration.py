@@ -53,6 +53,7 @@ class Calibration:
     """Per-pair maps plus the no-match threshold, both on the calibrated (probability) scale."""
 
     pairs: dict[str, PairFit] = field(default_factory=dict)  # "text->image" -> fit
+    lexical: PairFit | None = None  # BM25 of a word match -> P(relevant) (fitted by the service layer)
     threshold: float | None = None  # calibrated score under which a best hit is "no good match"
     split: str = ""  # where it was fitted
 
@@ -78,7 +79,8 @@ class Calibration:
             "method": "platt",
             "split": self.split,
             "threshold": self.threshold,
-            "pairs": {k: {"a": f.a, "b": f.b, "n": f.n, "n_pos": f.n_pos} for k, f in self.pairs.items()},
+            "pairs": {k: _fit_dict(f) for k, f in self.pairs.items()},
+            "lexical": None if self.lexical is None else _fit_dict(self.lexical),
         }
 
     @classmethod
@@ -90,12 +92,11 @@ class Calibration:
             src, _, dst = key.partition("->")
             if src not in MODALITIES or dst not in MODALITIES:
                 raise ValueError(f"calibration pair {key!r} is not 'modality->modality'")
-            a, b = float(f["a"]), float(f["b"])
-            if not (math.isfinite(a) and math.isfinite(b)):
-                raise ValueError(f"calibration pair {key!r} has non-finite parameters")
-            pairs[key] = PairFit(a, b, int(f.get("n", 0)), int(f.get("n_pos", 0)))
+            pairs[key] = _read_fit(key, f)
         thr = data.get("threshold")
-        return cls(pairs, None if thr is None else float(thr), str(data.get("split", "")))
+        lex = data.get("lexical")
+        lexical = None if lex is None else _read_fit("lexical", lex)
+        return cls(pairs, lexical, None if thr is None else float(thr), str(data.get("split", "")))
 
     def save(self, path: str | Path) -> None:
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
@@ -112,6 +113,17 @@ class Calibration:
         return cls.load(Path(directory) / FILE_NAME)
 
 
+def _fit_dict(f: PairFit) -> dict[str, Any]:
+    return {"a": f.a, "b": f.b, "n": f.n, "n_pos": f.n_pos}
+
+
+def _read_fit(key: str, f: dict[str, Any]) -> PairFit:
+    a, b = float(f["a"]), float(f["b"])
+    if not (math.isfinite(a) and math.isfinite(b)):
+        raise ValueError(f"calibration pair {key!r} has non-finite parameters")
+    return PairFit(a, b, int(f.get("n", 0)), int(f.get("n_pos", 0)))
+
+
 def fit_platt(scores: np.ndarray, labels: np.ndarray, iters: int = 50) -> tuple[float, float]:
     """Logistic regression of ``labels`` (0/1) on ``scores`` by Newton's method; returns (a, b).
 
@@ -125,15 +137,26 @@ def fit_platt(scores: np.ndarray, labels: np.ndarray, iters: int = 50) -> tuple[
         raise ValueError("calibration needs both relevant and irrelevant pairs")
     t = np.where(y > 0, (n_pos + 1) / (n_pos + 2), 1 / (n_neg + 2))
     x = np.stack([s, np.ones_like(s)], axis=1)  # (n, 2)
-    w = np.array([1.0, math.log((n_pos + 1) / (n_neg + 1))])
+    w = np.array([0.0, math.log((n_pos + 1) / (n_neg + 1))])
+
+    def loss(w: np.ndarray) -> float:  # cross-entropy against the smoothed targets
+        z = x @ w
+        return float(np.sum(np.logaddexp(0.0, z) - t * z))
+
+    current = loss(w)
     for _ in range(iters):
         p = 1.0 / (1.0 + np.exp(-np.clip(x @ w, -60, 60)))
         grad = x.T @ (p - t)
         hess = (x * (p * (1 - p))[:, None]).T @ x + 1e-9 * np.eye(2)
         step = np.linalg.solve(hess, grad)
-        w -= step
-        if np.abs(step).max() < 1e-10:
+        scale = 1.0  # Newton with step halving: a plain Newton step can overshoot from a flat start
+        while scale > 1e-6 and loss(w - scale * step) > current:
+            scale /= 2
+        w -= scale * step
+        new = loss(w)
+        if abs(current - new) < 1e-10 * max(1.0, abs(current)):
             break
+        current = new
     return float(w[0]), float(w[1])
 
 
@@ -202,7 +225,7 @@ def fit_calibration(
     )
     report["threshold"] = threshold
     report["threshold_rates"] = balanced
-    return Calibration(pairs, threshold, split), report
+    return Calibration(pairs, None, threshold, split), report
 
 
 def no_match_threshold(

@@ -94,7 +94,7 @@ MAX_OFFSET = 10_000  # paging stops here: an exact top-(offset + k) is searched 
 QueryKind = Literal["text", "image", "audio", "item", "vector"]
 # How results are ranked. Only "vector" (nearest neighbours in the shared space) exists today; lexical
 # ("keyword") and fused ("hybrid") ranking join this list and ``service.search.rank``, nowhere else.
-SearchMode = Literal["vector"]
+SearchMode = Literal["hybrid", "vector", "keyword"]
 
 
 def parse_time(value: datetime | float | str | None) -> float | None:
@@ -188,7 +188,11 @@ class SearchQuery(BaseModel):
     k: int = Field(10, ge=1, le=MAX_K, description=f"results (1..{MAX_K}; page further with offset)")
     offset: int = Field(0, ge=0, le=MAX_OFFSET, description="results skipped (paging)")
     filters: SearchFilters | None = None
-    mode: SearchMode = Field("vector", description="ranking: nearest neighbours of the query vector")
+    mode: SearchMode = Field(
+        "hybrid",
+        description="ranking: 'vector' (nearest neighbours), 'keyword' (words of captions, file names, tags "
+        "and transcripts; text queries only) or 'hybrid' (both, fused by calibrated scores; the default)",
+    )
     # Derived once, when the query is made: read on every search, so straight from pydantic's private dict
     # (a private attribute read through the model costs ~1 us, a share of a sub-millisecond search).
     _unit: np.ndarray | None = PrivateAttr(None)
@@ -198,6 +202,8 @@ class SearchQuery(BaseModel):
     def _rules(self) -> SearchQuery:
         if sum(x is not None for x in (self.query, self.item_id, self.vector, self.media)) != 1:
             raise ValueError("give exactly one query: text, an item id, a vector, or an image or audio file")
+        if self.mode == "keyword" and self.query is None:
+            raise ValueError("mode 'keyword' searches words: give a text query")
         private = self.__pydantic_private__
         assert private is not None  # pydantic sets it before "after" validators run
         if self.vector is not None:
@@ -282,7 +288,9 @@ class Transcript(TypedDict):
 
 class SearchResult(TypedDict):
     id: int
-    score: float
+    score: float  # calibrated P(relevant) when the model has a calibration (else the raw score), fused
+    score_raw: float | None  # the query vector's cosine with the item (None: a keyword-only hit)
+    lexical_score: float | None  # BM25 of the item's word match (None: its words did not match)
     modality: Modality
     caption: str
     media_url: str | None
@@ -306,6 +314,9 @@ class SearchResponse(BaseModel):
     took_ms: float
     query: QueryEcho
     heard: Transcript | None = Field(None, description="a spoken query: the speech it was heard to say")
+    no_good_match: bool = Field(
+        False, description="true when even the best result scores under the model's no-match threshold"
+    )
 
 
 class ItemOut(BaseModel):

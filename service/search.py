@@ -31,6 +31,7 @@ from index.types import Hit, Item
 from mm.errors import MediaError
 from mm.media import text_snippet
 from service.errors import APIError
+from service.ranking import Ranked, rank_hits
 from service.schemas import QueryMedia, SearchQuery, SearchResult, Transcript
 
 if TYPE_CHECKING:
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
 
     from index.collection import Collection
     from index.protocol import Embedder
+    from mm.calibration import Calibration
 
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,7 @@ class QueryVector:
 
     vector: np.ndarray
     heard: dict[str, str] | None = None  # {"text", "language"} of the speech in an audio query
+    modality: str | None = None  # what the query is (calibration is per query modality); None: a raw vector
 
 
 def embed_media(embedder: Embedder, media: QueryMedia) -> np.ndarray:
@@ -90,25 +93,31 @@ def embed_file(embedder: Embedder, media: QueryMedia) -> QueryVector:
         raise MediaError(f"cannot read {media.name}: {exc}", kind="corrupt", path=str(media.path)) from exc
     transcribe = getattr(embedder, "transcribe", None) if media.modality == "audio" else None
     if transcribe is None:
-        return QueryVector(vector)
+        return QueryVector(vector, modality=media.modality)
     try:
         heard = transcribe(payload)
     except Exception as exc:  # a recogniser failure costs the fusion, never the search
         log.warning("cannot transcribe %s: %s", media.name, exc)
-        return QueryVector(vector)
+        return QueryVector(vector, modality=media.modality)
     if not heard or not str(heard.get("text", "")).strip():
-        return QueryVector(vector)
+        return QueryVector(vector, modality=media.modality)
     heard = {"text": str(heard["text"]).strip(), "language": str(heard.get("language", ""))}
     from mm.speech import fuse_spoken  # one fusion for the service and the benchmarks (mm.speech)
 
-    return QueryVector(fuse_spoken(vector, embedder.encode_text([heard["text"]])[0]), heard)
+    return QueryVector(fuse_spoken(vector, embedder.encode_text([heard["text"]])[0]), heard, "audio")
 
 
 def embed(query: SearchQuery, embedder: Embedder, collection: Collection) -> QueryVector:
     """Step 1 with what a spoken query was heard to say (see :func:`query_vector`)."""
     if query.media is not None:
         return embed_file(embedder, query.media)
-    return QueryVector(query_vector(query, embedder, collection))
+    vector = query_vector(query, embedder, collection)
+    if query.query is not None:
+        return QueryVector(vector, modality="text")
+    if query.item_id is not None:
+        item = collection.get(query.item_id)
+        return QueryVector(vector, modality=item.modality if item is not None else None)
+    return QueryVector(vector)
 
 
 def query_vector(query: SearchQuery, embedder: Embedder, collection: Collection) -> np.ndarray:
@@ -132,36 +141,70 @@ def query_vector(query: SearchQuery, embedder: Embedder, collection: Collection)
 
 @dataclass
 class SearchAnswer:
-    """The hits of one query, best first, and the time the search itself took (not the embedding)."""
+    """The hits of one query, best first, and the time the search itself took (not the embedding).
+
+    ``hits[i].score`` is the final score (calibrated and fused, see :mod:`service.ranking`); ``ranked[i]``
+    holds the raw cosine and the word-match score beside it.
+    """
 
     query: SearchQuery
     hits: list[Hit]
     took_ms: float
     heard: dict[str, str] | None = None  # a spoken query's transcript {"text", "language"}
+    ranked: list[Ranked] | None = None
+    no_good_match: bool = False  # the best hit is under the model's no-match threshold (or nothing matched)
 
     def results(self) -> list[SearchResult]:
-        return [hit_to_dict(h) for h in self.hits]
+        if self.ranked is None:
+            return [hit_to_dict(h) for h in self.hits]
+        return [hit_to_dict(r.hit, r.raw, r.words) for r in self.ranked]
 
     def to_dict(self) -> dict[str, Any]:
-        """The ``SearchResponse`` body: ``{"results", "took_ms", "query"}`` (+ ``"heard"`` for speech)."""
-        out = {"results": self.results(), "took_ms": round(self.took_ms, 3), "query": self.query.echo()}
+        """The ``SearchResponse`` body: results, took_ms, query, no_good_match (+ heard for speech)."""
+        out = {
+            "results": self.results(),
+            "took_ms": round(self.took_ms, 3),
+            "query": self.query.echo(),
+            "no_good_match": self.no_good_match,
+        }
         if self.heard is not None:
             out["heard"] = self.heard
         return out
 
 
 def rank(
-    query: SearchQuery, vector: np.ndarray, collection: Collection, heard: dict[str, str] | None = None
+    query: SearchQuery,
+    qv: QueryVector,
+    collection: Collection,
+    calibration: Calibration | None = None,
 ) -> SearchAnswer:
-    """Step 2: the collection searched with ``vector`` under the query's filter, ``k`` hits after ``offset``.
-
-    ``query.mode`` is "vector" (nearest neighbours), the only mode there is; keyword and hybrid ranking
-    (the collection's lexical index, fused through calibrated scores) branch here.
-    """
+    """Step 2: the collection searched under the query's filter, ``k`` hits after ``offset``, ranked by
+    ``query.mode`` through :func:`service.ranking.rank_hits` (calibrated scores across modalities; words
+    fused in for a text query, or a spoken query's transcript)."""
     t0 = time.perf_counter()
-    q = np.asarray(vector, dtype=np.float32)[None, :]  # (1, D)
-    hits = collection.search(q, k=query.k, filter=query.filter, offset=query.offset)
-    return SearchAnswer(query, hits[0] if hits else [], (time.perf_counter() - t0) * 1000.0, heard)
+    text = query.query if query.query is not None else (qv.heard or {}).get("text")
+    ranked = rank_hits(
+        collection,
+        qv.vector,
+        k=query.k,
+        offset=query.offset,
+        filter=query.filter,
+        mode=query.mode,
+        text=text,
+        query_modality=qv.modality,
+        calibration=calibration,
+    )
+    fitted = calibration is not None and calibration.fitted and qv.modality is not None
+    no_match = (not ranked and query.offset == 0) or (
+        fitted and bool(ranked) and not calibration.is_match(ranked[0].hit.score)  # type: ignore[union-attr]
+    )
+    took = (time.perf_counter() - t0) * 1000.0
+    return SearchAnswer(query, [r.hit for r in ranked], took, qv.heard, ranked, no_match)
+
+
+def calibration_of(embedder: Embedder) -> Calibration | None:
+    """The embedder's score calibration (``mm.calibration``), when it carries one."""
+    return getattr(embedder, "calibration", None)
 
 
 def answer(query: SearchQuery, embedder: Embedder, collection: Collection) -> SearchAnswer:
@@ -171,7 +214,7 @@ def answer(query: SearchQuery, embedder: Embedder, collection: Collection) -> Se
     that cannot be read); every other rule was checked when the ``SearchQuery`` was made.
     """
     qv = embed(query, embedder, collection)
-    return rank(query, qv.vector, collection, qv.heard)
+    return rank(query, qv, collection, calibration_of(embedder))
 
 
 async def answer_async(query: SearchQuery, embedder: Embedder, collection: Collection) -> SearchAnswer:
@@ -182,7 +225,7 @@ async def answer_async(query: SearchQuery, embedder: Embedder, collection: Colle
         qv = await run_in_threadpool(embed, query, embedder, collection)
     else:
         qv = embed(query, embedder, collection)
-    return rank(query, qv.vector, collection, qv.heard)
+    return rank(query, qv, collection, calibration_of(embedder))
 
 
 async def answer_http(query: SearchQuery, embedder: Embedder, collection: Collection) -> SearchAnswer:
@@ -257,7 +300,7 @@ def transcript_of(item: Item) -> Transcript | None:
     return {"text": t["text"], "language": str(t.get("language") or "")}
 
 
-def hit_to_dict(hit: Hit) -> SearchResult:
+def hit_to_dict(hit: Hit, raw: float | None = None, words: float | None = None) -> SearchResult:
     """One result, in the one shape every answer uses (a dict literal that mypy checks against
     :class:`~service.schemas.SearchResult`; no validation pass per result on the hot path)."""
     item = hit.item
@@ -265,6 +308,8 @@ def hit_to_dict(hit: Hit) -> SearchResult:
     return {
         "id": int(hit.id),
         "score": round(float(hit.score), 6),
+        "score_raw": None if raw is None else round(float(raw), 6),
+        "lexical_score": None if words is None else round(float(words), 4),
         "modality": item.modality,  # type: ignore[typeddict-item]  # the collection stores only these
         "caption": text_snippet(item.caption),  # a hit carries a snippet; GET /items/{id} the stored text
         "media_url": media_url,

@@ -26,6 +26,7 @@ def test_no_benchmark_reads_or_writes_tmp_by_default() -> None:
     offenders = []
     for script in sorted(BENCH.glob("*.py")):
         for node in ast.walk(ast.parse(script.read_text())):
-            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("/tmp"):
-                offenders.append(f"{script.name}:{node.lineno} {node.value}")
+            value = node.value if isinstance(node, ast.Constant) else None
+            if isinstance(value, str) and value.startswith("/tmp"):
+                offenders.append(f"{script.name}:{node.lineno} {value}")
     assert not offenders, offenders

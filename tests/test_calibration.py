@@ -69,7 +69,9 @@ def test_calibrated_ranking_interleaves_modalities() -> None:
 
 
 def test_calibration_round_trip_and_identity(tmp_path) -> None:
-    cal = Calibration({"text->image": PairFit(10.0, -6.0, 100, 5)}, threshold=0.3, split="val")
+    cal = Calibration(
+        {"text->image": PairFit(10.0, -6.0, 100, 5)}, lexical=PairFit(0.5, -2.0), threshold=0.3, split="val"
+    )
     cal.save(tmp_path / "calibration.json")
     back = Calibration.load_dir(tmp_path)
     assert back == cal and back.fitted

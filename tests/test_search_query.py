@@ -107,9 +107,12 @@ def test_vector_is_checked_and_normalised():
     assert "all zeros" in refused(vector=[0.0, 0.0])
 
 
-def test_only_vector_ranking_exists_yet():
-    assert SearchQuery(query="x").mode == "vector"
-    assert refused(query="x", mode="hybrid").startswith("mode:")
+def test_modes_hybrid_by_default_and_keyword_needs_words():
+    assert SearchQuery(query="x").mode == "hybrid"
+    assert SearchQuery(query="x", mode="keyword").mode == "keyword"
+    assert SearchQuery(item_id=3, mode="vector").mode == "vector"
+    assert "give a text query" in refused(item_id=3, mode="keyword")
+    assert refused(query="x", mode="fuzzy").startswith("mode:")
 
 
 def test_no_json_or_message_can_name_a_server_file():

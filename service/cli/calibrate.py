@@ -20,9 +20,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from mm.calibration import FILE_NAME, fit_calibration
     from mm.model import create_model
     from mm.train import load_rows
+    from service.word_calibration import fit_word_calibration
 
     model_dir = Path(args.model)
     if args.out is None and not model_dir.is_dir():
@@ -34,6 +37,8 @@ def run(args: argparse.Namespace) -> int:
     cal, report = fit_calibration(rows, emb.encode, split=args.split)
     if not cal.fitted:
         raise ValueError(f"split {args.split!r} has no relevant pairs to fit on")
+    words, report["lexical"] = fit_word_calibration(rows)
+    cal = dataclasses.replace(cal, lexical=words)
     out = Path(args.out) if args.out else model_dir / FILE_NAME
     cal.save(out)
     if args.json:
