@@ -38,7 +38,7 @@ class ServiceApp(FastAPI):
     """FastAPI with :class:`service.fastpath.SearchFastPath` in front of it (``create_app`` sets it)."""
 
     fast_search: SearchFastPath | None = None
-    body_timeout: float = BODY_IDLE_S  # seconds a request body may pause before 408 (service.limits)
+    body_timeout: float = BODY_IDLE_S  # seconds a request body may pause before 408 (MM_BODY_TIMEOUT_S)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and has_body(scope):
@@ -121,5 +121,6 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
             allow_headers=["Authorization", "X-API-Key", "Content-Type", "Range"],
         )
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)  # outermost: times every answer
+    app.body_timeout = settings.body_timeout_s
     app.fast_search = SearchFastPath(app)  # POST /search in front of all of the above (it falls back to it)
     return app

@@ -25,6 +25,7 @@ class Settings(BaseSettings):
     allowed_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)  # dirs POST /ingest may read
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)  # empty: no authentication
     max_upload_mb: float = Field(100.0, gt=0)  # request bodies above this answer 413 (checked while reading)
+    body_timeout_s: float = Field(30.0, gt=0)  # a request body that stops arriving this long answers 408
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)  # empty: no CORS headers
     media_dir: Path | None = None  # where uploads are stored; None: <collection>/media
     thumbnail_size: int = Field(256, ge=16, le=2048)  # longest side of image thumbnails, pixels

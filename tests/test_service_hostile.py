@@ -397,8 +397,7 @@ def _raw_request(port: int, head: bytes, body: bytes, timeout: float = 10.0) -> 
 
 @pytest.mark.parametrize("path", ["/items/text", "/search", "/v1/chat/completions"])
 def test_a_body_shorter_than_its_length_gets_408_and_the_connection_closes(tmp_path, path):
-    app = create_app(Settings(collection=tmp_path / "coll"), embedder=FakeEmbedder())
-    app.body_timeout = 0.5
+    app = create_app(Settings(collection=tmp_path / "coll", body_timeout_s=0.5), embedder=FakeEmbedder())
     with serving(app) as port:
         head = (
             f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -416,8 +415,7 @@ def test_a_slow_but_steady_body_is_read_whole(tmp_path):
     import socket
     import time
 
-    app = create_app(Settings(collection=tmp_path / "coll"), embedder=FakeEmbedder())
-    app.body_timeout = 0.5
+    app = create_app(Settings(collection=tmp_path / "coll", body_timeout_s=0.5), embedder=FakeEmbedder())
     body = b'{"text": "a slow red circle"}'
     with serving(app) as port, socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(
