@@ -254,3 +254,17 @@ def test_a_bad_k_is_refused_alike(served, monkeypatch, capsys):
     coll = str(served.app.state.settings.collection)
     assert main(["search", "x", "-k", str(MAX_K + 1), "--collection", coll]) == 2
     assert "k:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["keyword", "hybrid", "vector"])
+def test_every_mode_reaches_every_entry_point_alike(served, monkeypatch, capsys, mode):
+    body = {"query": "ocean wave", "k": 5, "mode": mode}
+    expected = via_route(served, body, fast=False)
+    assert expected, "the words 'ocean wave' are in a stored caption"
+    assert via_route(served, body, fast=True) == expected
+    assert via_ws(served, body) == expected
+    argv = ["ocean wave", "-k", "5", "--mode", mode]
+    assert via_cli(served, argv, monkeypatch, capsys) == expected
+    if mode == "keyword":  # only items whose words matched
+        results = served.post("/search", json=body).json()["results"]
+        assert all(r["lexical_score"] is not None and r["score_raw"] is None for r in results)

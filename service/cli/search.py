@@ -46,6 +46,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="tag=x, path=/prefix, since=ISO|unix, until=ISO|unix (repeatable)",
     )
     p.add_argument("--offset", type=int, default=0, help="skip this many results (paging)")
+    p.add_argument(
+        "--mode",
+        choices=("hybrid", "vector", "keyword"),
+        default="hybrid",
+        help="ranking: hybrid (vectors + words of captions, names, tags, transcripts), vector, keyword",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument(
         "--local", action="store_true", help="load the model here even when `mm serve` runs on the collection"
@@ -74,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
             k=args.k,
             offset=args.offset,
             filters=parse_filters(args.filter) or None,
+            mode=args.mode,
         )
     except ValidationError as exc:
         raise UsageError(error_message(exc)) from exc
@@ -95,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
     if not results:
         print("no results")
         return 0
+    if body.get("no_good_match"):
+        print("no good match: even the best result scores under the model's relevance threshold")
     rows = [
         [
             str(args.offset + i + 1),

@@ -278,7 +278,7 @@ function fetchPage({ query, offset, k, modalities }) {
   const body = { k, offset };
   if (modalities) body.modalities = modalities;
   if (query.type === "item") body.item_id = query.id;
-  else body.query = query.value;
+  else Object.assign(body, { query: query.value, mode: $("#mode").value }); // words need a text query
   return api("/search", { json: body });
 }
 
@@ -299,7 +299,9 @@ async function loadPage() {
     const shown = grid.querySelectorAll(".card").length;
     $("#empty").hidden = shown > 0;
     const heard = data.heard && data.heard.text ? ` · heard “${data.heard.text}” (${data.heard.language || "?"})` : "";
-    $("#results-meta").textContent = `${plural(shown, "result", "results")} · ${data.took_ms} ms${heard}`;
+    // the model's calibrated threshold: even the best result is unlikely to be what was asked for
+    const weak = data.no_good_match && search.offset === data.results.length ? " · no good match: these are the closest, not likely hits" : "";
+    $("#results-meta").textContent = `${plural(shown, "result", "results")} · ${data.took_ms} ms${heard}${weak}`;
   } catch (err) {
     if (gen !== search.gen) return;
     search.done = true;
@@ -386,6 +388,7 @@ function makeCard(r) {
   const score = document.createElement("span");
   score.className = "score";
   score.textContent = typeof r.score === "number" ? `score ${r.score.toFixed(3)}` : "cited";
+  if (typeof r.score_raw === "number") score.title = `relevance ${r.score.toFixed(3)} (calibrated) · cosine ${r.score_raw.toFixed(3)}${typeof r.lexical_score === "number" ? ` · words matched (BM25 ${r.lexical_score.toFixed(2)})` : ""}`;
   meta.append(score);
   body.append(caption);
   if (r.transcript && r.transcript.text) body.append(transcriptLine(r.transcript, "heard in this clip"));
