@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -15,16 +16,23 @@ from starlette.websockets import WebSocketDisconnect
 
 from service.app import create_app
 from service.generation import (
+    ExtractiveGenerator,
     GGUFGenerator,
     LocalGenerator,
     OpenAIGenerator,
     iterate_in_thread,
     with_stop,
 )
+from service.generation.backends.extractive import Rules
 from service.routers.generate import generators_of
 from service.settings import Settings
 
 QUESTION = "a red circle"
+ANY_CONCEPT = Rules(item_min=-1.0, answer_min=-1.0, margin=0.0)
+
+
+def cited(answer: str) -> list[int]:
+    return sorted({int(n) for n in re.findall(r"\[(\d+)\]", answer)})
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +61,9 @@ def client(tmp_path_factory, embedder, media_root, lm_dir):
         while c.get(f"/jobs/{job['id']}").json()["status"] not in ("done", "failed"):
             assert time.monotonic() < deadline
             time.sleep(0.05)
+        # the fake embedder's scores are not calibrated: the API tests answer from the best concept
+        # whatever its score (the grounding rules themselves are tested on hand-made hits below)
+        generators_of(c.app)._made["extractive"] = ExtractiveGenerator(rules=ANY_CONCEPT)
         yield c
 
 
@@ -101,14 +112,14 @@ class SlowGenerator:
 # backends
 
 
-def test_extractive_cites_every_item_and_streams_words(client):
+def test_extractive_cites_exactly_what_it_names_and_streams_words(client):
     body = client.post("/generate", json={"query": QUESTION, "k": 3}).json()
     assert body["backend"] == "extractive"
-    assert len(body["citations"]) == 3
+    assert 1 <= len(body["citations"]) <= 3
     assert {"id", "modality", "score", "caption"} <= set(body["citations"][0])
-    for i, c in enumerate(body["citations"], 1):
-        assert f"[{i}] ({c['modality']})" in body["answer"]
-    assert body["answer"].startswith("The closest matches are")
+    assert cited(body["answer"]) == list(range(1, len(body["citations"]) + 1))
+    first = body["citations"][0]["caption"].split(".")[0].strip().lower()
+    assert body["answer"].lower().startswith(first)  # it names the concept its citations carry
 
 
 def test_with_stop_cuts_and_closes_the_source():
@@ -140,15 +151,19 @@ def test_sse_streams_tokens_then_citations_then_done(client):
 
 
 def test_stop_strings(client):
-    body = client.post("/generate", json={"query": QUESTION, "k": 3, "stop": ["[2]"]}).json()
-    assert "[1]" in body["answer"] and "[2]" not in body["answer"]
+    full = client.post("/generate", json={"query": QUESTION, "k": 3}).json()["answer"]
+    body = client.post("/generate", json={"query": QUESTION, "k": 3, "stop": ["[1]"]}).json()
+    assert "[1]" in full and body["answer"] == full[: full.index("[1]")]
 
 
 def test_upload_query(client):
     files = {"file": ("q.png", image_bytes((220, 30, 30), "circle"), "image/png")}
     resp = client.post("/generate", files=files, data={"k": "2", "question": "what is this?"})
     assert resp.status_code == 200, resp.text
-    assert len(resp.json()["citations"]) == 2
+    body = resp.json()
+    assert 1 <= len(body["citations"]) <= 2 and cited(body["answer"]) == list(
+        range(1, len(body["citations"]) + 1)
+    )
 
 
 def test_local_backend_streams_with_citations(client):
@@ -292,8 +307,8 @@ def test_ws_search_and_generate_on_one_connection(client):
         msgs = ws_collect(ws, 7)
         kinds = [m["type"] for m in msgs]
         assert kinds[-2:] == ["citations", "done"] and kinds.count("token") > 3
-        assert len(msgs[-2]["citations"]) == 2
         text = "".join(m["text"] for m in msgs if m["type"] == "token")
+        assert len(msgs[-2]["citations"]) == len(cited(text)) >= 1
         assert text == client.post("/generate", json={"query": QUESTION, "k": 2}).json()["answer"]
 
 
@@ -374,7 +389,7 @@ def test_openai_client_non_stream(client, oai):
     )
     text = resp.choices[0].message.content
     cites = resp.model_extra["mm_citations"]
-    assert len(cites) == 2 and "[1]" in text and "[2]" in text
+    assert 1 <= len(cites) <= 2 and cited(text) == list(range(1, len(cites) + 1))
     assert text == client.post("/generate", json={"query": QUESTION, "k": 2}).json()["answer"]
 
 
@@ -383,13 +398,13 @@ def test_openai_client_stream(oai):
         model="mm",
         messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": QUESTION}],
         stream=True,
-        stop=["[3]"],
+        stop=["[1]"],
     )
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks)
-    assert len(chunks) > 4 and "[1]" in text and "[3]" not in text
+    assert len(chunks) > 2 and text and "[1]" not in text
     assert chunks[-1].choices[0].finish_reason == "stop"
-    assert len(chunks[-1].model_extra["mm_citations"]) == 5
+    assert 1 <= len(chunks[-1].model_extra["mm_citations"]) <= 3
 
 
 def test_openai_models_and_errors(client, oai, backends, tmp_path):
@@ -491,5 +506,106 @@ def test_mm_ask_streams_and_cites(client, embedder, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert code == 0, out
     body = json.loads(out.strip().splitlines()[-1])
-    assert len(body["citations"]) == 2 and body["backend"] == "extractive"
-    assert "[1]" in body["answer"] and "[2]" in body["answer"]
+    assert body["backend"] == "extractive"
+    assert len(body["citations"]) == len(cited(body["answer"])) <= 2  # a fresh registry: default rules
+
+
+# ----------------------------------------------------------------------------------------------------
+# grounded answers: the extractive backend's rules, on hand-made hits with calibrated scores
+
+
+def hit(id: int, score: float, caption: str, modality: str = "image"):
+    from index.types import Hit, Item
+
+    return Hit(
+        id, score, Item(id=id, modality=modality, uri=f"/lib/{id}.png", sha256=str(id), caption=caption)
+    )
+
+
+FROG_HITS = [
+    hit(1, 0.85, "A frog."),
+    hit(2, 0.30, "A toad."),
+    hit(3, 0.70, "A frog.", "audio"),
+    hit(4, 0.12, "An orca."),
+    hit(5, 0.40, "Frog sounds at night are loud.", "text"),
+]
+
+
+def test_extractive_names_the_concept_its_items_agree_on_and_cites_only_them():
+    from service.generation.prompts import DECLINE
+
+    gen = ExtractiveGenerator()
+    used = gen.select("What animal croaks?", FROG_HITS)
+    assert [h.id for h in used] == [1, 3]  # the frog's picture and sound; not the toad, orca or the note
+    text = gen.compose("What animal croaks?", FROG_HITS)
+    assert text.startswith("A frog") and text != DECLINE
+    assert cited(text) == [1, 2]
+    assert "toad" not in text.lower() and "orca" not in text.lower()
+
+
+def test_extractive_citations_are_exactly_the_cited_items():
+    from service.generation import start_stream
+
+    pieces, cites = start_stream(ExtractiveGenerator(), "What animal croaks?", FROG_HITS)
+    text = "".join(pieces)
+    assert [c.id for c in cites] == [1, 3]
+    assert cited(text) == list(range(1, len(cites) + 1))  # every citation is used, every [n] is one
+
+
+@pytest.mark.parametrize(
+    "hits",
+    [
+        [],  # nothing retrieved
+        [hit(1, 0.05, "A frog."), hit(2, 0.04, "A dog.")],  # nothing clears the item threshold
+        [hit(1, 0.55, "A cat."), hit(2, 0.5, "A car."), hit(3, 0.45, "A cup.")],  # scattered, none agree
+    ],
+)
+def test_extractive_declines_and_cites_nothing_when_nothing_is_relevant(hits):
+    from service.generation import start_stream
+    from service.generation.prompts import DECLINE
+
+    pieces, cites = start_stream(ExtractiveGenerator(), "What is the capital of Mongolia?", hits)
+    assert "".join(pieces) == DECLINE and cites == []
+
+
+def test_extractive_groups_a_concept_across_article_and_case():
+    hits = [hit(1, 0.6, "A Frog."), hit(2, 0.6, "the frog", "audio"), hit(3, 0.3, "A dog.")]
+    assert [h.id for h in ExtractiveGenerator().select("q", hits)] == [1, 2]
+
+
+# ----------------------------------------------------------------------------------------------------
+# the benchmark's scorer (benchmarks/bench_generate.py), on hand-made answers
+
+
+def test_bench_scorer_on_hand_made_answers():
+    from benchmarks.bench_generate import score_answer, summarise_quality
+
+    right = score_answer("A frog: the collection has a picture [1].", ["frog"], ["frog"])
+    assert right["correct"] and right["cited_good"] == 1
+    wrong_cite = score_answer("A frog [1].", ["toad"], ["frog"])  # names it, cites an item without it
+    assert not wrong_cite["correct"] and wrong_cite["cited_good"] == 0
+    unnamed = score_answer("Something green [1].", ["frog"], ["frog"])
+    assert not unnamed["correct"]
+    kind = score_answer("A snare drum hit [1].", ["snare drum"], ["drum"])  # a snare drum carries "drum"
+    assert kind["correct"]
+    assert not score_answer("A frogman [1].", ["frogman"], ["frog"])["correct"]  # a phrase, not a prefix
+    declined = score_answer("I could not find anything about that in the collection.", [], [])
+    assert declined["correct"] and declined["declined"]
+    false = score_answer("Ulaanbaatar [1].", ["flag of K"], [])
+    assert not false["correct"]
+    hedged = score_answer("I could not find it, but see [1].", ["frog"], [])  # declines yet cites: wrong
+    assert not hedged["correct"]
+    rows = [
+        {**right, "answerable": True, "in_collection": True},
+        {**wrong_cite, "answerable": True, "in_collection": True},
+        {**declined, "answerable": False, "in_collection": False},
+        {**false, "answerable": False, "in_collection": False},
+    ]
+    q = summarise_quality(rows)
+    assert q["accuracy"] == 0.5 and q["false_answer_rate"] == 0.5 and q["citation_precision"] == 0.5
+
+
+def test_bench_cited_numbers_ignore_what_is_not_a_citation():
+    from benchmarks.bench_generate import cited_numbers
+
+    assert cited_numbers("a [2] b [1] c [2] d [7]", 3) == [2, 1]

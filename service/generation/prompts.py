@@ -1,7 +1,9 @@
-"""Retrieved items put into words for a model: a phrase per item, the numbered list, the chat prompt."""
+"""Retrieved items put into words: a phrase per item, the concept its caption names, the numbered list, the
+chat prompt, and the answer that says nothing relevant was found."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -13,6 +15,24 @@ SYSTEM_PROMPT = (
     "You answer questions about a media collection. Use only the numbered items you are given and cite "
     "each item you use as [n]. If the items do not answer the question, say so briefly."
 )
+
+
+DECLINE = "I could not find anything about that in the collection."
+
+# A caption's first clause names its concept: "Mercury—the planet closest to the Sun." -> "Mercury",
+# "Knight. The only piece that can jump..." -> "Knight", "A dumper. It carries..." -> "A dumper".
+_CLAUSE_END = re.compile(r"[.!?;:\u2014\u2013]|\s-\s|,")
+_QUOTES = "\"'\u201c\u201d\u2018\u2019"
+
+
+def concept_of(hit: Hit) -> str:
+    """The concept an item's caption names (its first clause, without end punctuation or quotes), else
+    its file name's words; "" when it has neither."""
+    text = " ".join((hit.item.caption or "").split())
+    if not text and hit.item.uri:
+        text = Path(hit.item.uri).stem.replace("_", " ").replace("-", " ")
+    clause = _CLAUSE_END.split(text, maxsplit=1)[0] if text else ""
+    return clause.strip().strip(_QUOTES).strip()
 
 
 def describe(hit: Hit) -> str:

@@ -40,10 +40,17 @@ def start_stream(
     temperature: float = 0.0,
     stop: Sequence[str] | None = None,
 ) -> tuple[Iterator[str], list[Citation]]:
-    """Validate, trim the hits to what the backend uses, and return (pieces, citations)."""
+    """Validate, trim the hits to what the backend uses, and return (pieces, citations).
+
+    A backend that picks its evidence (``select(question, hits)``, e.g. ``extractive``) is given only
+    the items it picked, so the citations are exactly the items its answer cites ([n] is the n-th).
+    """
     stops = check_params(max_tokens, temperature, stop)
     limit = generator.max_items
     used = hits if limit is None else hits[:limit]
+    select = getattr(generator, "select", None)
+    if select is not None:
+        used = select(question, used)
     pieces = generator.stream(question, used, max_tokens=max_tokens, temperature=temperature, stop=stops)
     return iter(pieces), citations(used)
 
