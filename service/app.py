@@ -20,7 +20,7 @@ from starlette.types import Receive, Scope, Send
 from service import openapi
 from service.auth import require_api_key
 from service.body import register_models
-from service.errors import install_error_handlers
+from service.errors import InternalErrorMiddleware, install_error_handlers
 from service.fastpath import SearchFastPath
 from service.jobs import JobManager
 from service.limits import BODY_IDLE_S, BodyLimitMiddleware, BodyTimeout, has_body, idle_limited, reply
@@ -97,6 +97,7 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
     app.state.settings = settings
     app.state.metrics = Metrics()
     install_error_handlers(app)
+    app.add_middleware(InternalErrorMiddleware)  # innermost: a 500 answered without dropping the connection
 
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
     # Keys are read once, here: without keys the routes carry no auth dependency at all (FastAPI

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -73,6 +74,39 @@ def allowed_methods(request: Request) -> str:
         if any(route.matches(probe)[0] == Match.FULL for route in request.app.router.routes):
             methods.add(method)
     return ", ".join(sorted(methods))
+
+
+class InternalErrorMiddleware:
+    """A 500 that keeps the connection: an unexpected error before the answer started is logged and
+    answered here. Starlette's outermost error middleware would answer it too, but then re-raise it, and
+    the server drops the connection (the client's next request on it is reset)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except StarletteHTTPException:  # an answer meant for the handlers around (413, 408)
+            raise
+        except Exception:
+            if started:  # part of an answer is out: only closing the connection can tell the client
+                raise
+            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            body = json.dumps(error_body(500, "internal server error")).encode()
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            await send({"type": "http.response.start", "status": 500, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -601,3 +601,25 @@ def test_a_key_split_over_log_arguments_is_masked():
     )
     RedactSecrets().filter(access)
     assert access.args == ("c", "GET", "/ws?api_key=[redacted]", "1.1", 101)  # its formatter reads them
+
+
+def test_a_500_keeps_the_connection(tmp_path, monkeypatch):
+    """An unexpected error is a JSON 500, logged, and the connection serves the next request (the
+    server used to drop it, so the client's next request on it was reset)."""
+    app = create_app(Settings(collection=tmp_path / "coll"), embedder=FakeEmbedder())
+    with serving(app) as port:
+        import socket
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("a bug")
+
+        monkeypatch.setattr(app.state.collection, "count", broken)  # GET /health reads the count
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            first = sock.recv(65536)
+            assert first.startswith(b"HTTP/1.1 500") and b'"internal_error"' in first, first
+            sock.sendall(b"GET /openapi.json HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            second = b""
+            while chunk := sock.recv(65536):
+                second += chunk
+            assert second.startswith(b"HTTP/1.1 200"), second[:200]
