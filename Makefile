@@ -3,12 +3,16 @@
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
-DEB_PACKAGES := tuxpaint-stamps-default sonic-pi-samples espeak-ng chromium
+DEB_PACKAGES := tuxpaint-stamps-default sonic-pi-samples espeak-ng chromium \
+	ktuberling-data pysiogame unicode-cldr-core fonts-noto-color-emoji scratch librsvg2-bin
+# npm media for the corpus (`mm samples build --sources gameicons`), pinned, in the git-ignored .npm/
+NPM_DIR := .npm
+GAMEICONS_VERSION := 1.2.4
 STAMP := $(VENV)/.installed
 
-.PHONY: setup deb demo test lint bench clean
+.PHONY: setup deb npm demo test lint bench clean
 
-setup: deb $(STAMP)
+setup: deb npm $(STAMP)
 
 # Debian packages: sample media for the corpus, speech for spoken queries, Chromium for browser tests.
 deb:
@@ -17,6 +21,16 @@ deb:
 	  echo "installing Debian packages:$$missing"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+# The game-icons set for the corpus; skipped with a note where npm is missing (that source is then skipped).
+npm:
+	@pkg=$(NPM_DIR)/node_modules/@iconify-json/game-icons/package.json; \
+	if ! grep -q '"version": "$(GAMEICONS_VERSION)"' $$pkg 2>/dev/null; then \
+	  if command -v npm >/dev/null; then \
+	    npm install --prefix $(NPM_DIR) --no-audit --no-fund --ignore-scripts \
+	      @iconify-json/game-icons@$(GAMEICONS_VERSION) >/dev/null; \
+	  else echo "npm not found: skipping @iconify-json/game-icons (the gameicons corpus source)"; fi; \
 	fi
 
 $(STAMP): requirements.lock pyproject.toml

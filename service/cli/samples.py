@@ -8,6 +8,8 @@ from pathlib import Path
 
 # Kept in sync with service.samples.SOURCES / DEFAULT_LANGUAGES; not imported so `mm --help` stays light.
 _SOURCES = "tuxpaint,sonicpi,twemoji,speech"
+_EXTRA = "ktuberling,art4apps,cldr,gameicons,scratch"  # opt-in (issue 16); `--sources all` takes all nine
+_ROOTS = ("tuxpaint", "sonicpi", "twemoji", "ktuberling", "art4apps", "cldr", "gameicons", "scratch")
 _LANGUAGES = "en,fr,de,es,it,pt,nl,ca"
 
 
@@ -21,7 +23,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "files already built, so an interrupted build resumes.",
     )
     build.add_argument("dir", type=Path, help="output folder (created if missing)")
-    build.add_argument("--sources", default=_SOURCES, help=f"comma-separated subset of {_SOURCES}")
+    build.add_argument(
+        "--sources",
+        default=_SOURCES,
+        help=f"comma-separated sources (default {_SOURCES}); also {_EXTRA}; or all (the training corpus)",
+    )
     build.add_argument(
         "--languages", default=_LANGUAGES, help="caption languages for Tux Paint (English always included)"
     )
@@ -31,10 +37,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--limit", type=int, default=None, help="at most N items per source (a seeded sample)")
     build.add_argument("--seed", type=int, default=0, help="seed for --limit and speech voices (default 0)")
     build.add_argument("--workers", type=int, default=2, help="parallel espeak-ng processes (default 2)")
-    for name in ("tuxpaint", "sonicpi", "twemoji"):
+    for name in _ROOTS:
         build.add_argument(
             f"--{name}-root", type=Path, default=None, help=f"{name} media folder (default: installed)"
         )
+    build.add_argument("--noto-font", type=Path, default=None, help="Noto Color Emoji font (cldr)")
     build.add_argument("--no-progress", action="store_true", help="hide progress bars")
     build.set_defaults(func=run)
 
@@ -43,8 +50,10 @@ def run(args: argparse.Namespace) -> int:
     from service.cli.common import UsageError
     from service.samples import build_corpus
 
-    roots = {f"{k}_root": getattr(args, f"{k}_root") for k in ("tuxpaint", "sonicpi", "twemoji")}
+    roots = {f"{k}_root": getattr(args, f"{k}_root") for k in _ROOTS}
     roots = {k: v for k, v in roots.items() if v is not None}
+    if args.noto_font is not None:
+        roots["noto_font"] = args.noto_font
     try:
         counts = build_corpus(
             args.dir,
@@ -68,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         "by_split": counts["by_split"],
         "by_modality": counts["by_modality"],
         "skipped": counts["skipped"],
+        "licences": {k: v.get("licence") for k, v in counts.get("licences", {}).items()},
         "megabytes": round(counts["bytes"] / 1e6, 1),
         "seconds": counts["seconds"],
     }
