@@ -70,6 +70,14 @@ def is_sharded(path: str | Path) -> bool:
     return (Path(path).expanduser() / SHARDS_FILE).is_file()
 
 
+def shard_count(path: str | Path) -> int:
+    """How many shards the sharded collection at ``path`` has (from ``shards.json``)."""
+    try:
+        return int(json.loads((Path(path).expanduser() / SHARDS_FILE).read_text())["shards"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"no sharded collection at {path} ({SHARDS_FILE}: {e})") from e
+
+
 class ShardUnavailable(RuntimeError):
     """A shard failed or missed the deadline (REST: 503 naming it, unless the request allows partial)."""
 
@@ -111,6 +119,8 @@ class ShardedCollection:
             raise ValueError(f"shards must be 1..{MAX_SHARDS}, got {shards}")
         if is_sharded(path):
             raise ValueError(f"a sharded collection already exists at {path}: open it")
+        if (path / "meta.sqlite").exists():
+            raise ValueError(f"{path} holds an unsharded collection: give the shards another folder")
         path.mkdir(parents=True, exist_ok=True)
         colls = [
             Collection.open_or_create(shard_dir(path, s), dim=dim, embedder_id=embedder_id, **kw)
@@ -350,3 +360,26 @@ class ShardedCollection:
         parts = [(s, *c.all_vectors()) for s, c in enumerate(self.shards)]
         ids = np.concatenate([(np.int64(s) << ID_BITS) | i for s, i, _ in parts])
         return ids, np.concatenate([v for _, _, v in parts])
+
+
+def ingest_sharded(sharded: ShardedCollection, embedder: Any, paths: Sequence[str | Path], **kw: Any) -> Any:
+    """:func:`index.ingest.ingest` into the shards: the files are listed once, split by
+    ``shard_of(path)`` and each shard ingests its own (resuming, i.e. skipping unchanged files, as one
+    collection does). Returns one merged ``IngestReport``. Duplicate content is detected within a shard
+    only (the same bytes under two paths in two shards are two items)."""
+    from index.ingest import discover, ingest
+    from index.types import IngestReport
+
+    t0 = time.perf_counter()
+    cands, errors = discover(paths, embedder.media, kw.get("allowed_roots"))
+    by: dict[int, list[Path]] = {}
+    for c in cands:
+        by.setdefault(shard_of(str(c.path), len(sharded.shards)), []).append(c.path)
+    total = IngestReport(errors=list(errors), failed=len(errors), seen=len(errors))
+    for s, files in sorted(by.items()):
+        r = ingest(sharded.shards[s], embedder, files, **kw)
+        for f in ("added", "updated", "skipped", "failed", "seen"):
+            setattr(total, f, getattr(total, f) + getattr(r, f))
+        total.errors += r.errors
+    total.seconds = time.perf_counter() - t0
+    return total

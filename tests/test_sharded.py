@@ -160,3 +160,34 @@ def test_reopen_and_lexical_search_merge(tmp_path):
         assert {sc.get(h.id).uri for h in hits} == {f"/lib/{i}.dat" for i in range(1, 30, 2)}
     with pytest.raises(ValueError, match="4 shards"):
         ShardedCollection.open_or_create(tmp_path / "s", shards=2, dim=DIM, embedder_id="f")
+
+
+def test_sharded_ingest_equals_single_ingest_and_resumes(tmp_path, media_root):
+    from conftest import FakeEmbedder
+
+    from index.ingest import ingest
+    from index.sharded import ingest_sharded
+
+    emb = FakeEmbedder()
+    with Collection.create(tmp_path / "one", dim=emb.dim, embedder_id=emb.model_id) as one:
+        r1 = ingest(one, emb, [media_root], progress=False)
+        ids, vecs = one.all_vectors()
+        single = {one.get(int(i)).uri: v for i, v in zip(ids, vecs, strict=True)}
+        single_errors = {e.uri for e in one.errors()}
+    sc = ShardedCollection.create(tmp_path / "sh", shards=3, dim=emb.dim, embedder_id=emb.model_id)
+    r2 = ingest_sharded(sc, emb, [media_root], progress=False)
+    assert (r2.added, r2.failed, r2.seen) == (r1.added, r1.failed, r1.seen) and r2.added > 3
+    gids, gvecs = sc.all_vectors()
+    sharded = {sc.get(int(g)).uri: v for g, v in zip(gids, gvecs, strict=True)}
+    assert sharded.keys() == single.keys()
+    for uri, v in sharded.items():
+        np.testing.assert_allclose(v, single[uri], atol=1e-6)
+    assert {e.uri for c in sc.shards for e in c.errors()} == single_errors
+    assert all(c.count() > 0 for c in sc.shards)  # the files really spread
+    again = ingest_sharded(sc, emb, [media_root], progress=False)
+    assert again.added == again.updated == 0 and again.skipped >= r2.added  # unchanged files skipped
+        r2.failed - len(single_errors)
+    )
+    sc.close()
+    with pytest.raises(ValueError, match="unsharded"):
+        ShardedCollection.create(tmp_path / "one", shards=2, dim=emb.dim, embedder_id=emb.model_id)

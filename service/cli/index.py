@@ -26,6 +26,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tags", default="", help="comma-separated tags for every item added")
     p.add_argument("--workers", type=int, default=2, help="decode threads (default 2)")
     p.add_argument("--batch-size", type=int, default=32, help="encode batch size (default 32)")
+    p.add_argument(
+        "--shards",
+        type=int,
+        default=0,
+        metavar="S",
+        help="build S shard collections in --collection, each item in shard hash(path) %% S (docs/scale.md)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.add_argument("--adapter", metavar="DIR", help="LoRA adapter (from `mm finetune`) applied to --model")
@@ -44,6 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from index.ingest import ingest
+    from index.sharded import is_sharded
     from service.store import open_collection
     from service.transcription import LazyTranscriber, transcription_enabled
 
@@ -56,9 +64,24 @@ def run(args: argparse.Namespace) -> int:
     missing = [str(p) for p in args.paths if not p.exists()]
     if missing:
         raise FileNotFoundError(f"no such file or folder: {missing[0]}")
+    if args.shards < 0:
+        raise UsageError("--shards must be >= 1")
     embedder = _embedder(args)
-    with open_collection(args.collection, embedder, create=True) as coll:
-        report = ingest(
+    if args.shards or is_sharded(args.collection):
+        from index.sharded import ShardedCollection, ingest_sharded, shard_count
+
+        target = ShardedCollection.open_or_create(
+            args.collection,
+            shards=args.shards or shard_count(args.collection),
+            dim=embedder.dim,
+            embedder_id=embedder.model_id,
+        )
+        ingest_fn = ingest_sharded
+    else:
+        target = open_collection(args.collection, embedder, create=True)
+        ingest_fn = ingest
+    with target as coll:
+        report = ingest_fn(
             coll,
             embedder,
             [p.resolve() for p in args.paths],
