@@ -76,7 +76,7 @@ def kt_tree(tmp_path: Path) -> Path:
     outside = tmp_path / "private.wav"
     _audio(outside)
     (sounds / "fr" / "sneaky.wav").symlink_to(outside)
-    fr = "".join(f"<sound name=\"word{chr(97 + i)}\" file=\"fr/w{i}.wav\"/>" for i in range(12))
+    fr = "".join(f'<sound name="word{chr(97 + i)}" file="fr/w{i}.wav"/>' for i in range(12))
     (sounds / "fr.soundtheme").write_text(
         '<language code="fr"><sound name="hat" file="fr/patate_chapeau.wav"/>'
         '<sound name="egypt_camel" file="fr/egypte_chameau.wav"/>'
@@ -155,3 +155,90 @@ def test_ktuberling_real_package_scan():
     assert len(audio) >= 1800 and {"fr", "ca", "de", "en", "es", "it", "nl", "pt"} <= langs
     assert plan.provenance["verified_against_package"] is True and not plan.skipped["ktuberling_refused"]
     assert len({r["label"] for r in audio}) >= 150
+
+
+# ------------------------------------------------------------------------------------------------ art4apps
+
+
+def _jpg(path: Path, color=(30, 120, 200)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), color).save(path, format="JPEG")
+
+
+@pytest.fixture
+def a4a_tree(tmp_path: Path) -> Path:
+    root = tmp_path / "pysiogame"
+    lists = root / "i18n" / "custom"
+    animals = ["frog", "guinea pig", "cow", "secret"] + [f"bird{chr(97 + i)}" for i in range(10)]
+    for word in animals:
+        _jpg(root / "res/images/art4apps/animals" / f"{word.replace(' ', '_')}.jpg")
+    _jpg(root / "res/images/art4apps/jobs/police.jpg")
+    _jpg(root / "res/images/other/secret.jpg")  # another folder of the package: never read
+    (root / "res/images/art4apps/animals/secret.jpg").unlink()
+    (root / "res/images/art4apps/animals/secret.jpg").symlink_to(root / "res/images/other/secret.jpg")
+    sentinel = tmp_path / "executed"
+    (lists / "a4a_py").mkdir(parents=True)
+    (lists / "a4a_words.py").write_text(
+        f"import os\nos.system('touch {sentinel}')\nd = dict()\n"
+        f'd["a4a_animals"] = {animals!r}\nd["a4a_jobs"] = ["policeman"]\n'
+    )
+    (lists / "a4a_py" / "en_GB.py").write_text(
+        f'd = dict()\nd["a4a_animals"] = {animals!r}\nd["a4a_jobs"] = ["policeman"]\n'
+    )
+    fr = ["grenouille", "cochon d'inde", "vache", "secret"] + [f"oiseau{i}" for i in range(10)]
+    (lists / "a4a_py" / "fr.py").write_text(
+        f'd = dict()\nd["a4a_animals"] = {fr!r}\nd["a4a_jobs"] = ["policier"]\n'
+    )
+    es = ["rana", "<guinea pig>", ""] + ["x"] * 11
+    (lists / "a4a_py" / "es.py").write_text(
+        f'd = dict()\nd["a4a_animals"] = {es!r}\nd["a4a_jobs"] = ["policía"]\n'
+    )
+    return root
+
+
+def test_art4apps_words_per_language_and_only_its_folder(tmp_path, a4a_tree):
+    from service.sources import art4apps
+
+    plan = art4apps.scan(a4a_tree, languages=("en", "fr", "es", "nl"))
+    by_id = {r["id"]: r for r in plan.rows}
+    assert not (tmp_path / "executed").exists()  # the word lists are parsed, never run
+    frog = by_id["art4apps/animals/frog"]
+    assert (
+        frog["text"] == frog["label"] == "frog"
+        and frog["lang"] == "en"
+        and frog["split"] == split_for("frog")
+    )
+    assert by_id["art4apps/animals/frog#fr"]["text"] == "grenouille"
+    assert by_id["art4apps/animals/frog#es"]["text"] == "rana"
+    assert by_id["art4apps/animals/guinea_pig#fr"]["label"] == "guinea pig"
+    assert "art4apps/animals/guinea_pig#es" not in by_id and "art4apps/animals/cow#es" not in by_id
+    assert by_id["art4apps/jobs/police"]["text"] == "policeman"  # a4a_words' word for the file police.jpg
+    assert not any(k.endswith("#nl") for k in by_id)  # no Dutch list in the package
+    assert not any("secret" in k for k in by_id) and plan.skipped["art4apps_refused"] == 1
+    assert plan.skipped["art4apps_no_es"] == 2
+    assert all(
+        src.is_relative_to((a4a_tree / "res/images/art4apps").resolve()) for src in plan.copies.values()
+    )
+
+
+def test_art4apps_build(tmp_path, a4a_tree):
+    out = tmp_path / "corpus"
+    counts = _build(out, "art4apps", art4apps_root=a4a_tree, languages="en,fr")
+    rows = read_manifest(out / "manifest.jsonl")
+    _one_split_per_label(rows)
+    assert counts["by_lang"] == {"en": 14, "fr": 14} and len({r["split"] for r in rows}) >= 2
+    assert counts["licences"]["art4apps"]["package"] == "pysiogame"
+
+
+@pytest.mark.skipif(
+    not Path("/usr/share/games/pysiogame/res/images/art4apps").is_dir(), reason="no pysiogame"
+)
+def test_art4apps_real_package_scan():
+    from service.sources import art4apps
+
+    plan = art4apps.scan(art4apps.DEFAULT_ROOT, languages=("en", "de", "fr", "it", "es", "pt", "ca"))
+    by_lang = defaultdict(int)
+    for r in plan.rows:
+        by_lang[r["lang"]] += 1
+    assert by_lang["en"] == by_lang["fr"] == 585 and by_lang["es"] >= 500 and by_lang["ca"] >= 490
+    assert plan.provenance["verified_against_package"] is True and not plan.skipped["art4apps_refused"]
