@@ -15,6 +15,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--split", default="test", help="train|val|test, or 'all'")
     p.add_argument("--chance", action="store_true", help="also report the chance level per direction")
+    p.add_argument(
+        "--search",
+        action="store_true",
+        help="also measure text queries through the search path (a collection of the split, each mode)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object (last line)")
     p.set_defaults(func=run)
 
@@ -38,11 +43,19 @@ def run(args: argparse.Namespace) -> int:
     metrics: dict[str, Any] = evaluate_rows(rows, encode, with_chance=args.chance)
     # one ranking over images and sounds, merged by calibrated score as search merges them
     mixed = mixed_gallery_metrics(rows, encode, emb.calibration.score if emb.calibration.fitted else None)
+    if mixed:
+        metrics["mixed"] = mixed
+    if args.search:
+        from service.search_eval import evaluate_search
+
+        metrics["search"] = evaluate_search(rows, emb)
     if args.json:
-        print(json.dumps({**metrics, "mixed": mixed} if mixed else metrics))
+        print(json.dumps(metrics))
         return 0
     print(f"{'direction':<16}{'R@1':>7}{'R@5':>7}{'R@10':>7}{'mean rank':>11}{'n':>6}")
     for name, m in metrics.items():
+        if name in ("mixed", "search"):
+            continue
         print(
             f"{name:<16}{m['R@1']:>7.3f}{m['R@5']:>7.3f}{m['R@10']:>7.3f}{m['mean_rank']:>11.1f}{m['n']:>6}"
         )
@@ -52,4 +65,7 @@ def run(args: argparse.Namespace) -> int:
             f"(n={mixed['n_both']}); a sound in the top 3 where the concept has none "
             f"{mixed['sound_when_absent_at_3']:.3f} (n={mixed['n_absent']}, lower is better)"
         )
+    for mode, dirs in metrics.get("search", {}).items():
+        for name, m in dirs.items():
+            print(f"search [{mode:>7}] {name:<14} R@1 {m['R@1']:.3f}  R@10 {m['R@10']:.3f}  n={m['n']}")
     return 0
