@@ -66,9 +66,11 @@ def open_collection(
         coll = Collection.open(path, readonly=readonly)
     if embedder is not None and (coll.embedder_id != embedder.model_id or coll.dim != embedder.dim):
         coll.close()
+        model = getattr(embedder, "name", "MODEL")
         raise ValueError(
             f"collection {path} was built with model {coll.embedder_id!r} (dim {coll.dim}), not "
-            f"{embedder.model_id!r} (dim {embedder.dim}): pass the same --model / MM_MODEL"
+            f"{embedder.model_id!r} (dim {embedder.dim}): pass the same --model / MM_MODEL, or re-encode it "
+            f"with this model: `mm index --reembed --collection {path} --model {model}`"
         )
     return coll
 

@@ -172,7 +172,7 @@ def test_model_mismatch_is_refused(capsys, coll, monkeypatch):
 
     monkeypatch.setattr(embedding, "load_embedder", lambda name="default": Other())
     code, _, err = run(capsys, "search", "x", "--collection", str(coll))
-    assert code == 1 and "was built with model" in err
+    assert code == 1 and "was built with model" in err and "mm index --reembed" in err
 
 
 def test_real_tiny_model_round_trip(capsys, tmp_path, media_root):
