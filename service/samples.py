@@ -35,6 +35,7 @@ from typing import Any
 
 from index.atomic import atomic_write, atomic_write_bytes
 from mm.data import read_manifest, split_for, validate_row
+from service.sources.common import NothingToRender
 from service.sources.common import Plan as _Plan
 from service.sources.common import pick as _pick
 
@@ -480,6 +481,21 @@ def _plan_extra(
     return module.scan(Path(path), **kwargs)
 
 
+def _share_emoji_concepts(twemoji: _Plan, labels: dict[str, str]) -> None:
+    """Give a Twemoji picture the label (and so the split) of the same emoji's CLDR rows, so that the two
+    styles of one emoji never straddle train and test."""
+    from service.sources.cldr import concept_key
+
+    for row in twemoji.rows:
+        try:
+            emoji = "".join(chr(int(part, 16)) for part in row["id"].removeprefix("twemoji/").split("-"))
+        except ValueError:
+            continue
+        label = labels.get(concept_key(emoji))
+        if label:
+            row["label"], row["split"] = label, split_for(label)
+
+
 def _render(job, dest: Path) -> str | None:
     try:
         atomic_write(dest, job)
@@ -595,6 +611,8 @@ def build_corpus(
                 "%s not on PATH: skipping speech (install with `apt-get install espeak-ng`)", espeak
             )
 
+    if "twemoji" in plans and "cldr" in plans:
+        _share_emoji_concepts(plans["twemoji"], plans["cldr"].concepts)
     for plan in plans.values():
         skipped.update(plan.skipped)
     if not any(plan.rows for plan in plans.values()):
@@ -649,8 +667,9 @@ def build_corpus(
                 bar.update(1)
                 if err:
                     failed.add(rel)
-                    skipped[f"{to_render[rel][0]}_render_failed"] += 1
-                    logger.warning("could not render %s: %s", rel, err)
+                    nothing = err.startswith(NothingToRender.__name__)
+                    skipped[f"{to_render[rel][0]}_{'no_image' if nothing else 'render_failed'}"] += 1
+                    (logger.debug if nothing else logger.warning)("could not render %s: %s", rel, err)
 
     rows = [
         r

@@ -242,3 +242,100 @@ def test_art4apps_real_package_scan():
         by_lang[r["lang"]] += 1
     assert by_lang["en"] == by_lang["fr"] == 585 and by_lang["es"] >= 500 and by_lang["ca"] >= 490
     assert plan.provenance["verified_against_package"] is True and not plan.skipped["art4apps_refused"]
+
+
+# ---------------------------------------------------------------------------------------------------- cldr
+
+NOTO = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
+
+
+def _annotations(path: Path, entries: dict[str, tuple[str, str]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = "".join(
+        f'<annotation cp="{cp}">{kw}</annotation><annotation cp="{cp}" type="tts">{name}</annotation>'
+        for cp, (name, kw) in entries.items()
+    )
+    path.write_text(f"<ldml><annotations>{body}</annotations></ldml>", encoding="utf-8")
+
+
+@pytest.fixture
+def cldr_tree(tmp_path: Path) -> dict[str, Path]:
+    root = tmp_path / "annotations"
+    _annotations(
+        root / "en.xml", {"🐸": ("frog", "face | frog"), "👍": ("thumbs up", "+1 | hand | thumbs up")}
+    )
+    _annotations(root / "fr.xml", {"🐸": ("grenouille", "animal | grenouille | tête")})
+    outside = tmp_path / "elsewhere.xml"
+    _annotations(outside, {"🐸": ("leaked", "leaked")})
+    (root / "de.xml").symlink_to(outside)
+    font = tmp_path / "fonts" / "NotoColorEmoji.ttf"
+    font.parent.mkdir()
+    font.write_bytes(b"not a font")
+    return {"cldr_root": root, "noto_font": font}
+
+
+def test_cldr_names_keywords_languages_and_refusal(cldr_tree):
+    from service.sources import cldr
+
+    plan = cldr.scan(cldr_tree["cldr_root"], ("en", "fr", "de"), noto_font=cldr_tree["noto_font"])
+    by_id = {r["id"]: r for r in plan.rows}
+    assert by_id["cldr/1f438#en"]["text"] == "frog" and by_id["cldr/1f438#fr"]["text"] == "grenouille"
+    assert by_id["cldr/1f438#fr-keywords"]["text"] == "animal, tête"
+    assert by_id["cldr/1f44d#en-keywords"]["text"] == "+1, hand"
+    assert {r["label"] for r in plan.rows} == {"frog", "thumbs up"}
+    assert all(
+        r["split"] == split_for(r["label"]) and r["image"] == f"media/cldr/noto/{r['id'][5:10]}.png"
+        for r in plan.rows
+    )
+    assert not any(r["lang"] == "de" for r in plan.rows) and plan.skipped["cldr_refused"] == 1
+    assert (
+        cldr.concept_key("👍🏽") == cldr.concept_key("👍\ufe0f") == "👍"
+        and plan.concepts["👍"] == "thumbs up"
+    )
+
+
+def test_cldr_gives_twemoji_the_same_concept(tmp_path, cldr_tree):
+    emoji = tmp_path / "emoji"
+    for stem in ("1f438", "1f44d-1f3fb", "1f600"):
+        emoji.mkdir(exist_ok=True)
+        Image.new("RGB", (4, 4)).save(emoji / f"{stem}.png")
+    kw = {**_OLD, "twemoji_root": emoji, **cldr_tree}
+    counts = build_corpus(tmp_path / "c", sources="twemoji,cldr", languages="en,fr", progress=False, **kw)
+    rows = {r["id"]: r for r in read_manifest(tmp_path / "c" / "manifest.jsonl")}
+    assert rows["twemoji/1f438"]["label"] == "frog" and rows["twemoji/1f438"]["split"] == split_for("frog")
+    assert rows["twemoji/1f44d-1f3fb"]["label"] == "thumbs up"
+    assert rows["twemoji/1f600"]["label"] == "grinning face"  # no CLDR entry here: its Unicode name stays
+    assert counts["skipped"].get("cldr_render_failed") == 2, counts[
+        "skipped"
+    ]  # "not a font": those images are skipped, not faked
+    alone = build_corpus(tmp_path / "t", sources="twemoji", progress=False, **{**_OLD, "twemoji_root": emoji})
+    assert alone["rows"] == 3
+    assert {r["label"] for r in read_manifest(tmp_path / "t" / "manifest.jsonl")} >= {"frog face"}
+
+
+@pytest.mark.skipif(not NOTO.is_file(), reason="fonts-noto-color-emoji not installed")
+def test_cldr_renders_noto_emoji(tmp_path, cldr_tree):
+    out = tmp_path / "c"
+    counts = _build(out, "cldr", cldr_root=cldr_tree["cldr_root"], languages="en,fr")
+    rows = read_manifest(out / "manifest.jsonl")
+    assert counts["rendered"] == 2 and counts["by_lang"] == {"en": 4, "fr": 2}
+    with Image.open(rows[0]["image"]) as im:
+        px = np.asarray(im.convert("RGBA")).astype(int)
+    seen = px[px[..., 3] > 200]
+    assert im.size == (160, 160) and len(seen) > 5000
+    assert np.ptp(seen[:, :3], axis=1).mean() > 30  # colour, not a grey box
+    assert counts["licences"]["cldr"]["font"]["package"] == "fonts-noto-color-emoji"
+
+
+@pytest.mark.skipif(not Path("/usr/share/unicode/cldr/common/annotations/en.xml").is_file(), reason="no CLDR")
+def test_cldr_real_package_scan():
+    from service.sources import cldr
+
+    langs = ("en", "fr", "de", "es", "it", "pt", "nl", "ca")
+    plan = cldr.scan(cldr.DEFAULT_ROOT, langs, noto_font=NOTO)
+    names = defaultdict(int)
+    for r in plan.rows:
+        if not r["id"].endswith("-keywords"):
+            names[r["lang"]] += 1
+    assert all(names[lang] >= 1800 for lang in langs), names
+    assert plan.provenance["verified_against_package"] is True and not plan.skipped["cldr_refused"]

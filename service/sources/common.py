@@ -29,6 +29,10 @@ class RefusedPath(ValueError):
     """A source was asked to read a file outside the package it is allowed to read."""
 
 
+class NothingToRender(ValueError):
+    """A render job found nothing to draw (no glyph, an invisible element): that image is skipped."""
+
+
 @dataclass
 class Plan:
     """What one source contributes: manifest rows, files to copy, images to render, speech to synthesise."""
@@ -40,6 +44,7 @@ class Plan:
     renders: dict[str, Callable[[Path], None]] = field(default_factory=dict)
     skipped: Counter = field(default_factory=Counter)
     provenance: dict[str, Any] = field(default_factory=dict)  # package, version, licence, root, verified
+    concepts: dict[str, str] = field(default_factory=dict)  # shared key (an emoji) -> this source's label
 
     def add_file(self, src: Path, rel: str) -> str:
         self.copies[rel] = src
@@ -160,7 +165,7 @@ def crop_to_content(src: Path, dest: Path, size: int, background: tuple[int, int
         im = im.convert("RGBA")
     box = im.getchannel("A").getbbox()
     if box is None:
-        raise ValueError(f"{src}: nothing visible was rendered")
+        raise NothingToRender(f"{src.name}: nothing visible was rendered")
     im = im.crop(box)
     scale = (size - 8) / max(im.size)
     im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.LANCZOS)
