@@ -154,11 +154,41 @@ def label_of(labels: dict[tuple[str, str], str], uri: str) -> str | None:
     return labels.get((p.parent.name, p.name))
 
 
-def retrieve(questions: Sequence[dict], embedder: Any, coll: Any) -> list[list[Any]]:
+def retrieve(
+    questions: Sequence[dict],
+    embedder: Any,
+    coll: Any,
+    *,
+    k: int | None = None,
+    mode: str | None = None,
+    strip: bool = False,
+) -> list[list[Any]]:
+    """Each question's grounding hits, as ``POST /generate`` retrieves them (``GenerateParams.retrieval``);
+    ``k``/``mode`` override its defaults; ``strip`` searches the question's words (``retrieval_text``)."""
+    from service.generation.prompts import retrieval_text
     from service.schemas import GenerateParams
     from service.search import answer
 
-    return [answer(GenerateParams(query=q["question"]).retrieval(), embedder, coll).hits for q in questions]
+    out = []
+    for q in questions:
+        text = retrieval_text(q["question"]) if strip else q["question"]
+        query = GenerateParams(query=text, **({"k": k} if k else {})).retrieval()
+        if mode is not None:
+            query = query.model_copy(update={"mode": mode})
+        out.append(answer(query, embedder, coll).hits)
+    return out
+
+
+def recall(
+    questions: Sequence[dict], hits: Sequence[list[Any]], labels: dict[tuple[str, str], str]
+) -> float | None:
+    """Share of answerable questions with an item carrying an answer label among their hits."""
+    found = [
+        any(carries(label_of(labels, h.item.uri), a) for h in hs for a in q["answers"])
+        for q, hs in zip(questions, hits, strict=True)
+        if q["answers"]
+    ]
+    return round(sum(found) / len(found), 4) if found else None
 
 
 def ask(gen: Any, question: str, hits: list[Any], max_tokens: int) -> tuple[str, list[Any]]:
@@ -361,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lm", default=None, help="LM checkpoint dir (default: mm/checkpoints/lm)")
     p.add_argument("--requests", type=int, default=20, help="requests per backend x transport")
     p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--k", type=int, default=None, help="items retrieved per question (default: the API's)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--sweep", action="store_true", help="score a grid of extractive rules on the dev set")
     p.add_argument("--no-latency", action="store_true", help="quality only")
@@ -389,7 +420,14 @@ def main(argv: list[str] | None = None) -> int:
     with open_collection(coll_dir, readonly=True) as coll:
         all_items = coll.items(limit=coll.count() + 1)
         present = {lab for it in all_items if (lab := label_of(labels, it.uri)) is not None}
-        hits = {name: retrieve(qs, embedder, coll) for name, qs in sets.items()}
+        hits = {name: retrieve(qs, embedder, coll, k=args.k) for name, qs in sets.items()}
+        # the ceiling retrieval sets: answerable questions whose answer is among the hits at all
+        diagnosis: dict[str, Any] = {}
+        for name, qs in sets.items():
+            for mode, k, strip in itertools.product(("hybrid", "vector", "keyword"), (5, 12), (False, True)):
+                found = retrieve(qs, embedder, coll, k=k, mode=mode, strip=strip)
+                diagnosis[f"{name}/{mode}/k{k}{'/stripped' if strip else ''}"] = recall(qs, found, labels)
+        stripped = {name: retrieve(qs, embedder, coll, k=args.k, strip=True) for name, qs in sets.items()}
         gens = Generators(Settings(collection=coll_dir, lm_path=args.lm), coll.vector)
         settings_default = Settings(collection=coll_dir).generator
         for backend in ("extractive", "local", "gguf", "openai"):
@@ -404,6 +442,11 @@ def main(argv: list[str] | None = None) -> int:
                     gen, qs, hits[name], labels, present, args.max_tokens, log_rows
                 )
                 answers_log[f"{backend}/{name}"] = log_rows
+            if backend == "extractive":  # what searching the question's words only would give
+                for name, qs in sets.items():
+                    quality[backend][f"{name}_stripped"] = score_backend(
+                        gen, qs, stripped[name], labels, present, args.max_tokens
+                    )
             print(backend, quality[backend], file=sys.stderr)
         if args.sweep:
             sweep_top = sweep(sets["dev"], hits["dev"], labels, present)[:5]
@@ -446,6 +489,7 @@ def main(argv: list[str] | None = None) -> int:
         "quality": quality,
         "skipped": skipped,
         "latency": lat,
+        "retrieval_recall": diagnosis,
         "sweep_top": sweep_top,
         "answers": {
             k: [{kk: r[kk] for kk in ("question", "answer", "correct")} for r in v]

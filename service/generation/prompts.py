@@ -25,6 +25,23 @@ _CLAUSE_END = re.compile(r"[.!?;:\u2014\u2013]|\s-\s|,")
 _QUOTES = "\"'\u201c\u201d\u2018\u2019"
 
 
+# Words that frame a question rather than say what it is about ("Which animal ...?" is about the animal):
+# as search words they match captions that merely contain them ("Which way will you go?").
+_FRAMING = """what which who whom whose where when why how is are was were be been do does did can could would
+should will shall may might must the a an of in on at to for from by with and or but not no me my you your i
+we us our it its this that these those there here have has had please show tell find give any some called
+named"""
+QUESTION_WORDS = frozenset(_FRAMING.split())
+_WORDS = re.compile(r"[\w'-]+")
+
+
+def retrieval_text(question: str) -> str:
+    """The words of a question worth searching for (its framing words dropped); the question itself
+    when nothing else is left ("Who is it?")."""
+    words = [w for w in _WORDS.findall(question) if w.lower() not in QUESTION_WORDS]
+    return " ".join(words) if words else question
+
+
 def concept_of(hit: Hit) -> str:
     """The concept an item's caption names (its first clause, without end punctuation or quotes), else
     its file name's words; "" when it has neither."""
