@@ -609,3 +609,11 @@ def test_bench_cited_numbers_ignore_what_is_not_a_citation():
     from benchmarks.bench_generate import cited_numbers
 
     assert cited_numbers("a [2] b [1] c [2] d [7]", 3) == [2, 1]
+
+
+def test_retrieval_text_keeps_what_a_question_is_about():
+    from service.generation.prompts import retrieval_text
+
+    assert retrieval_text("Which animal is called the king of the jungle?") == "animal king jungle"
+    assert retrieval_text("Is there a sound of a goat?") == "sound goat"
+    assert retrieval_text("Who is it?") == "Who is it?"  # nothing else left: the question as it is
