@@ -339,3 +339,59 @@ def test_cldr_real_package_scan():
             names[r["lang"]] += 1
     assert all(names[lang] >= 1800 for lang in langs), names
     assert plan.provenance["verified_against_package"] is True and not plan.skipped["cldr_refused"]
+
+
+# ----------------------------------------------------------------------------------------------- gameicons
+
+
+def _icons_package(root: Path, name="@iconify-json/game-icons", version="1.2.4") -> Path:
+    root.mkdir(parents=True)
+    (root / "package.json").write_text(json.dumps({"name": name, "version": version, "license": "CC-BY-3.0"}))
+    square = '<path fill="currentColor" d="M64 64h384v384H64z"/>'
+    icons = {f"frog-{chr(97 + i)}": {"body": square} for i in range(10)}
+    icons |= {"3d-glasses": {"body": square}, "secret": {"body": square, "hidden": True}}
+    (root / "icons.json").write_text(json.dumps({"prefix": "game-icons", "icons": icons, "width": 512}))
+    return root
+
+
+def test_gameicons_names_and_refusals(tmp_path):
+    from service.sources import gameicons
+
+    root = _icons_package(tmp_path / "game-icons")
+    plan = gameicons.scan(root, rsvg=RSVG or "true")
+    by_id = {r["id"]: r for r in plan.rows}
+    assert set(by_id) == {"gameicons/3d-glasses"} | {f"gameicons/frog-{chr(97 + i)}" for i in range(10)}
+    glasses = by_id["gameicons/3d-glasses"]
+    assert glasses["label"] == glasses["text"] == "3d glasses" and glasses["split"] == split_for("3d glasses")
+    assert plan.skipped["gameicons_hidden"] == 1 and plan.provenance["licence"].startswith("CC-BY-3.0")
+    other = _icons_package(tmp_path / "other", name="@iconify-json/mdi")
+    with pytest.raises(RefusedPath, match="not the npm package"):
+        gameicons.scan(other)
+    with pytest.raises(ValueError, match="unknown source"):
+        _build(tmp_path / "c", "gameicons,fontawesome", gameicons_root=root)
+
+
+@pytest.mark.skipif(RSVG is None, reason="rsvg-convert (librsvg2-bin) not installed")
+def test_gameicons_build_renders_black_silhouettes(tmp_path):
+    root = _icons_package(tmp_path / "game-icons")
+    out = tmp_path / "c"
+    counts = _build(out, "gameicons", gameicons_root=root)
+    rows = read_manifest(out / "manifest.jsonl")
+    assert counts["rendered"] == len(rows) == 11 and len({r["split"] for r in rows}) >= 2
+    with Image.open(rows[0]["image"]) as im:
+        px = np.asarray(im.convert("RGBA"))
+    assert (
+        im.size == (256, 256) and px[128, 128, 3] == 255 and px[128, 128, :3].max() == 0 and px[2, 2, 3] == 0
+    )
+    assert _build(out, "gameicons", gameicons_root=root)["rendered"] == 0  # resumed: nothing redrawn
+
+
+@pytest.mark.skipif(
+    not (Path(__file__).parents[1] / ".npm/node_modules/@iconify-json/game-icons/icons.json").is_file(),
+    reason="@iconify-json/game-icons not installed (make npm)",
+)
+def test_gameicons_real_package_scan():
+    from service.sources import gameicons
+
+    plan = gameicons.scan(gameicons.DEFAULT_ROOT, rsvg=RSVG or "true")
+    assert len(plan.rows) == 4133 and plan.provenance["version"] == gameicons.VERSION
