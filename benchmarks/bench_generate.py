@@ -6,7 +6,7 @@ chosen on) is answered exactly as ``POST /generate`` answers it: ``GenerateParam
 ``service.search.answer`` on the demo collection (``mm demo --no-serve``), then
 ``service.generation.start_stream``. An item's label is its corpus row's ``label`` (``demo/corpus``); an
 answer *names* a label when the label appears in it as a phrase, and a cited item *carries* a label when
-its own label contains it as a phrase (a "snare drum" is a drum). Scores:
+its own label ends with it (a "snare drum" is a drum, a "train sign" is not a train). Scores:
 
 - ``accuracy``: answerable questions answered (a label named, and a cited item carrying it) plus
   unanswerable ones declined with nothing cited, over all questions;
@@ -87,8 +87,11 @@ def names(text: str, label: str) -> bool:
 
 
 def carries(item_label: str | None, label: str) -> bool:
-    """Whether an item labelled ``item_label`` carries ``label`` (contains it as a phrase)."""
-    return item_label is not None and bool(_phrase(label).search(item_label.lower()))
+    """Whether an item labelled ``item_label`` carries ``label``: the label itself, or a kind of it (its
+    head noun, the label's end: a "snare drum" is a drum, a "train sign" is not a train)."""
+    if item_label is None:
+        return False
+    return bool(re.search(r"(?<!\w)" + re.escape(label.lower()) + r"(?:s|es)?$", item_label.lower().strip()))
 
 
 def cited_numbers(text: str, n_citations: int) -> list[int]:

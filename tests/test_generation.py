@@ -589,6 +589,7 @@ def test_bench_scorer_on_hand_made_answers():
     kind = score_answer("A snare drum hit [1].", ["snare drum"], ["drum"])  # a snare drum carries "drum"
     assert kind["correct"]
     assert not score_answer("A frogman [1].", ["frogman"], ["frog"])["correct"]  # a phrase, not a prefix
+    assert not score_answer("A train [1].", ["train sign"], ["train"])["correct"]  # a sign is no train
     declined = score_answer("I could not find anything about that in the collection.", [], [])
     assert declined["correct"] and declined["declined"]
     false = score_answer("Ulaanbaatar [1].", ["flag of K"], [])
