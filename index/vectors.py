@@ -5,9 +5,9 @@ are cosines of the normalised vectors. Type by size and memory budget (faiss wik
 an index"): exact ``Flat`` while small, ``HNSW`` while the graph fits in memory, then ``IVF-SQ8`` and
 finally ``IVF-PQ`` trained on the stored vectors.
 
-Indexes that cannot remove vectors (HNSW) get tombstones: the removed entry's id in the IDMap is replaced
-by a negative sentinel, which a range selector hides at search time; the collection rebuilds the index
-from SQLite when tombstones pile up.
+Indexes that cannot remove vectors under an id map (HNSW, IVF) get tombstones: the removed entry's id
+in the IDMap is replaced by a negative sentinel, which a range selector hides at search time; the
+collection rebuilds the index from SQLite when tombstones pile up.
 """
 
 from __future__ import annotations
@@ -250,7 +250,10 @@ class VectorIndex:
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         if not len(ids):
             return
-        if self.kind != "hnsw":
+        # Only a Flat inner index removes by shifting, which IndexIDMap2.remove_ids assumes when it
+        # compacts its id map: an IVF removes in place, and every id after the removed one would then
+        # name its neighbour's vector. Everything else gets tombstones.
+        if self.kind == "flat":
             try:
                 self.index.remove_ids(faiss.IDSelectorBatch(ids))
                 return
