@@ -395,3 +395,68 @@ def test_gameicons_real_package_scan():
 
     plan = gameicons.scan(gameicons.DEFAULT_ROOT, rsvg=RSVG or "true")
     assert len(plan.rows) == 4133 and plan.provenance["version"] == gameicons.VERSION
+
+
+# ------------------------------------------------------------------------------------------------- scratch
+
+
+def test_scratch_names():
+    from service.sources.scratch import name_words, sound_caption
+
+    assert name_words("Laugh-male2") == ("laugh", "male")
+    assert name_words("bat1-a") == ("bat", None)
+    assert name_words("HorseGallop") == ("horse gallop", None)
+    assert name_words("boy4-walking-e") == ("boy walking", None)
+    assert sound_caption("Human", "cough", "female") == "the sound of a female cough"
+    assert sound_caption("Animal", "owl", None) == "an owl sound"
+
+
+@pytest.fixture
+def scratch_tree(tmp_path: Path) -> Path:
+    root = tmp_path / "Media"
+    _audio(root / "Sounds/Animal/Dog1.wav")
+    _audio(root / "Sounds/Animal/Dog2.wav")
+    _audio(root / "Sounds/Human/Cough-female.wav")
+    for stem in ("dog1-a", "dog1-b", "cat1", "lion1-a") + tuple(f"thing{chr(97 + i)}" for i in range(10)):
+        _jpg(root / "Costumes/Animals" / f"{stem}.png")
+    _jpg(root / "Costumes/Letters/auto/A.gif")  # alphabets are left out
+    (root / "Costumes/Animals/Dancer.sprite").write_bytes(b"squeak")  # project files are left out
+    _jpg(root / "Backgrounds/Nature/forest.jpg")
+    outside = tmp_path / "holiday.jpg"
+    _jpg(outside)
+    (root / "Backgrounds/Nature/holiday.jpg").symlink_to(outside)
+    return root
+
+
+def test_scratch_scan_and_build(tmp_path, scratch_tree):
+    from service.sources import scratch
+
+    plan = scratch.scan(scratch_tree)
+    by_id = {r["id"]: r for r in plan.rows}
+    assert by_id["scratch/sounds/Animal/Dog1"]["text"] == "a dog sound"
+    assert by_id["scratch/sounds/Human/Cough-female"]["label"] == "cough"
+    assert (
+        by_id["scratch/costumes/Animals/dog1-b"]["label"]
+        == by_id["scratch/sounds/Animal/Dog2"]["label"]
+        == "dog"
+    )
+    assert by_id["scratch/backgrounds/Nature/forest"]["text"] == "a backdrop: forest"
+    assert not any("Letters" in k or "Dancer" in k or "holiday" in k for k in by_id)
+    assert plan.skipped["scratch_refused"] == 1
+    counts = _build(tmp_path / "c", "scratch", scratch_root=scratch_tree)
+    rows = read_manifest(tmp_path / "c" / "manifest.jsonl")
+    _one_split_per_label(rows)
+    assert (
+        counts["by_modality"] == {"audio+text": 3, "image+text": 15} and len({r["split"] for r in rows}) >= 2
+    )
+    assert counts["licences"]["scratch"]["licence"].startswith("CC-BY-SA-3.0")
+
+
+@pytest.mark.skipif(not Path("/usr/share/scratch/Media/Sounds").is_dir(), reason="scratch not installed")
+def test_scratch_real_package_scan():
+    from service.sources import scratch
+
+    plan = scratch.scan(scratch.DEFAULT_ROOT)
+    audio = [r for r in plan.rows if "audio" in r]
+    assert len(audio) == 114 and len(plan.rows) - len(audio) >= 330
+    assert plan.provenance["verified_against_package"] is True and not plan.skipped["scratch_refused"]
