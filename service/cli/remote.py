@@ -208,6 +208,11 @@ def search_remote(server: ServerInfo, query: SearchQuery) -> dict[str, Any]:
     message when it refuses the query, OSError when it cannot be reached."""
     headers = _headers()
     if query.media is not None:
+        from mm.media import sniff
+
+        # the header check the local path makes first (size, kind, limits): the same one-line refusal,
+        # and never a file of unbounded size read into memory for the upload
+        sniff(query.media.path, query.media.name, query.media.modality)
         body, ctype = _multipart(upload_fields(query), "file", Path(query.media.path))
         url = server.url + "/search/upload"
     else:

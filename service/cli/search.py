@@ -65,8 +65,6 @@ def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from service.schemas import QueryMedia, SearchQuery, error_message
-    from service.search import answer
-    from service.store import open_collection
 
     media = None
     if args.image is not None or args.audio is not None:
@@ -89,6 +87,9 @@ def run(args: argparse.Namespace) -> int:
 
     body = None if args.local else search_served(args.collection, args.model, query)
     if body is None:
+        from service.search import answer  # here: the served path needs neither FAISS nor the model
+        from service.store import open_collection
+
         embedder = load_embedder(args.model)
         with open_collection(args.collection, embedder, readonly=True) as coll:
             body = answer(query, embedder, coll).to_dict()
