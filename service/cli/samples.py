@@ -80,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
         "licences": {k: v.get("licence") for k, v in counts.get("licences", {}).items()},
         "megabytes": round(counts["bytes"] / 1e6, 1),
         "seconds": counts["seconds"],
+        "seconds_by_source": counts.get("seconds_by_source", {}),
     }
     print(json.dumps(summary, indent=2))
     return 0
