@@ -204,8 +204,29 @@ def via_cli(client: TestClient, argv: list[str], monkeypatch, capsys) -> list[tu
     return [(r["id"], r["score"]) for r in out["results"]]
 
 
+class CitesAll:
+    """A backend that cites every item it is given: the retrieval under test, not an answer's rules (the
+    real extractive backend cites only the items its answer names)."""
+
+    name = "extractive"
+    max_items = None
+
+    def stream(self, question, hits, **params):
+        return iter(["ok"])
+
+
 def via_generation(client: TestClient, body: dict) -> list[tuple[int, float]]:
-    resp = client.post("/generate", json={**body, "backend": "extractive"})
+    from service.generation import generators_of
+
+    made = generators_of(client.app)._made
+    saved = made.get("extractive")
+    made["extractive"] = CitesAll()
+    try:
+        resp = client.post("/generate", json={**body, "backend": "extractive"})
+    finally:
+        made.pop("extractive")
+        if saved is not None:
+            made["extractive"] = saved
     assert resp.status_code == 200, resp.text
     return [(c["id"], c["score"]) for c in resp.json()["citations"]]
 
