@@ -7,6 +7,7 @@ skips when Playwright or Chromium is missing (``MM_CHROMIUM`` points at another 
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import socket
@@ -19,6 +20,7 @@ import httpx
 import pytest
 from conftest import IMAGES, SOUNDS, TEXTS
 
+from mm.calibration import Calibration, PairFit
 from service.app import create_app
 from service.settings import Settings
 
@@ -89,7 +91,13 @@ def _ingest(url: str, root: Path) -> None:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, media_root, embedder) -> Iterator[LiveServer]:
     settings = Settings(collection=tmp_path_factory.mktemp("web") / "coll", allowed_roots=[media_root])
-    with LiveServer(create_app(settings, embedder=embedder)) as live:
+    # The tiny model is untrained: give its copy a calibration (as a trained checkpoint brings one), so
+    # that hybrid scores are probabilities and the extractive answer can tell a matching caption.
+    calibrated = copy.copy(embedder)
+    calibrated.calibration = Calibration(
+        {f"text->{m}": PairFit(1.0, -6.0) for m in ("text", "image", "audio")}, lexical=PairFit(3.0, -2.0)
+    )
+    with LiveServer(create_app(settings, embedder=calibrated)) as live:
         _ingest(live.url, media_root)
         yield live
 
