@@ -286,6 +286,12 @@ class VectorIndex:
         if excluded is not None and len(excluded):
             n_cand -= len(excluded) if allowed is None else int(np.isin(allowed, excluded).sum())
         want = min(k, max(n_cand, 0))
+        if allowed is None and (excluded is None or not len(excluded)) and self.tombstones:
+            # a selector takes IVF scans off their batched SIMD path (~4x slower at 1M): search a little
+            # wider without one and drop the tombstones' negative labels, if that fills every row
+            got = self._search_past_tombstones(x, k, want)
+            if got is not None:
+                return got
         keep: list[object] = []  # selectors must outlive the search call
         sel = None
         if allowed is not None:
@@ -325,3 +331,23 @@ class VectorIndex:
                     break
                 nprobe = min(nprobe * 4, self._ivf.nlist)
         return scores, labels, full
+
+    def _search_past_tombstones(
+        self, x: np.ndarray, k: int, want: int
+    ) -> tuple[np.ndarray, np.ndarray, bool] | None:
+        """Top ``k`` of live ids from an unfiltered search for ``k + extra``; None if a row comes up short."""
+        faiss = _faiss()
+        wide = k + min(self.tombstones, max(k, 16))
+        if self.kind == "hnsw":
+            params = faiss.SearchParametersHNSW(efSearch=int(max(self.policy.ef_search, wide)))
+        elif self._ivf is not None:
+            params = faiss.SearchParametersIVF(nprobe=int(default_nprobe(self._ivf.nlist, self.policy)))
+        else:
+            params = None
+        scores, labels = self.index.search(x, wide, params=params)
+        live = labels >= 0
+        if (live.sum(axis=1) < want).any():
+            return None
+        # stable: live hits keep their score order; the first k of each row are the answer
+        order = np.argsort(~live, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(scores, order, axis=1), np.take_along_axis(labels, order, axis=1), True

@@ -164,6 +164,9 @@ def test_deletes_and_upserts_keep_every_id_on_its_own_vector(tmp_path, spec):
     hits = coll.search(want, k=1)
     assert [h[0].id for h in hits] == got.tolist()
     assert coll.search(-x[100], k=1)[0][0].id == ids[100]
+    gone = set(ids[:50:3])
+    for row in coll.search(x[:50], k=10):  # tombstones hidden, rows still full
+        assert len(row) == 10 and not gone & {h.id for h in row}
     assert coll.check()["ok"]
     coll.close()
     with Collection.open(tmp_path / "c") as again:  # the saved file holds the same
