@@ -38,7 +38,7 @@ class IndexPolicy:
     hnsw_m: int = 32  # HNSW graph degree
     ef_construction: int = 80  # HNSW build breadth (faiss default 40 loses recall at M=32)
     ef_search: int = 128  # HNSW search breadth; >= 0.95 recall@10 on embedding-like data
-    nprobe: int = 0  # IVF lists probed per query; 0 = nlist / 8, at least 8
+    nprobe: int = 0  # IVF lists probed per query; 0 = nlist / 16, at least 8
     exact_max: int = 2048  # filtered sets this small are scored exactly from the stored vectors
     rescore: int = 4  # quantized (SQ/PQ) indexes: candidates per wanted hit, rescored from float32
     tombstone_ratio: float = 0.2  # rebuild an index that cannot delete once this share is dead
@@ -114,7 +114,9 @@ def train_threshold(spec: str) -> int:
 def default_nprobe(nlist: int, policy: IndexPolicy | None = None) -> int:
     if policy is not None and policy.nprobe > 0:
         return min(policy.nprobe, nlist)
-    return min(nlist, max(8, nlist // 8))
+    # ~6% of the lists: with sqrt(n) lists and exact rescoring of 4k candidates, recall@10 stayed 1.0 on
+    # resampled demo embeddings at 200k-1M (bench_scale) while a probe of nlist/8 cost twice the time
+    return min(nlist, max(8, nlist // 16))
 
 
 def _faiss():
