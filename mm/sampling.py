@@ -49,5 +49,9 @@ def sample_next(
     """One token id from (V,) logits: argmax when temperature == 0, else filtered sampling."""
     if temperature == 0:
         return int(logits.argmax())
-    probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(dim=-1)
+    # shifted so the largest is 0 before scaling, in float64 (where any positive temperature is non-zero): a
+    # tiny temperature (1e-308) then sends the others to -inf (greedy, its limit) instead of overflowing
+    # them all to inf, or dividing by a float32 zero, whose softmax is nan
+    logits = logits.double()
+    probs = filter_logits((logits - logits.max()) / temperature, top_k, top_p).softmax(dim=-1)
     return int(torch.multinomial(probs, 1, generator=gen))

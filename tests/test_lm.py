@@ -17,7 +17,7 @@ from mm.lm import (
     resolve_lm,
     save_lm,
 )
-from mm.sampling import filter_logits
+from mm.sampling import filter_logits, sample_next
 from mm.stop_filter import StopFilter
 from mm.tokenizer import BOS, ByteTokenizer
 
@@ -145,6 +145,15 @@ def test_top_k_and_top_p_filters():
     assert torch.isfinite(p).tolist() == [True, True, False, False]
     p1 = filter_logits(logits, top_p=0.1)
     assert torch.isfinite(p1).tolist() == [True, False, False, False]
+
+
+def test_a_tiny_temperature_samples_the_most_likely_token():
+    # 1e-38 is a valid temperature (> 0); unshifted, logits / 1e-38 overflow to inf and softmax is nan
+    logits = torch.tensor([10.0, 30.0, 20.0, -10.0])  # 30 / 1e-38 is past float32's largest
+    gen = torch.Generator().manual_seed(0)
+    assert {sample_next(logits, 1.1754943508222875e-38, 0, 1.0, gen) for _ in range(20)} == {1}
+    assert sample_next(logits, 1e-38, 2, 0.9, gen) == 1
+    assert sample_next(logits, 1.1125369292536007e-308, 0, 1.0, gen) == 1  # 0 as a float32
 
 
 def test_sampling_respects_filters(lm):
