@@ -9,6 +9,8 @@
   sent the text "null" as a file), and a file holds at least one byte.
 - A query vector holds a non-zero number, and, once the app has loaded its model, exactly ``dim`` of them.
 - A chat request holds a user message with text (the question): :data:`USER_TEXT`.
+- A body with an exactly-one-of rule is required (an absent body gives none of the fields).
+- A keyword search has a text query: :data:`KEYWORD_NEEDS_TEXT`.
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ EXACTLY_ONE_OF = {
     "Body_add_item_items_post": ("file", "text"),  # POST /items: a file or a text
 }
 VECTOR_SCHEMAS = ("SearchQuery", "SearchRequest")
+KEYWORD_NEEDS_TEXT = [  # SearchQuery's rule: mode 'keyword' searches words, so only a text query
+    {"properties": {"mode": {"enum": ["hybrid", "vector"]}}},
+    {"required": ["query"], "properties": {"query": {"type": "string"}}},
+]
 _TEXT = {"type": "string", "pattern": r"\S"}
 USER_TEXT = {  # a chat message that can be the question: from the user, with some text
     "type": "object",
@@ -104,6 +110,13 @@ def _vector(schema: dict[str, Any], dim: int | None) -> None:
                 option["maxItems"] = dim
 
 
+def _body_refs(operation: dict[str, Any]) -> set[str]:
+    """Component schema names of ``operation``'s request body, over its media types."""
+    content = operation.get("requestBody", {}).get("content", {})
+    refs = (media.get("schema", {}).get("$ref", "") for media in content.values())
+    return {ref.rsplit("/", 1)[1] for ref in refs if ref.startswith("#/components/schemas/")}
+
+
 def finish(spec: dict[str, Any], dim: int | None = None) -> dict[str, Any]:
     """Add the body errors and the exactly-one-of rules to ``spec`` (in place; also returned); ``dim``:
     the length of a query vector, when the model is loaded."""
@@ -123,9 +136,15 @@ def finish(spec: dict[str, Any], dim: int | None = None) -> dict[str, Any]:
         schema = schemas.get(name)
         if schema is not None and all(f in schema.get("properties", {}) for f in fields):
             schema["oneOf"] = exactly_one_of(fields)
+    for operations in spec.get("paths", {}).values():
+        for operation in operations.values():
+            if isinstance(operation, dict) and _body_refs(operation) & set(EXACTLY_ONE_OF):
+                operation["requestBody"]["required"] = True
     for name in VECTOR_SCHEMAS:
         if name in schemas:
             _vector(schemas[name], dim)
+            if "mode" in schemas[name].get("properties", {}):
+                schemas[name]["anyOf"] = KEYWORD_NEEDS_TEXT
     messages = schemas.get("ChatRequest", {}).get("properties", {}).get("messages")
     if messages is not None:
         messages["contains"] = USER_TEXT  # the question: the last user message with text

@@ -450,7 +450,7 @@ class GenerateParams(BaseModel):
     backend: Backend | None = Field(None, description="generator backend; MM_GENERATOR when omitted")
     max_tokens: int = Field(128, ge=1, le=MAX_NEW_TOKENS)
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 = greedy")
-    stop: list[str] | None = Field(None, max_length=MAX_STOPS, description="stop strings (not emitted)")
+    stop: list[StopText] | None = Field(None, max_length=MAX_STOPS, description="stop strings (not emitted)")
 
     def retrieval(self) -> SearchQuery:
         """The search that grounds the answer: the question as a text query."""
@@ -522,6 +522,7 @@ class ChatRequest(BaseModel):
     max_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
-    stop: StopText | list[StopText] | None = Field(None, max_length=MAX_STOPS)
+    # the count bounds the list only (a Field(max_length=...) on the union would bound the string too)
+    stop: StopText | Annotated[list[StopText], Field(max_length=MAX_STOPS)] | None = None
     mm_k: int = Field(5, ge=1, le=MAX_GROUNDING_K)
     mm_modalities: list[Modality] | None = None

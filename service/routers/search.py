@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
@@ -90,8 +91,8 @@ def search_upload(
     offset: Annotated[int, Form(json_schema_extra=_bounds(0, MAX_OFFSET))] = 0,
     tags: Annotated[str | None, Form(description="comma-separated; items must carry all")] = None,
     path_prefix: Annotated[str | None, Form()] = None,
-    since: Annotated[str | None, Form(description="ISO 8601 or unix seconds")] = None,
-    until: Annotated[str | None, Form(description="ISO 8601 or unix seconds")] = None,
+    since: Annotated[datetime | float | None, Form(description="ISO 8601 or unix seconds")] = None,
+    until: Annotated[datetime | float | None, Form(description="ISO 8601 or unix seconds")] = None,
 ) -> FastJSONResponse:
     """Search with an uploaded image or audio clip; the file is only used for the query, never stored."""
     modality = require_modality(file.filename, file.content_type, ("image", "audio"))
