@@ -79,6 +79,8 @@ def rank_hits(
         word_hits = {h.id: (h, h.score) for h in collection.lexical_search(text, k=n, filter=filter)}
     lexical = cal.lexical if cal is not None else None
     ranked: list[Ranked] = []
+    raw: float | None  # the vector's cosine; None: a word match only
+    bm25: float | None  # the word match's score; None: a vector match only
     if mode == "keyword":
         for hit, bm25 in word_hits.values():
             score = float(lexical(bm25)) if lexical is not None else bm25
@@ -97,12 +99,12 @@ def rank_hits(
             ranked.append(Ranked(Hit(id_, fused, hit.item), raw, bm25))
     elif mode == "hybrid" and word_hits:  # no calibration: reciprocal rank fusion (Cormack et al. 2009)
         by_vector = sorted(vec_hits.values(), key=lambda t: (-t[2], t[0].id))
-        fused: dict[int, float] = {}
+        rrf: dict[int, float] = {}
         for pos, (hit, _, _) in enumerate(by_vector):
-            fused[hit.id] = 1.0 / (RRF_K + pos + 1)
+            rrf[hit.id] = 1.0 / (RRF_K + pos + 1)
         for pos, (hit, _) in enumerate(sorted(word_hits.values(), key=lambda t: (-t[1], t[0].id))):
-            fused[hit.id] = fused.get(hit.id, 0.0) + 1.0 / (RRF_K + pos + 1)
-        for id_, score in fused.items():
+            rrf[hit.id] = rrf.get(hit.id, 0.0) + 1.0 / (RRF_K + pos + 1)
+        for id_, score in rrf.items():
             hit = vec_hits[id_][0] if id_ in vec_hits else word_hits[id_][0]
             raw = vec_hits[id_][1] if id_ in vec_hits else None
             bm25 = word_hits[id_][1] if id_ in word_hits else None

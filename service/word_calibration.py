@@ -67,7 +67,12 @@ def fit_word_calibration(
         finally:
             coll.close()
     y = np.asarray(labels)
-    report = {"pairs": len(y), "positives": int(y.sum()), "queries": len(queries), "items": len(items)}
+    report: dict[str, Any] = {
+        "pairs": len(y),
+        "positives": int(y.sum()),
+        "queries": len(queries),
+        "items": len(items),
+    }
     if len(y) == 0 or y.all() or not y.any():
         return None, report
     a, b = fit_platt(np.asarray(scores), y)

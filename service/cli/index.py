@@ -14,6 +14,7 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from service.cli.common import UsageError, add_collection, add_model, load_embedder, split_csv
 
@@ -67,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
     if args.shards < 0:
         raise UsageError("--shards must be >= 1")
     embedder = _embedder(args)
+    target: Any  # a ShardedCollection or a Collection, each with its own ingest
+    ingest_fn: Any
     if args.shards or is_sharded(args.collection):
         from index.sharded import ShardedCollection, ingest_sharded, shard_count
 

@@ -132,7 +132,9 @@ def _render_noto(font_path: Path, emoji: str, dest: Path) -> None:
         raise NothingToRender(f"{emoji!r}: drawn as several glyphs, not one emoji")
     im = canvas.crop(box)
     scale = (IMAGE_SIZE - 8) / max(im.size)
-    im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.LANCZOS)
+    im = im.resize(
+        (max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.Resampling.LANCZOS
+    )
     out = Image.new("RGBA", (IMAGE_SIZE, IMAGE_SIZE), (0, 0, 0, 0))
     out.alpha_composite(im, ((IMAGE_SIZE - im.width) // 2, (IMAGE_SIZE - im.height) // 2))
     out.save(dest, format="PNG")

@@ -161,14 +161,16 @@ def crop_to_content(src: Path, dest: Path, size: int, background: tuple[int, int
     kept) and save a PNG to ``dest``; ``background`` flattens transparency onto that colour."""
     from PIL import Image
 
-    with Image.open(src) as im:
-        im = im.convert("RGBA")
+    with Image.open(src) as opened:
+        im = opened.convert("RGBA")
     box = im.getchannel("A").getbbox()
     if box is None:
         raise NothingToRender(f"{src.name}: nothing visible was rendered")
     im = im.crop(box)
     scale = (size - 8) / max(im.size)
-    im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.LANCZOS)
+    im = im.resize(
+        (max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.Resampling.LANCZOS
+    )
     canvas = Image.new("RGBA", (size, size), (*background, 255) if background else (0, 0, 0, 0))
     canvas.alpha_composite(im, ((size - im.width) // 2, (size - im.height) // 2))
     (canvas.convert("RGB") if background else canvas).save(dest, format="PNG", optimize=False)

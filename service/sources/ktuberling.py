@@ -162,19 +162,19 @@ def scan(
     if sprites and shutil.which(rsvg) is None:
         plan.skipped["ktuberling_no_rsvg"] += len(sprites)
         sprites = []
-    for theme, element, sound, svg in sprites:
+    for theme_name, element, sound, svg in sprites:
         word = word_for(sound)
         if word not in keep:
             continue
-        rel = f"media/ktuberling/sprites/{theme}/{_safe(element)}.png"
+        rel = f"media/ktuberling/sprites/{theme_name}/{_safe(element)}.png"
         plan.renders[rel] = partial(_render_sprite, rsvg, svg, element)
         plan.rows.append(
             {
-                "id": f"ktuberling/sprite/{theme}/{element}",
+                "id": f"ktuberling/sprite/{theme_name}/{element}",
                 "image": rel,
                 "text": word,
                 "label": word,
-                "category": f"ktuberling/{theme}",
+                "category": f"ktuberling/{theme_name}",
                 "lang": "en",
                 "source": NAME,
                 "split": split_for(word),
