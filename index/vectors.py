@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 Kind = Literal["flat", "hnsw", "ivf", "other"]
 _MAX_ID = 1 << 62
+# a filter keeping at least this share of the items is applied after a wider unfiltered search
+POST_FILTER_SHARE = 0.05
 
 
 @dataclass(frozen=True)
@@ -288,10 +290,23 @@ class VectorIndex:
         if excluded is not None and len(excluded):
             n_cand -= len(excluded) if allowed is None else int(np.isin(allowed, excluded).sum())
         want = min(k, max(n_cand, 0))
-        if allowed is None and (excluded is None or not len(excluded)) and self.tombstones:
+        no_excluded = excluded is None or not len(excluded)
+        if allowed is None and no_excluded and self.tombstones:
             # a selector takes IVF scans off their batched SIMD path (~4x slower at 1M): search a little
             # wider without one and drop the tombstones' negative labels, if that fills every row
-            got = self._search_past_tombstones(x, k, want)
+            got = self._search_wide(x, k, want, k + min(self.tombstones, max(k, 16)), None)
+            if got is not None:
+                return got
+        share = n_cand / max(self.live, 1)
+        if (
+            allowed is not None
+            and no_excluded
+            and self.kind in ("ivf", "hnsw")
+            and share >= POST_FILTER_SHARE
+        ):
+            # a filter keeping a large share: 2/share times wider without a selector, then keep the
+            # allowed (a 10% filter at 1M: 3x faster than the selector path); else the selector path
+            got = self._search_wide(x, k, want, min(self.ntotal, int(2 * k / share) + k), allowed)
             if got is not None:
                 return got
         keep: list[object] = []  # selectors must outlive the search call
@@ -334,12 +349,12 @@ class VectorIndex:
                 nprobe = min(nprobe * 4, self._ivf.nlist)
         return scores, labels, full
 
-    def _search_past_tombstones(
-        self, x: np.ndarray, k: int, want: int
+    def _search_wide(
+        self, x: np.ndarray, k: int, want: int, wide: int, allowed: np.ndarray | None
     ) -> tuple[np.ndarray, np.ndarray, bool] | None:
-        """Top ``k`` of live ids from an unfiltered search for ``k + extra``; None if a row comes up short."""
+        """Top ``k`` of the live (and ``allowed``) ids among an unfiltered search's top ``wide``; None if
+        a row comes up short of ``want``."""
         faiss = _faiss()
-        wide = k + min(self.tombstones, max(k, 16))
         if self.kind == "hnsw":
             params = faiss.SearchParametersHNSW(efSearch=int(max(self.policy.ef_search, wide)))
         elif self._ivf is not None:
@@ -347,9 +362,13 @@ class VectorIndex:
         else:
             params = None
         scores, labels = self.index.search(x, wide, params=params)
-        live = labels >= 0
-        if (live.sum(axis=1) < want).any():
+        ok = labels >= 0  # tombstones are negative
+        if allowed is not None:
+            ok &= np.isin(labels, allowed)
+        if (ok.sum(axis=1) < want).any():
             return None
-        # stable: live hits keep their score order; the first k of each row are the answer
-        order = np.argsort(~live, axis=1, kind="stable")[:, :k]
-        return np.take_along_axis(scores, order, axis=1), np.take_along_axis(labels, order, axis=1), True
+        # stable: kept hits keep their score order; the first k of each row are the answer
+        order = np.argsort(~ok, axis=1, kind="stable")[:, :k]
+        scores, labels = np.take_along_axis(scores, order, axis=1), np.take_along_axis(labels, order, axis=1)
+        hit = np.take_along_axis(ok, order, axis=1)
+        return np.where(hit, scores, -np.inf).astype(np.float32), np.where(hit, labels, -1), True

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from index.collection import SIDECAR_FILE, Collection
-from index.types import Item
+from index.types import Filter, Item
 from index.vectors import IndexPolicy, _nlist_for, choose_spec, train_threshold
 
 DIM = 32
@@ -171,3 +171,46 @@ def test_deletes_and_upserts_keep_every_id_on_its_own_vector(tmp_path, spec):
     coll.close()
     with Collection.open(tmp_path / "c") as again:  # the saved file holds the same
         assert [h[0].id for h in again.search(want[::7], k=1)] == got[::7].tolist()
+
+
+@pytest.mark.parametrize("spec", ["IVF16,SQ8", "HNSW32"])
+@pytest.mark.parametrize("keep", ["image", "rare"])
+def test_filtered_search_post_filter_path_matches_the_selector_path(tmp_path, monkeypatch, spec, keep):
+    """A filter keeping a third of the items is applied after a wider unfiltered search; a rare one
+    (under POST_FILTER_SHARE, over exact_max) goes through the selector. Same answers either way."""
+    import index.vectors
+
+    x = unit(3000, seed=9)
+    mods = np.where(np.arange(3000) % 3 == 0, "image", "text")
+    mods[::97] = "rare"  # ~1%
+    its = [dataclasses.replace(it, modality=str(m)) for it, m in zip(items(3000), mods, strict=True)]
+    policy = IndexPolicy(exact_max=10)
+    coll = Collection.create(tmp_path / "c", dim=DIM, embedder_id="f", index_spec=spec, policy=policy)
+    ids = np.asarray(coll.add(x, its))
+    coll.delete(ids[1:30:2].tolist())  # tombstones too
+    alive = np.ones(3000, bool)
+    alive[1:30:2] = False
+    q = unit(20, seed=10)
+    flt = Filter(modalities=[keep])
+    wide_calls: list[bool] = []
+    real_wide = index.vectors.VectorIndex._search_wide
+
+    def spy(self, x, k, want, wide, allowed):
+        wide_calls.append(allowed is not None)
+        return real_wide(self, x, k, want, wide, allowed)
+
+    monkeypatch.setattr(index.vectors.VectorIndex, "_search_wide", spy)
+    got = coll.search(q, k=10, filter=flt)
+    assert any(wide_calls) is (keep == "image")  # which path the share picked
+    monkeypatch.setattr(index.vectors, "POST_FILTER_SHARE", 2.0)  # the selector path always
+    ref = coll.search(q, k=10, filter=flt)
+    mask = alive & (mods == keep)
+    recalls = []
+    for row, ref_row, qv in zip(got, ref, q, strict=True):
+        assert len(row) == 10 and all(h.item.modality == keep for h in row)
+        if spec.startswith("IVF"):  # the same probed lists, the same allowed candidates
+            assert [h.id for h in row] == [h.id for h in ref_row]
+        truth = ids[mask][np.argsort(-(x[mask] @ qv))[:10]]
+        recalls.append(len({h.id for h in row} & set(truth.tolist())) / 10)
+    assert np.mean(recalls) >= 0.7  # uniform random vectors: the hardest case for IVF and HNSW
+    coll.close()
