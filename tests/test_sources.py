@@ -481,3 +481,17 @@ def test_original_sources_refuse_files_outside_their_package(tmp_path):
     rows = read_manifest(tmp_path / "c" / "manifest.jsonl")
     assert [r["label"] for r in rows] == ["frog"] and counts["skipped"]["tuxpaint_refused"] == 1
     assert counts["licences"]["tuxpaint"]["package"] == "tuxpaint-stamps-default"
+
+
+def test_cli_builds_an_extra_source_and_reports_licences(tmp_path, scratch_tree, capsys):
+    from service import cli
+
+    out = tmp_path / "corpus"
+    nowhere = [f"--{name}-root={NOWHERE}" for name in ("tuxpaint", "sonicpi", "twemoji")]
+    argv = ["samples", "build", str(out), "--no-progress", "--scratch-root", str(scratch_tree), *nowhere]
+    assert cli.main([*argv, "--sources", "scratch"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["by_source"] == {"scratch": 18} and summary["licences"]["scratch"].startswith("CC-BY-SA")
+    assert set(summary["seconds_by_source"]) == {"scratch"}
+    assert cli.main([*argv, "--sources", "scratch,flickr"]) == 2
+    assert "ktuberling" in capsys.readouterr().err  # the refusal lists the sources there are
