@@ -39,6 +39,7 @@ CHECKED = {
         "mean experts per token": 1,
         "local weight, mean per block": 1,
     },
+    "03_finetune_and_quantize.ipynb": {"LoRA lift": 1, "x smaller)": 1},
 }
 # what each notebook must show besides running: rich outputs of these MIME types (with this text)
 EXPECTED = {
