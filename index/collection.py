@@ -462,8 +462,9 @@ class Collection:
             log.info("built %s over %d vectors in %.2fs", spec, len(ids), time.perf_counter() - t0)
         return vi
 
-    def _maybe_switch(self) -> None:
-        """Move to another index type when the count crosses a threshold; compact tombstones."""
+    def _maybe_switch(self) -> bool:
+        """Move to another index type when the count crosses a threshold; compact tombstones. True if
+        the index was rebuilt."""
         vi = self._vindex
         assert vi is not None
         n = vi.live
@@ -477,12 +478,13 @@ class Collection:
             switch = vi.spec != target and vi.spec == "Flat"
         dead = vi.tombstones > self.policy.tombstone_ratio * max(vi.ntotal, 1)
         if not (switch or dead):
-            return
+            return False
         if switch:
             log.info("collection %s: %d vectors, switching index %s -> %s", self.path, n, vi.spec, target)
         new = self._rebuild_index(target if switch else vi.spec)
         with self._rw.write():
             self._vindex = new
+        return True
 
     # writes ---------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -513,8 +515,21 @@ class Collection:
                 self._vindex = new
         self.generation = gen
         if self._defer == 0:
-            self._maybe_switch()
-            self.save()
+            switched = self._maybe_switch()
+            if switched or self._save_due():
+                self.save()
+
+    def _save_due(self) -> bool:
+        """Whether a single write rewrites the FAISS file now. A small file: always. A large one
+        (``policy.lazy_save_mb``; 260 MB at 1M as IVF-SQ8, ~0.5 s a write): every ``policy.save_every``
+        generations, and on close; a crash in between is caught up from the change log on open."""
+        try:
+            size = (self.path / VECTORS_FILE).stat().st_size
+        except OSError:
+            return True
+        if self._saved_generation < 0 or size < self.policy.lazy_save_mb * (1 << 20):
+            return True
+        return self.generation - self._saved_generation >= self.policy.save_every
 
     def _check_vectors(self, vectors: np.ndarray, n: int) -> np.ndarray:
         x = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -878,8 +893,9 @@ class Collection:
         - ``sqlite_vectors`` / ``faiss_live``: items with a vector in SQLite, live ids in the served index;
           ``missing_in_faiss`` / ``extra_in_faiss``: the first 20 ids where they differ (after a refresh)
         - ``disk_index``: the FAISS file against SQLite: ``"current"`` (same generation, same ids),
-          ``"stale"`` (an older generation: rebuilt on the next open), ``"missing"``, or the problems
-          ``"mismatch"`` (same generation, other ids) and ``"unreadable"``
+          ``"stale"`` (an older generation: caught up from the change log, or rebuilt, on the next open;
+          a large index is saved every ``policy.save_every`` writes, so stale is normal in between),
+          ``"missing"``, or the problems ``"mismatch"`` (same generation, other ids) and ``"unreadable"``
         - ``config``: ``collection.json`` against the copy in SQLite: ``"ok"``, ``"missing"``, ``"differs"``
         - ``leftovers``: temp files of interrupted saves still in the folder
         """

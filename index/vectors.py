@@ -44,6 +44,8 @@ class IndexPolicy:
     exact_max: int = 2048  # filtered sets this small are scored exactly from the stored vectors
     rescore: int = 4  # quantized (SQ/PQ) indexes: candidates per wanted hit, rescored from float32
     tombstone_ratio: float = 0.2  # rebuild an index that cannot delete once this share is dead
+    lazy_save_mb: int = 64  # a FAISS file this large is not rewritten on every single write...
+    save_every: int = 100  # ...but every this many writes (and on close); the change log covers the rest
 
 
 def _nlist_for(n: int) -> int:
