@@ -71,6 +71,8 @@ def no_model(*_a, **_k):
 
 QUERIES = [
     ["a red circle", "-k", "5"],
+    ["red circle", "--mode", "keyword"],
+    ["a green triangle", "--mode", "vector", "-k", "3"],
     ["ocean waves", "--modality", "text,image", "--filter", "tag=fx"],
     ["--image", "images/yellow_stripes.jpg", "-k", "4", "--offset", "1"],
     ["--audio", "sounds/tone_high.flac", "--modality", "audio"],
@@ -78,7 +80,9 @@ QUERIES = [
 ]
 
 
-@pytest.mark.parametrize("argv", QUERIES, ids=["text", "text-filtered", "image-paged", "audio", "item"])
+@pytest.mark.parametrize(
+    "argv", QUERIES, ids=["text", "keyword", "vector", "text-filtered", "image-paged", "audio", "item"]
+)
 def test_served_and_local_answers_are_equal(capsys, monkeypatch, coll, server, keyed, media_root, argv):
     _, info = server
     argv = [str(media_root / a) if "/" in a else a for a in argv]
@@ -102,6 +106,16 @@ def test_served_and_local_answers_are_equal(capsys, monkeypatch, coll, server, k
     assert served["results"], served
     served.pop("took_ms"), local.pop("took_ms")
     assert served == local
+
+
+def test_file_query_with_a_mode_the_upload_form_lacks_searches_locally(
+    capsys, coll, server, keyed, media_root
+):
+    img = str(media_root / "images" / "red_circle.png")
+    code, out, err = run(
+        capsys, "search", "--image", img, "-c", str(coll), "--model", "tiny", "--mode", "vector"
+    )
+    assert code == 0 and out and "loading the model (the server's file search has no --mode vector" in err
 
 
 def test_text_output_from_the_server(capsys, monkeypatch, coll, server, keyed):

@@ -197,10 +197,15 @@ def upload_fields(query: SearchQuery) -> dict[str, str]:
     f = query.filters.model_dump(mode="json", exclude_none=True) if query.filters else {}
     for key, value in f.items():
         out[key] = ",".join(value) if isinstance(value, list) else str(value)
-    mode = getattr(query, "mode", None)
-    if mode is not None and mode != type(query).model_fields["mode"].default:
-        out["mode"] = str(mode)
     return out
+
+
+def served_form_lacks(query: SearchQuery) -> str | None:
+    """What of ``query`` ``/search/upload`` cannot take (its form has no ``mode``), or None."""
+    default = type(query).model_fields["mode"].default
+    if query.media is not None and query.mode != default:
+        return f"the server's file search has no --mode {query.mode}"
+    return None
 
 
 def search_remote(server: ServerInfo, query: SearchQuery) -> dict[str, Any]:

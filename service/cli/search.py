@@ -124,7 +124,9 @@ def search_served(collection: Path, model: str, query) -> dict | None:
     """The answer of the running ``mm serve`` of ``collection`` (None: there is none; load the model)."""
     from service.cli import remote
 
-    server, why = remote.find_server(collection, model)
+    server, why = None, remote.served_form_lacks(query)
+    if why is None:
+        server, why = remote.find_server(collection, model)
     if server is None:
         print(f"mm: loading the model ({why}; `mm serve` keeps it warm)", file=sys.stderr)
         return None
