@@ -189,3 +189,13 @@ def test_sharded_ingest_equals_single_ingest_and_resumes(tmp_path, media_root):
     sc.close()
     with pytest.raises(ValueError, match="unsharded"):
         ShardedCollection.create(tmp_path / "one", shards=2, dim=emb.dim, embedder_id=emb.model_id)
+
+
+def test_mm_serve_refuses_a_sharded_folder_without_touching_it(tmp_path, capsys):
+    from service.cli import main
+
+    ShardedCollection.create(tmp_path / "s", shards=2, dim=DIM, embedder_id="f").close()
+    before = sorted(p.name for p in (tmp_path / "s").iterdir())
+    assert main(["serve", "--collection", str(tmp_path / "s")]) == 2
+    assert "sharded collection" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == before  # no meta.sqlite beside the shards

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from service.cli.common import add_collection, add_model
+from service.cli.common import UsageError, add_collection, add_model
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +47,16 @@ def with_instance_header(app, instance: str):
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from index.sharded import is_sharded
     from service.app import create_app
     from service.cli import remote
     from service.settings import Settings
 
+    if is_sharded(args.collection):  # the app would create a plain collection beside the shards
+        raise UsageError(
+            f"{args.collection} is a sharded collection (mm index --shards); serving one is not "
+            "supported yet (docs/scale.md): serve each shard-NNN folder, or build it unsharded"
+        )
     settings = Settings(collection=args.collection, model=args.model)
     instance = remote.new_instance()
     app = with_instance_header(create_app(settings), instance)
