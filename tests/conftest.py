@@ -10,6 +10,7 @@ import hashlib
 import io
 import math
 import struct
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,17 @@ def wav_bytes(freq: float = 440.0, seconds: float = 0.5) -> bytes:
     buf = io.BytesIO()
     sf.write(buf, tone(freq, seconds), SAMPLE_RATE, format="WAV")
     return buf.getvalue()
+
+
+def wait_job(client: Any, job_id: str, timeout: float = 60.0) -> dict:
+    """The job's final state (done, failed or cancelled), polled through the API's ``GET /jobs/{id}``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/jobs/{job_id}").json()
+        if job["status"] in ("done", "failed", "cancelled"):
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not finish: {job}")
 
 
 def write_media(root: Path, *, with_bad: bool = True) -> Path:

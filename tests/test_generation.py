@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from conftest import image_bytes
+from conftest import image_bytes, wait_job
 from fastapi.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
@@ -56,11 +56,7 @@ def client(tmp_path_factory, embedder, media_root, lm_dir):
         collection=tmp_path_factory.mktemp("gen") / "coll", allowed_roots=[media_root], lm_path=lm_dir
     )
     with TestClient(create_app(settings, embedder=embedder)) as c:
-        job = c.post("/ingest", json={"path": str(media_root)}).json()
-        deadline = time.monotonic() + 60
-        while c.get(f"/jobs/{job['id']}").json()["status"] not in ("done", "failed"):
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_job(c, c.post("/ingest", json={"path": str(media_root)}).json()["id"])
         # the fake embedder's scores are not calibrated: the API tests answer from the best concept
         # whatever its score (the grounding rules themselves are tested on hand-made hits below)
         generators_of(c.app)._made["extractive"] = ExtractiveGenerator(rules=ANY_CONCEPT)

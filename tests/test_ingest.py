@@ -6,7 +6,6 @@ import hashlib
 import logging
 import os
 import shutil
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -364,6 +363,7 @@ def test_walk_without_roots_follows_links_and_still_reports_broken_ones(tmp_path
 
 def test_post_ingest_does_not_serve_files_a_symlink_leads_out_to(tmp_path):
     from conftest import FakeEmbedder as ServiceEmbedder
+    from conftest import wait_job
     from fastapi.testclient import TestClient
 
     from service.app import create_app
@@ -372,12 +372,7 @@ def test_post_ingest_does_not_serve_files_a_symlink_leads_out_to(tmp_path):
     allowed, outside = _linked_folder(tmp_path)
     settings = Settings(collection=tmp_path / "coll", allowed_roots=[allowed])
     with TestClient(create_app(settings, embedder=ServiceEmbedder())) as client:
-        job = client.post("/ingest", json={"path": str(allowed)}).json()
-        for _ in range(400):
-            job = client.get(f"/jobs/{job['id']}").json()
-            if job["status"] not in ("queued", "running"):
-                break
-            time.sleep(0.05)
+        job = wait_job(client, client.post("/ingest", json={"path": str(allowed)}).json()["id"])
         assert job["status"] == "done", job
         refused = {Path(e["path"]).name for e in job["errors"] if "outside" in e["error"]}
         assert refused == {"out.png", "outdir", "own.txt"}

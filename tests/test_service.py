@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import IMAGES, SOUNDS, TEXTS, image_bytes, wav_bytes
+from conftest import IMAGES, SOUNDS, TEXTS, image_bytes, wait_job, wav_bytes
 from fastapi.testclient import TestClient
 
 from service.app import create_app
@@ -15,16 +15,6 @@ from service.schemas import SearchResponse
 from service.settings import Settings
 
 N_GOOD = len(IMAGES) + len(SOUNDS) + len(TEXTS)
-
-
-def wait_job(client: TestClient, job_id: str, timeout: float = 60.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.get(f"/jobs/{job_id}").json()
-        if job["status"] in ("done", "failed", "cancelled"):
-            return job
-        time.sleep(0.05)
-    raise AssertionError(f"job {job_id} did not finish: {job}")
 
 
 def assert_error(resp, status: int, code: str | None = None) -> dict:

@@ -5,10 +5,10 @@ composite transparency on white as indexing does (issues 14.1, 17.7, 18.4, 18.10
 from __future__ import annotations
 
 import io
-import time
 
 import numpy as np
 import pytest
+from conftest import wait_job
 from fastapi.testclient import TestClient
 
 from service.app import create_app
@@ -53,19 +53,9 @@ def served(tmp_path_factory, embedder):
         yield client, settings, root
 
 
-def _wait(client: TestClient, job_id: str) -> dict:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        job = client.get(f"/jobs/{job_id}").json()
-        if job["status"] in ("done", "failed", "cancelled"):
-            return job
-        time.sleep(0.05)
-    raise AssertionError(f"job {job_id} did not finish")
-
-
 def test_ingest_items_and_upload_embed_a_file_alike(served, embedder):
     client, settings, root = served
-    job = _wait(client, client.post("/ingest", json={"path": str(root)}).json()["id"])
+    job = wait_job(client, client.post("/ingest", json={"path": str(root)}).json()["id"])
     assert job["status"] == "done" and not job["errors"], job
     (ingested,) = [i for i in client.get("/items").json()["items"] if i["uri"].endswith("photo.jpg")]
 
@@ -123,7 +113,7 @@ def test_bombs_are_refused_at_every_door_before_decoding(served, monkeypatch):
         assert "13000x13000" in message and message.startswith("bomb.png")
     (root / "bomb_dir").mkdir()
     (root / "bomb_dir" / "bomb.png").write_bytes(bomb)
-    job = _wait(client, client.post("/ingest", json={"path": str(root / "bomb_dir")}).json()["id"])
+    job = wait_job(client, client.post("/ingest", json={"path": str(root / "bomb_dir")}).json()["id"])
     (err,) = job["errors"]
     assert "too large" in err["error"] and "13000x13000" in err["error"]
     assert not list(settings.media_path.glob("*.png")) or all(

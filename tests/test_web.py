@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import IMAGES, SOUNDS, TEXTS
+from conftest import IMAGES, SOUNDS, TEXTS, wait_job
 
 from mm.calibration import Calibration, PairFit
 from service.app import create_app
@@ -79,12 +79,7 @@ class LiveServer:
 
 def _ingest(url: str, root: Path) -> None:
     with httpx.Client(base_url=url, timeout=30) as client:
-        job = client.post("/ingest", json={"path": str(root)}).json()
-        deadline = time.monotonic() + 60
-        while job["status"] not in ("done", "failed", "cancelled"):
-            assert time.monotonic() < deadline, job
-            time.sleep(0.1)
-            job = client.get(f"/jobs/{job['id']}").json()
+        job = wait_job(client, client.post("/ingest", json={"path": str(root)}).json()["id"])
         assert job["status"] == "done" and job["added"] == N_GOOD, job
 
 

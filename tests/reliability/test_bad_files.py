@@ -10,12 +10,12 @@ bounded by traced memory instead. No assertion here measures time.
 from __future__ import annotations
 
 import os
-import time
 import tracemalloc
 from pathlib import Path
 
 import pytest
 import zoo
+from conftest import wait_job
 from fastapi.testclient import TestClient
 
 from service.app import create_app
@@ -79,16 +79,6 @@ def client(tmp_path_factory, embedder, zoo_dir, decodes):
         yield c
 
 
-def wait_job(client: TestClient, job_id: str, timeout: float = 300.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.get(f"/jobs/{job_id}").json()
-        if job["status"] in ("done", "failed", "cancelled"):
-            return job
-        time.sleep(0.05)
-    raise AssertionError(f"job {job_id} did not finish: {job}")
-
-
 def clear_error(resp) -> str | None:
     """Why ``resp`` is not a clear 4xx error (None when it is)."""
     if not 400 <= resp.status_code < 500:
@@ -110,7 +100,7 @@ def ingested(client, zoo_dir, decodes):
     try:
         resp = client.post("/ingest", json={"path": str(zoo_dir)})
         assert resp.status_code == 202, resp.text
-        job = wait_job(client, resp.json()["id"])
+        job = wait_job(client, resp.json()["id"], timeout=300.0)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
