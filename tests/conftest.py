@@ -61,10 +61,15 @@ def tone(freq: float, seconds: float = 0.5, rate: int = SAMPLE_RATE) -> np.ndarr
     return (0.4 * np.sin(2 * math.pi * freq * t)).astype(np.float32)
 
 
-def image_bytes(colour=(200, 100, 50), shape="circle", fmt="PNG") -> bytes:
+def encode_image(img, fmt: str = "PNG") -> bytes:
+    """A PIL image as the bytes of a ``fmt`` file."""
     buf = io.BytesIO()
-    make_image(colour, shape).save(buf, format=fmt)
+    img.save(buf, format=fmt)
     return buf.getvalue()
+
+
+def image_bytes(colour=(200, 100, 50), shape="circle", fmt="PNG") -> bytes:
+    return encode_image(make_image(colour, shape), fmt)
 
 
 def wav_bytes(freq: float = 440.0, seconds: float = 0.5) -> bytes:

@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import encode_image
+from media_headers import png_header, sparse, wav_header
 
 from index.collection import Collection
 from index.ingest import add_text, ingest, ingest_one
@@ -299,17 +301,9 @@ def test_transparent_and_rotated_images_decode_as_the_embedder_was_trained():
         assert (info.width, info.height) == (8, 6) and got.mode == "RGB" and got.size == want.size
         assert np.array_equal(np.asarray(got), np.asarray(want))
     assert got.size == (6, 8)  # the JPEG came back upright
-    data = _png_bytes(rgba)
+    data = encode_image(rgba)
     got = reader.decode(data, reader.sniff(data, "x", "image"))
     assert got.getpixel((3, 3)) == (255, 255, 255) and got.getpixel((0, 0)) == (255, 0, 0)
-
-
-def _png_bytes(img) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 # symlinks: resolved before they are trusted, and reported when they lead nowhere -------------------------
@@ -386,33 +380,6 @@ def test_post_ingest_does_not_serve_files_a_symlink_leads_out_to(tmp_path):
 # ------------------------------------------------------------------ hostile files (issue 18.4, 18.5, 18.10)
 
 
-def _sparse(path: Path, head: bytes, size: int) -> Path:
-    """``size`` bytes starting with ``head``; the rest is a hole (no disk, reads as NULs)."""
-    with open(path, "wb") as f:
-        f.write(head)
-        f.truncate(size)
-    return path
-
-
-def _png_header(w: int, h: int) -> bytes:
-    import struct
-    import zlib
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
-
-    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
-
-
-def _wav_header(frames: int, rate: int = 8000) -> bytes:
-    import struct
-
-    fmt = struct.pack("<HHIIHH", 1, 1, rate, rate, 1, 8)  # PCM, mono, 8-bit
-    riff = b"WAVE" + b"fmt " + struct.pack("<I", 16) + fmt + b"data" + struct.pack("<I", frames)
-    return b"RIFF" + struct.pack("<I", len(riff) + frames) + riff
-
-
 def _hostile_folder(root: Path) -> dict[str, str]:
     """Bad files -> a word their error must hold. None of them may reach a decoder."""
     import io
@@ -420,9 +387,9 @@ def _hostile_folder(root: Path) -> dict[str, str]:
     import soundfile as sf
 
     root.mkdir()
-    (root / "bomb.png").write_bytes(_png_header(13_000, 13_000))
-    _sparse(root / "big.png", _png_header(64, 64), 500 * (1 << 20))
-    _sparse(root / "hour.wav", _wav_header(8000 * 3600), 44 + 8000 * 3600)
+    (root / "bomb.png").write_bytes(png_header(13_000, 13_000))
+    sparse(root / "big.png", png_header(64, 64), 500 * (1 << 20))
+    sparse(root / "hour.wav", wav_header(8000 * 3600), 44 + 8000 * 3600)
     (root / "silent.mp3").write_bytes(b"")
     buf = io.BytesIO()
     sf.write(buf, np.zeros(28, np.int16), 16000, format="WAV", subtype="PCM_16")
@@ -432,7 +399,7 @@ def _hostile_folder(root: Path) -> dict[str, str]:
     (root / "lying.wav").write_bytes(buf.getvalue()[:4000])  # the header still says 16 kB
     (root / "zeros.txt").write_bytes(b"\x00" * 2048)
     (root / "nul.png").write_bytes(b"\x00" * 2048)
-    _sparse(root / "huge.txt", b"many words ", 50_000_000)
+    sparse(root / "huge.txt", b"many words ", 50_000_000)
     return {
         "bomb.png": "13000x13000",
         "big.png": "too large",

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import io
 import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+from media_headers import png_header, sparse, wav_header
 from PIL import Image
 
 from mm.errors import MediaError
@@ -110,14 +110,6 @@ def test_format_is_checked_on_content_not_extension(tmp_path):
     assert load_image(path).getpixel((0, 0)) == RED
 
 
-def _png_header(w: int, h: int) -> bytes:
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
-
-    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
-
-
 def test_bad_images_raise_media_error(tmp_path):
     empty = tmp_path / "empty.png"
     empty.write_bytes(b"")
@@ -146,7 +138,7 @@ def test_bad_images_raise_media_error(tmp_path):
 
     _expect("too_large", load_image, png.getvalue(), max_pixels=64 * 64 - 1)
     # A header that claims 100000 x 100000 pixels: refused before any pixel is decoded.
-    _expect("too_large", load_image, _png_header(100_000, 100_000))
+    _expect("too_large", load_image, png_header(100_000, 100_000))
     with pytest.raises(FileNotFoundError):
         load_image(tmp_path / "missing.png")
 
@@ -251,24 +243,6 @@ def test_bad_audio_raises_media_error(tmp_path):
 # ------------------------------------------------------------------- limits from the header (issue 18)
 
 
-def _sparse(path: Path, head: bytes, size: int) -> Path:
-    """A file of ``size`` bytes starting with ``head``; the rest is a hole (costs no disk, reads as NULs)."""
-    with open(path, "wb") as f:
-        f.write(head)
-        f.truncate(size)
-    return path
-
-
-def _wav_header(frames: int, rate: int = 8000, width: int = 1) -> bytes:
-    """A PCM mono WAV header that declares ``frames`` samples of ``width`` bytes."""
-    data = frames * width
-    fmt = struct.pack("<HHIIHH", 1, 1, rate, rate * width, width, 8 * width)
-    return (
-        b"RIFF" + struct.pack("<I", 36 + data) + b"WAVE" + b"fmt " + struct.pack("<I", 16) + fmt
-        + b"data" + struct.pack("<I", data)
-    )  # fmt: skip
-
-
 @pytest.fixture
 def no_decoding(monkeypatch):
     """Fails the test if Pillow decodes pixels or libsndfile reads samples."""
@@ -286,20 +260,20 @@ def test_bombs_and_huge_files_are_refused_from_the_header(tmp_path, no_decoding,
     from mm.media import MAX_MEDIA_BYTES, MediaInfo, MediaReader, sniff
 
     bomb = tmp_path / "bomb.png"
-    bomb.write_bytes(_png_header(13_000, 13_000))  # 169 M pixels: 0.5 GB once decoded
+    bomb.write_bytes(png_header(13_000, 13_000))  # 169 M pixels: 0.5 GB once decoded
     err = _expect("too_large", sniff, bomb, name="bomb.png")
     assert "13000x13000" in str(err)
     _expect("too_large", load_image, bomb, name="bomb.png")
     told = MediaInfo("image", "image/png", 0)  # decode checks the bytes again, whatever it is told
     _expect("too_large", MediaReader().decode, bomb.read_bytes(), told, "bomb.png", name="bomb.png")
 
-    hour = _sparse(tmp_path / "hour.wav", _wav_header(8000 * 3600), 44 + 8000 * 3600)
+    hour = sparse(tmp_path / "hour.wav", wav_header(8000 * 3600), 44 + 8000 * 3600)
     err = _expect("too_large", sniff, hour, name="hour.wav")
     assert "3600.0 s > 600 s" in str(err)
     _expect("too_large", load_audio, hour, name="hour.wav")
 
     # A 500 MB "image" is refused by its size before it is opened at all.
-    big = _sparse(tmp_path / "big.png", _png_header(64, 64), 500 * (1 << 20))
+    big = sparse(tmp_path / "big.png", png_header(64, 64), 500 * (1 << 20))
     opened = []
     real_open = open
     monkeypatch.setattr("builtins.open", lambda f, *a, **k: opened.append(str(f)) or real_open(f, *a, **k))
@@ -373,7 +347,7 @@ def test_messages_name_the_source_not_temp_paths_or_object_reprs(tmp_path):
 def test_text_is_bounded_at_the_read(tmp_path, monkeypatch):
     from mm.media import MAX_TEXT_BYTES, read_caption, sniff
 
-    huge = _sparse(tmp_path / "huge.txt", b"words " * 10, 50_000_000)
+    huge = sparse(tmp_path / "huge.txt", b"words " * 10, 50_000_000)
     reads = []
     monkeypatch.setattr(Path, "read_bytes", lambda self: reads.append(self) or b"")
     _expect("too_large", sniff, huge, name="huge.txt")

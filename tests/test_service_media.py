@@ -8,17 +8,12 @@ import io
 
 import numpy as np
 import pytest
-from conftest import wait_job
+from conftest import encode_image, wait_job
 from fastapi.testclient import TestClient
+from media_headers import png_header
 
 from service.app import create_app
 from service.settings import Settings
-
-
-def _png(img) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def _photo(size=(1600, 1200)) -> bytes:
@@ -30,18 +25,6 @@ def _photo(size=(1600, 1200)) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=90)
     return buf.getvalue()
-
-
-def _bomb_png(w: int = 13_000, h: int = 13_000) -> bytes:
-    """A valid PNG header claiming ``w`` x ``h`` pixels (0.5 GB decoded) and hardly any data."""
-    import struct
-    import zlib
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
-
-    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +69,7 @@ def test_thumbnail_of_a_transparent_png_is_on_white(served):
     client, _, _ = served
     sticker = Image.new("RGBA", (80, 60), (0, 0, 0, 0))  # transparent black: garbage if alpha is dropped
     sticker.paste((20, 40, 220, 255), (20, 15, 60, 45))  # an opaque blue box
-    resp = client.post("/items", files={"file": ("sticker.png", _png(sticker), "image/png")})
+    resp = client.post("/items", files={"file": ("sticker.png", encode_image(sticker), "image/png")})
     assert resp.status_code == 201, resp.text
     thumb = client.get(resp.json()["thumbnail_url"])
     assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
@@ -105,7 +88,7 @@ def test_bombs_are_refused_at_every_door_before_decoding(served, monkeypatch):
 
     client, settings, root = served
     monkeypatch.setattr(ImageFile.ImageFile, "load", refuse)
-    bomb = _bomb_png()
+    bomb = png_header(13_000, 13_000)
     for route in ("/items", "/search/upload"):
         resp = client.post(route, files={"file": ("bomb.png", bomb, "image/png")})
         assert resp.status_code == 413, resp.text
@@ -136,7 +119,7 @@ def test_bad_uploads_name_the_upload_never_a_server_path(served, name, data, sta
 
     client, settings, _ = served
     if data is None:
-        full = _png(Image.effect_noise((64, 64), 50).convert("RGB"))
+        full = encode_image(Image.effect_noise((64, 64), 50).convert("RGB"))
         data = full[: len(full) // 2]
     elif data == "tiny":
         buf = io.BytesIO()
