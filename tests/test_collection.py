@@ -194,16 +194,25 @@ def test_restart_keeps_everything(tmp_path, caplog):
     c.close()
 
 
+def _grown_after_a_snapshot(tmp_path) -> tuple[Collection, np.ndarray, list[int]]:
+    """An open HNSW32 collection of 60 vectors (``x``), the first deleted, whose FAISS files after the
+    first 30 were copied to ``tmp_path/old.faiss`` and ``old.json`` (a stale file, once put back)."""
+    path = tmp_path / "c"
+    x = unit(60, seed=7)
+    c = Collection.create(path, dim=DIM, embedder_id="f", index_spec="HNSW32")
+    ids = c.add(x[:30], items(30))
+    shutil.copy(path / VECTORS_FILE, tmp_path / "old.faiss")
+    shutil.copy(path / SIDECAR_FILE, tmp_path / "old.json")
+    ids += c.add(x[30:], items(30, start=30))
+    c.delete([ids[0]])
+    return c, x, ids
+
+
 @pytest.mark.parametrize("damage", ["corrupt", "missing"])
 def test_mismatch_is_repaired_from_sqlite_with_warning(tmp_path, caplog, damage):
     path = tmp_path / "c"
-    x = unit(60, seed=7)
-    with Collection.create(path, dim=DIM, embedder_id="f", index_spec="HNSW32") as c:
-        ids = c.add(x[:30], items(30))
-        shutil.copy(path / VECTORS_FILE, tmp_path / "old.faiss")
-        shutil.copy(path / SIDECAR_FILE, tmp_path / "old.json")
-        ids += c.add(x[30:], items(30, start=30))
-        c.delete([ids[0]])
+    c, x, ids = _grown_after_a_snapshot(tmp_path)
+    c.close()
     if damage == "corrupt":
         (path / VECTORS_FILE).write_bytes(b"garbage" * 100)
     else:
@@ -226,13 +235,8 @@ def test_mismatch_is_repaired_from_sqlite_with_warning(tmp_path, caplog, damage)
 def test_stale_file_catches_up_from_the_change_log_without_a_rebuild(tmp_path, caplog, monkeypatch, readonly):
     """Killed after the SQLite commit, before the FAISS write: the old file + the log are the index."""
     path = tmp_path / "c"
-    x = unit(60, seed=7)
-    with Collection.create(path, dim=DIM, embedder_id="f", index_spec="HNSW32") as c:
-        ids = c.add(x[:30], items(30))
-        shutil.copy(path / VECTORS_FILE, tmp_path / "old.faiss")
-        shutil.copy(path / SIDECAR_FILE, tmp_path / "old.json")
-        ids += c.add(x[30:], items(30, start=30))
-        c.delete([ids[0]])
+    c, x, ids = _grown_after_a_snapshot(tmp_path)
+    with c:
         c.upsert(x[5:6] * -1, [dataclasses.replace(c.get(ids[5]), id=0)])  # same uri, new vector
     shutil.copy(tmp_path / "old.faiss", path / VECTORS_FILE)
     shutil.copy(tmp_path / "old.json", path / SIDECAR_FILE)
