@@ -46,6 +46,8 @@ CREATE INDEX IF NOT EXISTS items_modality ON items(modality);
 CREATE INDEX IF NOT EXISTS items_created ON items(created_at);
 -- counts and id lists of items with vectors read this small index, not every row's 1.5 KB vector
 CREATE INDEX IF NOT EXISTS items_with_vector ON items(modality) WHERE vector IS NOT NULL;
+-- a time-span filter reads this index, not every matching row's vector (1M items, 10%: 1.85 -> 0.15 s)
+CREATE INDEX IF NOT EXISTS items_created_vec ON items(created_at) WHERE vector IS NOT NULL;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 -- Which ids' vectors changed at which generation (the one their transaction commits), so that another
 -- process serving this collection catches up by applying just those (Collection.refresh). Triggers keep
