@@ -422,7 +422,8 @@ def test_counts_read_the_vector_index_and_stay_right(tmp_path):
                 ("SELECT id FROM items WHERE vector IS NOT NULL", ()),  # all_ids
             )
         ]
-        assert all("items_with_vector" in p for p in plans), plans
+        # a partial index over rows with a vector (small), never the table's rows with their 1.5 KB vectors
+        assert all("items_with_vector" in p or "items_created_vec" in p for p in plans), plans
     finally:
         c.close()
 
