@@ -47,7 +47,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--work", default="runs/bench_quality", help="where runs and the feature cache live")
     ap.add_argument("--cache-dir", default=None, help="shared frozen-feature cache (default: <work>/cache)")
+    ap.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="model config override for every variant, e.g. text.kind='\"use_multilingual\"' (repeatable)",
+    )
     args = ap.parse_args(argv)
+    common = {}
+    for item in args.override:
+        key, _, value = item.partition("=")
+        common[key] = json.loads(value)
     logging.basicConfig(level=logging.WARNING)
 
     from mm.evaluate import evaluate_rows
@@ -64,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     budget = {}
     for name in args.variants.split(","):
         kw = recipe_config(args.recipe)
-        kw["overrides"] = {**kw.get("overrides", {}), **VARIANTS[name]}
+        kw["overrides"] = {**kw.get("overrides", {}), **common, **VARIANTS[name]}
         if args.max_steps:
             kw["max_steps"] = args.max_steps
         kw["eval_every"] = kw["max_steps"]
