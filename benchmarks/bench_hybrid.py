@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from mm.model import create_model, default_model_name
     from mm.train import load_rows
-    from service.search_eval import evaluate_search
+    from service.search_eval import cached_encoder, evaluate_search
 
     rows = load_rows(args.manifest or default_manifest(), args.split)
     embedder = create_model(args.model or default_model_name())
@@ -55,11 +55,12 @@ def main(argv: list[str] | None = None) -> dict:
     names = sorted({(Path(r[m]).stem, r["label"]) for r in rows for m in ("image", "audio") if r.get(m)})
     names = [(" ".join(re.split(r"[_\-.\d]+", stem)).strip(), label) for stem, label in names]
     names = rng.sample([n for n in names if n[0]], min(args.max_queries, len(names)))
+    enc = cached_encoder(embedder)  # one gallery, encoded once for the four query sets
     out: dict = {
-        "split": evaluate_search(rows, embedder, queries=queries),
-        "captioned": evaluate_search(rows, embedder, captions=True, queries=queries),
-        "caption_exact": evaluate_search(rows, embedder, captions=True, queries=exact),
-        "file_name": evaluate_search(rows, embedder, queries=names),
+        "split": evaluate_search(rows, embedder, queries=queries, encode=enc),
+        "captioned": evaluate_search(rows, embedder, captions=True, queries=queries, encode=enc),
+        "caption_exact": evaluate_search(rows, embedder, captions=True, queries=exact, encode=enc),
+        "file_name": evaluate_search(rows, embedder, queries=names, encode=enc),
     }
     out["hybrid_never_loses"] = all(
         res["hybrid"][d]["R@10"] >= res["vector"][d]["R@10"] for res in out.values() for d in res["vector"]

@@ -13,7 +13,7 @@ rank the same in every mode, which ``mm.evaluate`` already measures.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,29 +27,60 @@ from service.search import answer
 MODES = ("vector", "hybrid", "keyword")
 
 
-def build_gallery(
-    rows: Sequence[dict[str, Any]], embedder: Any, path: Path, captions: bool
-) -> tuple[Collection, dict[str, tuple[str, str]]]:
-    """A collection of the rows' images and sounds (vectors from ``embedder``); uri -> (modality, label)."""
-    media: dict[str, tuple[str, str, str]] = {}  # path -> (modality, English caption, label)
+def cached_encoder(embedder: Any) -> Callable[[str, list[str]], np.ndarray]:
+    """``embedder.encode`` that encodes each (modality, path) once, however many galleries ask for it."""
+    seen: dict[tuple[str, str], np.ndarray] = {}
+
+    def encode(modality: str, keys: list[str]) -> np.ndarray:
+        todo = [k for k in dict.fromkeys(keys) if (modality, k) not in seen]
+        if todo:
+            seen.update(zip(((modality, k) for k in todo), embedder.encode(modality, todo), strict=True))
+        if not keys:
+            return np.zeros((0, embedder.dim), np.float32)
+        return np.stack([seen[(modality, k)] for k in keys])
+
+    return encode
+
+
+def gallery_files(rows: Sequence[dict[str, Any]]) -> dict[str, tuple[str, str, str]]:
+    """The rows' images and sounds as a user's folder holds them: path -> (modality, English caption, label)
+    (the caption is the English text of any row naming the file; "" when it has none)."""
+    files: dict[str, tuple[str, str, str]] = {}
     for r in rows:
         english = r.get("text", "") if r.get("lang") in (None, "en") else ""
         for m in ("image", "audio"):
             p = r.get(m)
             if p and r.get("label") is not None:
-                old = media.get(str(p), ("", "", ""))[1]
-                media[str(p)] = (m, english or old, r["label"])
+                files[str(p)] = (m, english or files.get(str(p), ("", "", ""))[1], r["label"])
+    return files
+
+
+def text_queries(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(text, label) of every labelled text row, in every language."""
+    return [(r["text"], r["label"]) for r in rows if r.get("text") and r.get("label") is not None]
+
+
+def build_gallery(
+    rows: Sequence[dict[str, Any]],
+    embedder: Any,
+    path: Path,
+    captions: bool,
+    encode: Callable[[str, list[str]], np.ndarray] | None = None,
+) -> tuple[Collection, dict[str, tuple[str, str]]]:
+    """A collection of the rows' images and sounds, their vectors from ``encode(modality, paths)``
+    (default ``embedder.encode``); returns it and uri -> (modality, label)."""
+    media = gallery_files(rows)
+    encode = encode or embedder.encode
     coll = Collection.create(path, dim=embedder.dim, embedder_id="search-eval")
     for m in ("image", "audio"):
         keys = [k for k, v in media.items() if v[0] == m]
         if not keys:
             continue
-        vecs = embedder.encode(m, keys)
         items = [
             Item(id=0, modality=m, uri=k, sha256=str(i), caption=media[k][1] if captions else "")
             for i, k in enumerate(keys)
         ]
-        coll.add(vecs, items)
+        coll.add(encode(m, keys), items)
     return coll, {k: (v[0], v[2]) for k, v in media.items()}
 
 
@@ -60,17 +91,19 @@ def evaluate_search(
     captions: bool = False,
     queries: Sequence[tuple[str, str]] | None = None,
     k: int = 10,
+    encode: Callable[[str, list[str]], np.ndarray] | None = None,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """``{mode: {"text->image" | "text->audio": {"R@1", "R@10", "n"}}}`` through :func:`answer`.
 
     ``queries`` (text, label) default to every text row of ``rows``; a query counts for a modality only
-    when the gallery holds an item of its label in that modality.
+    when the gallery holds an item of its label in that modality. ``encode(modality, paths)`` embeds the
+    gallery (default ``embedder.encode``; pass a cached one to measure several query sets on one gallery).
     """
     if queries is None:
-        queries = [(r["text"], r["label"]) for r in rows if r.get("text") and r.get("label") is not None]
+        queries = text_queries(rows)
     out: dict[str, dict[str, dict[str, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        coll, gallery = build_gallery(rows, embedder, Path(tmp) / "gallery", captions)
+        coll, gallery = build_gallery(rows, embedder, Path(tmp) / "gallery", captions, encode)
         label_of = {uri: label for uri, (_, label) in gallery.items()}
         present = set(gallery.values())
         try:

@@ -23,6 +23,7 @@ import numpy as np
 from index.collection import Collection
 from index.types import Item
 from mm.calibration import PairFit, fit_platt
+from service.search_eval import gallery_files, text_queries
 
 log = logging.getLogger(__name__)
 
@@ -33,15 +34,8 @@ def fit_word_calibration(
     rows: Sequence[dict[str, Any]], max_queries: int = 4000
 ) -> tuple[PairFit | None, dict]:
     """The BM25 map fitted on ``rows`` (manifest rows with ``label``), and a report."""
-    items: dict[str, tuple[str, str, str]] = {}  # media path -> (modality, English caption, label)
-    for r in rows:
-        english = r.get("text", "") if r.get("lang") in (None, "en") else ""
-        for m in ("image", "audio"):
-            path = r.get(m)
-            if path and r.get("label") is not None:
-                caption = english or items.get(str(path), ("", "", ""))[1]
-                items[str(path)] = (m, caption, r["label"])
-    queries = [(r["text"], r["label"]) for r in rows if r.get("text") and r.get("label") is not None]
+    items = gallery_files(rows)
+    queries = text_queries(rows)
     queries = queries[:max_queries]
     if not items or not queries:
         return None, {"pairs": 0}

@@ -38,3 +38,26 @@ def test_captions_make_exact_caption_queries_trivial_for_words(tmp_path, embedde
     captioned = evaluate_search(rows, embedder, modes=("keyword",), captions=True, queries=queries)
     assert captioned["keyword"]["text->image"]["R@1"] == 1.0
     assert names_only["keyword"]["text->image"]["R@1"] < 1.0  # x0.png .. x11.png say nothing
+
+
+def test_cached_encoder_encodes_each_item_once(tmp_path, embedder) -> None:
+    from service.search_eval import cached_encoder
+
+    calls: list[list[str]] = []
+
+    class Counting:
+        dim = embedder.dim
+
+        def encode(self, modality, keys):
+            calls.append(list(keys))
+            return embedder.encode(modality, keys)
+
+    rows = _rows(tmp_path)
+    enc = cached_encoder(Counting())
+    paths = sorted({r["image"] for r in rows})
+    first = enc("image", paths)
+    again = enc("image", paths[::-1])
+    assert calls == [paths]  # the second call encoded nothing
+    assert (again == first[::-1]).all()
+    out = evaluate_search(rows, embedder, modes=("vector",), encode=enc)
+    assert calls == [paths] and out["vector"]["text->image"]["n"] == 2 * len(WORDS)

@@ -33,13 +33,9 @@ def run(args: argparse.Namespace) -> int:
     if not rows:
         raise ValueError(f"no rows in split {args.split!r} of {args.manifest}")
     emb = create_model(args.model or default_model_name())
-    cache: dict[str, Any] = {}
+    from service.search_eval import cached_encoder
 
-    def encode(modality: str, keys: list[str]) -> Any:  # each gallery is encoded once for both metrics
-        if modality not in cache:
-            cache[modality] = emb.encode(modality, keys)
-        return cache[modality]
-
+    encode = cached_encoder(emb)  # each item is encoded once for every metric below
     metrics: dict[str, Any] = evaluate_rows(rows, encode, with_chance=args.chance)
     # one ranking over images and sounds, merged by calibrated score as search merges them
     mixed = mixed_gallery_metrics(rows, encode, emb.calibration.score if emb.calibration.fitted else None)
@@ -48,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     if args.search:
         from service.search_eval import evaluate_search
 
-        metrics["search"] = evaluate_search(rows, emb)
+        metrics["search"] = evaluate_search(rows, emb, encode=encode)
     if args.json:
         print(json.dumps(metrics))
         return 0
