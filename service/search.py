@@ -7,9 +7,9 @@ WebSocket, generation's retrieval and ``mm search``. Nothing below it checks the
 
 Answering is two steps, so that an async caller can run only the model in a thread:
 
-1. :func:`query_vector` (:func:`embed` also says what a spoken query was heard to say): the query in
-   the collection's space (the model for text and files, an audio file's transcript fused in, the
-   stored vector for an item, the given vector checked against the collection's dim);
+1. :func:`embed`: the query in the collection's space (the model for text and files, an audio file's
+   transcript fused in, the stored vector for an item, the given vector checked against the
+   collection's dim), its modality, and what a spoken query was heard to say;
 2. :func:`rank`: the collection searched with the query's filter, ranked by its ``mode``.
 
 :class:`SearchAnswer` holds the hits; :func:`hit_to_dict` makes the one result shape
@@ -71,11 +71,6 @@ class QueryVector:
     modality: str | None = None  # what the query is (calibration is per query modality); None: a raw vector
 
 
-def embed_media(embedder: Embedder, media: QueryMedia) -> np.ndarray:
-    """The ``(D,)`` vector of an image or audio file (a spoken query's transcript fused in)."""
-    return embed_file(embedder, media).vector
-
-
 def embed_file(embedder: Embedder, media: QueryMedia) -> QueryVector:
     """An image or audio file decoded by the embedder's reader exactly as ingest and ``POST /items`` decode
     (same limits, checked from the header), then embedded. An audio file with speech, when the embedder
@@ -108,35 +103,29 @@ def embed_file(embedder: Embedder, media: QueryMedia) -> QueryVector:
 
 
 def embed(query: SearchQuery, embedder: Embedder, collection: Collection) -> QueryVector:
-    """Step 1 with what a spoken query was heard to say (see :func:`query_vector`)."""
-    if query.media is not None:
-        return embed_file(embedder, query.media)
-    vector = query_vector(query, embedder, collection)
+    """Step 1: the ``(D,)`` float32 query vector, the query's modality (calibration is per modality pair)
+    and what a spoken query was heard to say. Raises NotFound, ValueError (a vector of the wrong length)
+    and MediaError."""
     if query.query is not None:
-        return QueryVector(vector, modality="text")
+        return QueryVector(embedder.encode_text([query.query])[0], modality="text")
+    if query.media is not None:
+        return embed_file(embedder, query.media)  # a spoken query: clip and transcript fused
     if query.item_id is not None:
         item = collection.get(query.item_id)
-        return QueryVector(vector, modality=item.modality if item is not None else None)
-    return QueryVector(vector)
-
-
-def query_vector(query: SearchQuery, embedder: Embedder, collection: Collection) -> np.ndarray:
-    """Step 1: the ``(D,)`` float32 query vector. Raises NotFound, ValueError (a vector of the wrong
-    length) and MediaError."""
-    if query.query is not None:
-        return embedder.encode_text([query.query])[0]
-    if query.media is not None:
-        return embed_file(embedder, query.media).vector  # a spoken query: clip and transcript fused
-    if query.item_id is not None:
-        vec = collection.vector(query.item_id)
-        if vec is None:
+        vec = collection.vector(query.item_id) if item is not None else None
+        if item is None or vec is None:
             raise NotFound(f"item {query.item_id} not found (or it has no vector)")
-        return np.asarray(vec, dtype=np.float32)
+        return QueryVector(np.asarray(vec, dtype=np.float32), modality=item.modality)
     unit = query.unit
     assert unit is not None  # SearchQuery: exactly one kind of query
     if unit.shape[0] != collection.dim:
         raise ValueError(f"vector must hold {collection.dim} finite numbers, got {unit.shape[0]}")
-    return unit
+    return QueryVector(unit)
+
+
+def query_vector(query: SearchQuery, embedder: Embedder, collection: Collection) -> np.ndarray:
+    """Step 1's vector alone (see :func:`embed`)."""
+    return embed(query, embedder, collection).vector
 
 
 @dataclass
