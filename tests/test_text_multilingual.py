@@ -405,3 +405,23 @@ def test_mm_train_cli_selects_the_tower_by_override(use_folder, tmp_path, capsys
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 1
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["text"]["kind"] == "use_multilingual"
+
+
+def test_a_packaged_file_is_hashed_once_per_process(tmp_path, monkeypatch):
+    from mm.encoders import packaged
+
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"weights")
+    reads = []
+    real = packaged.sha256_file
+    monkeypatch.setattr(packaged, "sha256_file", lambda p: reads.append(p) or real(p))
+    good = real(f)
+    for _ in range(3):
+        packaged.check_sha256(f, good, "test")
+    assert len(reads) == 1  # loading the same file again costs a stat, not a read
+    with pytest.raises(ValueError, match="sha256"):
+        packaged.check_sha256(f, "0" * 64, "test")  # a remembered digest still fails a wrong pin
+    f.write_bytes(b"changed weights")  # a changed file (size/mtime) is read again
+    with pytest.raises(ValueError, match="sha256"):
+        packaged.check_sha256(f, good, "test")
+    assert len(reads) == 2

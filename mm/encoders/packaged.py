@@ -8,6 +8,7 @@ upgraded or corrupted package fails loudly instead of changing the embeddings.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -64,9 +65,21 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def file_digest(path: str | Path) -> str:
+    """``path``'s sha256, computed once per process for a given (path, size, mtime): every encoder and the
+    recogniser that load one packaged file share one read of it."""
+    st = Path(path).stat()
+    return _digest(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.cache
+def _digest(path: str, size: int, mtime_ns: int) -> str:
+    return sha256_file(path)
+
+
 def check_sha256(path: str | Path, expected: str, origin: str) -> None:
     """Raise ValueError when ``path``'s digest is not ``expected`` (``origin`` names where it came from)."""
-    got = sha256_file(path)
+    got = file_digest(path)
     if got != expected:
         raise ValueError(
             f"{path} (from {origin}) has sha256 {got[:16]}..., expected {expected[:16]}...: "

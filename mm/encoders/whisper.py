@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from mm.atomic import atomic_write
 from mm.encoders.base import Encoder, EncoderOutput, masked_mean
-from mm.encoders.packaged import PackagedWeights, check_sha256, sha256_file
+from mm.encoders.packaged import PackagedWeights, check_sha256, file_digest
 
 logger = logging.getLogger(__name__)
 
@@ -156,13 +156,6 @@ def cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "mm"
 
 
-@functools.cache
-def _verified(path: str, size: int, mtime_ns: int, expected: str) -> bool:
-    """sha256 check memoised per (path, size, mtime): a long-lived process hashes a file once."""
-    check_sha256(path, expected, "the mm cache")
-    return True
-
-
 def packaged_model_dir(name: str = "base", root: str | Path | None = None) -> Path:
     """A CTranslate2 model folder for a packaged Whisper model, every file checked against its sha256.
 
@@ -183,8 +176,7 @@ def packaged_model_dir(name: str = "base", root: str | Path | None = None) -> Pa
     out.mkdir(parents=True, exist_ok=True)
     target = out / "model.bin"
     if target.is_file():
-        st = target.stat()
-        _verified(str(target), st.st_size, st.st_mtime_ns, pkg.model_sha256)
+        check_sha256(target, pkg.model_sha256, "the mm cache")
     else:
         h = hashlib.sha256()
 
@@ -206,7 +198,7 @@ def packaged_model_dir(name: str = "base", root: str | Path | None = None) -> Pa
     for f in pkg.aux_files:  # small files: copied (atomically) beside model.bin for ctranslate2
         src = first.path(f)
         dst = out / f
-        if not dst.is_file() or sha256_file(dst) != first.sha256[f]:
+        if not dst.is_file() or file_digest(dst) != first.sha256[f]:
             atomic_write(dst, lambda tmp, src=src: shutil.copyfile(src, tmp))
     return out
 
