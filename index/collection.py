@@ -838,6 +838,11 @@ class Collection:
         """The stored vector (dim,) of item ``id`` (e.g. for more-like-this), None if it has none."""
         return self.store.vector(id)
 
+    def vectors(self, ids: Iterable[int]) -> dict[int, np.ndarray]:
+        """The stored vectors (dim,) of ``ids`` in one batched read; ids without a vector are left out."""
+        found, vecs = self.store.vectors(np.asarray(list(ids), dtype=np.int64))
+        return dict(zip(found.tolist(), vecs, strict=True))
+
     def find_by_uri(self, uri: str) -> Item | None:
         return self.store.find_by_uri(uri)
 

@@ -87,10 +87,11 @@ def rank_hits(
             ranked.append(Ranked(Hit(hit.id, score, hit.item), None, bm25))
     elif mode == "hybrid" and word_hits and lexical is not None and pairs:
         assert cal is not None and query_modality is not None and vector is not None
+        # word matches the vector search did not reach: their vectors scored too, read in one query
+        stored = collection.vectors(i for i in word_hits if i not in vec_hits)
         for id_, (hit, _) in word_hits.items():
-            if id_ not in vec_hits:  # a word match the vector search did not reach: score its vector too
-                stored = collection.vector(id_)
-                raw = float(np.dot(stored, vector)) if stored is not None else -1.0
+            if id_ not in vec_hits:
+                raw = float(np.dot(stored[id_], vector)) if id_ in stored else -1.0
                 vec_hits[id_] = (hit, raw, float(cal.score(query_modality, hit.item.modality, raw)))
         for id_, (hit, raw, p_vec) in vec_hits.items():
             bm25 = word_hits[id_][1] if id_ in word_hits else None
