@@ -180,18 +180,23 @@ def _prepare(
 
 
 def _add_transcript(item: Item, payload: Any, transcribe: Transcribe, name: str) -> None:
-    """``item.extra["transcript"] = {"text", "language"}`` when the clip holds speech. A recogniser that
-    fails costs the item its transcript, never the item."""
+    """``item.extra["transcript"] = {"text", "language"}`` when the clip holds speech."""
+    heard = heard_in(payload, transcribe, name)
+    if heard is not None:
+        item.extra["transcript"] = heard
+
+
+def heard_in(payload: Any, transcribe: Transcribe, name: str) -> dict[str, str] | None:
+    """``{"text", "language"}`` of the speech in a decoded clip, or None (no speech). A recogniser that
+    fails costs the transcript, never the item or the search: it is logged and None is returned."""
     try:
         heard = transcribe(payload)
-    except Exception as e:  # any recogniser failure: the clip is indexed without a transcript
+    except Exception as e:  # any recogniser failure: the clip goes on without a transcript
         log.warning("cannot transcribe %s: %s", name, e)
-        return
-    if heard and str(heard.get("text", "")).strip():
-        item.extra["transcript"] = {
-            "text": str(heard["text"]).strip(),
-            "language": str(heard.get("language", "")),
-        }
+        return None
+    if not heard or not str(heard.get("text", "")).strip():
+        return None
+    return {"text": str(heard["text"]).strip(), "language": str(heard.get("language", ""))}
 
 
 def _bare_item(cand: _Candidate) -> Item:

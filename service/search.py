@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
+from index.ingest import heard_in
 from index.types import Hit, Item
 from mm.errors import MediaError
 from mm.media import text_snippet
@@ -87,16 +88,9 @@ def embed_file(embedder: Embedder, media: QueryMedia) -> QueryVector:
     except (ValueError, OSError) as exc:  # a decoder error the model did not wrap: still bad input
         raise MediaError(f"cannot read {media.name}: {exc}", kind="corrupt", path=str(media.path)) from exc
     transcribe = getattr(embedder, "transcribe", None) if media.modality == "audio" else None
-    if transcribe is None:
+    heard = heard_in(payload, transcribe, media.name) if transcribe is not None else None
+    if heard is None:
         return QueryVector(vector, modality=media.modality)
-    try:
-        heard = transcribe(payload)
-    except Exception as exc:  # a recogniser failure costs the fusion, never the search
-        log.warning("cannot transcribe %s: %s", media.name, exc)
-        return QueryVector(vector, modality=media.modality)
-    if not heard or not str(heard.get("text", "")).strip():
-        return QueryVector(vector, modality=media.modality)
-    heard = {"text": str(heard["text"]).strip(), "language": str(heard.get("language", ""))}
     from mm.speech import fuse_spoken  # one fusion for the service and the benchmarks (mm.speech)
 
     return QueryVector(fuse_spoken(vector, embedder.encode_text([heard["text"]])[0]), heard, "audio")
