@@ -217,7 +217,8 @@ def _meta_changes(existing: Item, caption: str | None, tags: list[str] | None) -
     return meta
 
 
-def _encode(embedder: Embedder, modality: str, payloads: list[Any]) -> np.ndarray:
+def encode_checked(embedder: Embedder, modality: str, payloads: list[Any]) -> np.ndarray:
+    """``(n, dim)`` float32 vectors of ``payloads``; ValueError on a wrong shape or NaN/inf."""
     fn = {"image": embedder.encode_image, "audio": embedder.encode_audio, "text": embedder.encode_text}[
         modality
     ]
@@ -303,7 +304,7 @@ class _Batcher:
 
     def encode_group(self, modality: str, group: list[_Prepared]) -> list[tuple[_Prepared, np.ndarray]]:
         try:
-            vecs = _encode(self.embedder, modality, [p.payload for p in group])
+            vecs = encode_checked(self.embedder, modality, [p.payload for p in group])
             return list(zip(group, vecs, strict=True))
         except Exception as e:
             if len(group) == 1:
@@ -461,7 +462,7 @@ def ingest_one(
         for it in collection.find_by_sha256(prep.item.sha256):
             if it.error is None and it.modality == modality:
                 return it
-    vec = _encode(embedder, modality, [prep.payload])  # the embedder's ValueError propagates
+    vec = encode_checked(embedder, modality, [prep.payload])  # the embedder's ValueError propagates
     (id_,) = collection.upsert(vec, [prep.item])
     item = collection.get(id_)
     assert item is not None
@@ -481,7 +482,7 @@ def add_text(
         for it in collection.find_by_sha256(sha):
             if it.error is None and it.modality == "text":
                 return it
-    vec = _encode(embedder, "text", [text])
+    vec = encode_checked(embedder, "text", [text])
     now = time.time()
     item = Item(
         id=0,

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from index.ingest import encode_checked
+
 if TYPE_CHECKING:
     from index.collection import Collection
     from index.protocol import Embedder
@@ -68,10 +70,7 @@ def _encode_group(embedder: Embedder, modality: str, items: list[Item]) -> dict[
     if not ok:
         return out
     try:
-        encode = getattr(embedder, f"encode_{modality}")
-        vecs = np.asarray(encode([p for _, p in ok]), dtype=np.float32)
-        if vecs.shape != (len(ok), embedder.dim) or not np.isfinite(vecs).all():
-            raise ValueError(f"embedder returned shape {vecs.shape} or non-finite values")
+        vecs = encode_checked(embedder, modality, [p for _, p in ok])
         out.update({it.id: v for (it, _), v in zip(ok, vecs, strict=True)})
     except Exception as e:
         if len(ok) == 1:
