@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any
 
 from index.atomic import atomic_write, durable_replace
 from mm.errors import MediaError
+from mm.media import require_modality
+from service.schemas import QueryMedia
 
 if TYPE_CHECKING:
     from index.atomic import FileLock
@@ -217,3 +221,17 @@ def remove_owned_files(item: Item, media_dir: Path, thumb_dir: Path) -> None:
         thumb.unlink(missing_ok=True)
     if item.uri and is_inside(Path(item.uri), media_dir):
         Path(item.uri).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def query_file(upload: Any, max_bytes: int, prefix: str = "mm-query-") -> Iterator[QueryMedia]:
+    """An uploaded image or audio clip as a query file: its type checked, copied to a temp file up to
+    ``max_bytes`` (413 beyond), and removed when the query is done; never stored."""
+    modality = require_modality(upload.filename, upload.content_type, ("image", "audio"))
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=safe_suffix(upload.filename, upload.content_type))
+    try:
+        with os.fdopen(fd, "wb") as dst:
+            copy_limited(upload.file, dst, max_bytes)
+        yield QueryMedia(modality, tmp, upload.filename or "upload")
+    finally:
+        os.unlink(tmp)

@@ -14,8 +14,6 @@ after the first piece is sent as ``event: error``.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -37,7 +35,6 @@ from service.schemas import (
     MAX_STOPS,
     GenerateRequest,
     GenerateResponse,
-    QueryMedia,
     SearchQuery,
     error_responses,
 )
@@ -85,8 +82,7 @@ def _form_list(value: Any) -> list[str] | None:
 
 
 async def _from_form(request: Request, collection: Any, embedder: Any, settings: Any):
-    from mm.media import require_modality
-    from service.store import copy_limited, safe_suffix
+    from service.store import query_file
 
     form = await request.form()
     upload = form.get("file")
@@ -98,16 +94,9 @@ async def _from_form(request: Request, collection: Any, embedder: Any, settings:
     fields["stop"] = _form_list(fields.get("stop"))
     fields = {k: v for k, v in fields.items() if v is not None}
     req = validate(GenerateRequest, fields)
-    modality = require_modality(upload.filename, upload.content_type, ("image", "audio"))
-    fd, tmp = tempfile.mkstemp(prefix="mm-ask-", suffix=safe_suffix(upload.filename, upload.content_type))
-    try:
-        with os.fdopen(fd, "wb") as dst:
-            copy_limited(upload.file, dst, settings.max_upload_bytes)
-        media = QueryMedia(modality, tmp, upload.filename)
+    with query_file(upload, settings.max_upload_bytes, prefix="mm-ask-") as media:
         query = SearchQuery(media=media, k=req.k, modalities=req.modalities)
         hits = (await answer_http(query, embedder, collection)).hits
-    finally:
-        os.unlink(tmp)
     return req, hits
 
 

@@ -7,15 +7,13 @@ cannot be read goes to the app's MediaError handler: 415/413/422).
 
 from __future__ import annotations
 
-import os
-import tempfile
 from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
 
 from mm.errors import MediaError
-from mm.media import describe_limits, require_modality
+from mm.media import describe_limits
 from service.body import json_body_doc, parse_json, validate
 from service.deps import CollectionDep, EmbedderDep, SettingsDep
 from service.limits import MODALITIES_CSV
@@ -24,14 +22,13 @@ from service.routing import LeanRoute
 from service.schemas import (
     MAX_K,
     MAX_OFFSET,
-    QueryMedia,
     SearchQuery,
     SearchRequest,
     SearchResponse,
     error_responses,
 )
 from service.search import NotFound, SearchAnswer, answer, answer_http, http_error
-from service.store import copy_limited, safe_suffix
+from service.store import query_file
 
 # LeanRoute: /search takes only the request, so FastAPI's per-request dependency solving is skipped
 # (unless include_router adds one, e.g. the API key check; /search/upload keeps FastAPI's handler).
@@ -95,24 +92,19 @@ def search_upload(
     until: Annotated[datetime | float | None, Form(description="ISO 8601 or unix seconds")] = None,
 ) -> FastJSONResponse:
     """Search with an uploaded image or audio clip; the file is only used for the query, never stored."""
-    modality = require_modality(file.filename, file.content_type, ("image", "audio"))
-    fd, tmp = tempfile.mkstemp(prefix="mm-query-", suffix=safe_suffix(file.filename, file.content_type))
     try:
-        with os.fdopen(fd, "wb") as dst:
-            copy_limited(file.file, dst, settings.max_upload_bytes)
-        filters = {"tags": _split(tags), "path_prefix": path_prefix, "since": since, "until": until}
-        fields = {
-            "media": QueryMedia(modality, tmp, file.filename or "upload"),
-            "modalities": _split(modalities),
-            "k": k,
-            "offset": offset,
-            "filters": {key: v for key, v in filters.items() if v not in (None, "")} or None,
-        }
-        found = answer(validate(SearchQuery, fields), embedder, collection)
+        with query_file(file, settings.max_upload_bytes) as media:
+            filters = {"tags": _split(tags), "path_prefix": path_prefix, "since": since, "until": until}
+            fields = {
+                "media": media,
+                "modalities": _split(modalities),
+                "k": k,
+                "offset": offset,
+                "filters": {key: v for key, v in filters.items() if v not in (None, "")} or None,
+            }
+            found = answer(validate(SearchQuery, fields), embedder, collection)
     except MediaError:
         raise
     except (NotFound, ValueError) as exc:
         raise http_error(exc) from exc
-    finally:
-        os.unlink(tmp)
     return respond(found)
