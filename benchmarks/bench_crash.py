@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                 "seconds": round(time.monotonic() - t0, 1),
                 "serve_kills": len(serve_kills),
                 "serve_failures": len(serve_failures),
-                "serve_items_acknowledged": len(serve.acked) + len(serve.deleted),
+                "serve_items_acknowledged": serve.acks,
                 "serve_deletes_acknowledged": len(serve.deleted),
                 "serve_items_lost": sum(k.lost for k in serve_kills),
                 "problems": [f"{k.trigger}: {k.problems}" for k in (failures + serve_failures)[:10]],

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 from live import MM, ROOT, free_port
 
+KEEP_ALIVE = 3  # the deleter leaves this many acknowledged items standing
 CREATION_FILES = ("meta.sqlite", "collection.json")
 
 
@@ -255,6 +256,7 @@ class ServeCrashRun:
         self.model = model
         self.acked: dict[int, str] = {}
         self.deleted: dict[int, str] = {}
+        self.acks = 0  # every 201 ever answered, deleted later or not
         self.rounds = 0
         self.last_lost = 0
         self._lock = threading.Lock()
@@ -296,8 +298,8 @@ class ServeCrashRun:
                         r = http.post("/items/text", json={"text": f"note {self.seed} {self.rounds} {n}"})
                     else:  # deletes of acknowledged items
                         with self._lock:
-                            ids = sorted(self.acked)
-                            victim = self.rng.choice(ids) if ids else None
+                            ids = sorted(self.acked)  # keep a few alive so the restart has reads to check
+                            victim = self.rng.choice(ids) if len(ids) > KEEP_ALIVE else None
                             sha = self.acked.pop(victim) if victim is not None else ""
                         if victim is None:
                             time.sleep(0.01)
@@ -318,6 +320,7 @@ class ServeCrashRun:
                     body = r.json()
                     with self._lock:
                         self.acked[int(body["id"])] = body.get("sha256") or ""
+                        self.acks += 1
 
     def kill_once(self) -> Kill:
         self.rounds += 1
