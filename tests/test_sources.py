@@ -85,7 +85,7 @@ def kt_tree(tmp_path: Path) -> Path:
     )
     (sounds / "en.soundtheme").write_text(
         '<language code="en"><sound name="hat" file="en/hat.ogg"/>'
-        '<sound name="egypt_camel" file="en/camel.ogg"/></language>'
+        '<sound name="egypt_camel" file="en/camel.ogg"/><sound name="hat" file="en/hat.ogg"/></language>'
     )
     pics = root / "pics"
     pics.mkdir(parents=True)
@@ -120,6 +120,7 @@ def test_ktuberling_scan_recordings_labels_and_refusals(kt_tree):
     assert camel["meta"]["speech_lang"] == "fr" and camel["split"] == split_for("camel")
     # ../../private.wav and a symlink to it are refused; a file the theme names but nobody shipped is missing
     assert plan.skipped["ktuberling_refused"] == 2 and plan.skipped["ktuberling_missing_file"] == 1
+    assert plan.skipped["ktuberling_duplicate_sound"] == 1  # en lists 'hat' twice: one row (ids stay unique)
     assert all(src.is_relative_to(kt_tree.resolve()) for src in plan.copies.values())
     assert plan.skipped["ktuberling_no_rsvg"] == 2 and not plan.renders  # sprites need rsvg-convert
     assert plan.provenance["licence"] == "GPL-2.0-or-later"

@@ -102,6 +102,7 @@ def scan(
     plan.provenance = provenance(PACKAGE, LICENCE, root, guard)
 
     recordings: list[tuple[str, str, Path]] = []  # (speech lang, sound name, file)
+    heard: set[tuple[str, str]] = set()
     for theme in sorted((root / "sounds").glob("*.soundtheme")):
         if guard.readable(theme, plan.skipped, NAME) is None:
             continue
@@ -115,8 +116,12 @@ def scan(
             name, rel = el.get("name"), el.get("file")
             if not name or not rel:
                 continue
+            if (lang, name) in heard:  # some themes list a sound twice (nn: 'bow'); one row each
+                plan.skipped["ktuberling_duplicate_sound"] += 1
+                continue
             path = guard.readable(root / "sounds" / rel, plan.skipped, NAME)
             if path is not None:
+                heard.add((lang, name))
                 recordings.append((lang, name, path))
 
     sprites: list[tuple[str, str, str, Path]] = []  # (theme, element id, sound name, gameboard svg)
