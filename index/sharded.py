@@ -7,12 +7,18 @@
 ```
 
 Each item lives in the shard ``shard_of(uri)`` (a stable hash, the same in every process and on every
-machine, unlike Python's ``hash``). Ids are global: ``shard << ID_BITS | local id``, so shard 0's ids are
-its collection's own and a get, delete or more-like-this goes straight to the owning shard. A search
-asks every shard for its top ``k + offset`` (threads: FAISS and SQLite release the GIL), waits up to a
-deadline and merges by score. A shard that fails or is late makes the search raise
-:class:`ShardUnavailable` naming it, unless ``allow_partial`` (then :class:`ShardedAnswer.partial`).
-Writes are never partial: an add/upsert goes to the shards its uris hash to, one shard transaction each.
+machine, unlike Python's ``hash``; an item without a uri, a text added through the API, by its sha256).
+Ids are global: ``shard << ID_BITS | local id``, so shard 0's ids are its collection's own and a get,
+delete or more-like-this goes straight to the owning shard. A search asks every shard for its top
+``k + offset`` (threads, a small pool per shard so that a hung shard queues only its own calls; FAISS and
+SQLite release the GIL), waits up to a deadline and merges by score. A shard that fails or is late makes
+the search raise :class:`ShardUnavailable` naming it, unless ``allow_partial`` (then
+:class:`ShardedAnswer.partial`). Writes are never partial: an add/upsert goes to the shards its items
+hash to, one shard transaction each.
+
+A shard is anything with :class:`~index.collection.Collection`'s methods: a collection opened here, or a
+proxy to a Ray actor that holds it (``service.distributed.shards``), which raises
+:class:`ShardUnavailable` for its shard when the actor cannot answer.
 
 Vector scores are cosines, comparable across shards, so the merged top k equals one collection's top k
 for exact (Flat) shards. Lexical (BM25) scores use each shard's own term statistics: close to a single
@@ -27,8 +33,8 @@ import heapq
 import json
 import logging
 import time
-from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Any
@@ -45,6 +51,7 @@ SHARDS_FILE = "shards.json"
 ID_BITS = 48  # local ids below 2**48; shard numbers up to 2**14 keep global ids under FAISS's 2**62
 MAX_SHARDS = 1 << 14
 _LOCAL = (1 << ID_BITS) - 1
+THREADS_PER_SHARD = 4  # concurrent calls one shard serves; more queue (behind a hung one: only its own)
 
 
 def shard_of(uri: str, shards: int) -> int:
@@ -89,7 +96,7 @@ class ShardUnavailable(RuntimeError):
 
 @dataclasses.dataclass
 class ShardedAnswer:
-    hits: list[list[Hit]]  # per query, merged by score, global ids
+    hits: list[list[Hit]]  # per query, merged by score, global ids (lexical: one list)
     failed: dict[int, str]  # shard -> why it is missing (empty: complete)
 
     @property
@@ -100,14 +107,20 @@ class ShardedAnswer:
 class ShardedCollection:
     """The read API of :class:`~index.collection.Collection` (plus routed writes) over ``S`` shards."""
 
-    def __init__(self, path: Path, shards: list[Collection], config: dict[str, Any]):
+    def __init__(
+        self, path: Path, shards: Sequence[Any], config: dict[str, Any], *, deadline_s: float | None = None
+    ):
         self.path = path
-        self.shards = shards
+        self.shards = list(shards)  # Collection, or a proxy with its methods (a Ray actor)
         self.config = config
         self.dim = int(config["dim"])
         self.embedder_id = str(config["embedder_id"])
         self.readonly = all(s.readonly for s in shards)
-        self._pool = ThreadPoolExecutor(max_workers=max(1, len(shards)), thread_name_prefix="shard")
+        self.deadline_s = deadline_s  # how long a fan-out waits for a shard by default (None: no limit)
+        self._pools = [
+            ThreadPoolExecutor(max_workers=THREADS_PER_SHARD, thread_name_prefix=f"shard{s}")
+            for s in range(len(self.shards))
+        ]
 
     # lifecycle ----------------------------------------------------------------------------------------
     @classmethod
@@ -137,7 +150,9 @@ class ShardedCollection:
         return cls(path, colls, config)
 
     @classmethod
-    def open(cls, path: str | Path, *, readonly: bool = False) -> ShardedCollection:
+    def open(
+        cls, path: str | Path, *, readonly: bool = False, deadline_s: float | None = None
+    ) -> ShardedCollection:
         path = Path(path).expanduser()
         try:
             config = json.loads((path / SHARDS_FILE).read_text())
@@ -151,7 +166,7 @@ class ShardedCollection:
             for c in colls:
                 c.close()
             raise ValueError(f"shard {bad[0].path} holds vectors of another model than {SHARDS_FILE} says")
-        return cls(path, colls, config)
+        return cls(path, colls, config, deadline_s=deadline_s)
 
     @classmethod
     def open_or_create(
@@ -169,7 +184,8 @@ class ShardedCollection:
         return cls.create(path, shards=shards, dim=dim, embedder_id=embedder_id, **kw)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        for pool in self._pools:
+            pool.shutdown(wait=False, cancel_futures=True)  # a hung shard must not hang the close
         for c in self.shards:
             c.close()
 
@@ -214,30 +230,14 @@ class ShardedCollection:
         deadline_s: float | None = None,
         allow_partial: bool = False,
     ) -> ShardedAnswer:
-        """Fan ``queries`` (q, dim) out to every shard, wait up to ``deadline_s``, merge by score."""
+        """Fan ``queries`` (q, dim) out to every shard, wait up to ``deadline_s`` (default: the collection's
+        ``deadline_s``), merge by score."""
         if k < 1 or offset < 0:
             raise ValueError(f"k must be >= 1 and offset >= 0 (got k={k}, offset={offset})")
         want = k + offset
-        futures = {
-            s: self._pool.submit(c.search, queries, want, self._local_filter(filter, s), 0)
-            for s, c in enumerate(self.shards)
-        }
-        end = None if deadline_s is None else time.monotonic() + deadline_s
-        per_shard: dict[int, list[list[Hit]]] = {}
-        failed: dict[int, str] = {}
-        for s, fut in futures.items():
-            try:
-                left = None if end is None else max(0.0, end - time.monotonic())
-                per_shard[s] = fut.result(timeout=left)
-            except FutureTimeout:
-                failed[s] = f"no answer within {deadline_s:.3f}s"
-            except ValueError:
-                raise  # a bad query is the caller's error, the same on every shard
-            except Exception as e:  # noqa: BLE001 - any shard failure is reported by name
-                log.warning("shard %d of %s failed: %s", s, self.path, e)
-                failed[s] = f"{type(e).__name__}: {e}"
-        if failed and not allow_partial:
-            raise ShardUnavailable(failed)
+        per_shard, failed = self._fan_out(
+            lambda s, c: c.search(queries, want, self._local_filter(filter, s), 0), deadline_s, allow_partial
+        )
         n_q = 1 if np.ndim(queries) == 1 else len(queries)
         merged: list[list[Hit]] = []
         for qi in range(n_q):
@@ -249,6 +249,41 @@ class ShardedCollection:
             merged.append(best[offset:want])
         return ShardedAnswer(merged, failed)
 
+    def _fan_out(
+        self, call: Callable[[int, Any], Any], deadline_s: float | None, allow_partial: bool
+    ) -> tuple[dict[int, Any], dict[int, str]]:
+        """``call(shard number, shard)`` on every shard in parallel: ``(answers, failed)`` by shard.
+
+        A shard that raises (other than ValueError, the caller's error, the same on every shard) or misses
+        the deadline is ``failed``; unless ``allow_partial``, any failure raises :class:`ShardUnavailable`.
+        """
+        deadline_s = self.deadline_s if deadline_s is None else deadline_s
+        futures: dict[int, Future] = {s: self._pools[s].submit(call, s, c) for s, c in enumerate(self.shards)}
+        end = None if deadline_s is None else time.monotonic() + deadline_s
+        answers: dict[int, Any] = {}
+        failed: dict[int, str] = {}
+        for s, fut in futures.items():
+            try:
+                left = None if end is None else max(0.0, end - time.monotonic())
+                answers[s] = fut.result(timeout=left)
+            except FutureTimeout:
+                fut.cancel()  # still queued (its shard is busy or hung): never run it
+                failed[s] = f"no answer within {deadline_s:.3f}s"
+            except ShardUnavailable as e:  # a proxy that could not reach its shard says why
+                failed[s] = e.shards.get(s, str(e))
+            except ValueError:
+                raise  # a bad query is the caller's error, the same on every shard
+            except Exception as e:  # noqa: BLE001 - any shard failure is reported by name
+                log.warning("shard %d of %s failed: %s", s, self.path, e)
+                failed[s] = f"{type(e).__name__}: {e}"
+        if failed and not allow_partial:
+            raise ShardUnavailable(failed)
+        return answers, failed
+
+    def tolerant(self) -> PartialReader:
+        """A view for one query that answers from the shards that can (see :class:`PartialReader`)."""
+        return PartialReader(self)
+
     def _local_filter(self, f: Filter | None, shard: int) -> Filter | None:
         """``f`` with its ``exclude_ids`` (global) narrowed to the local ids of ``shard``."""
         if f is None or not f.exclude_ids:
@@ -257,13 +292,31 @@ class ShardedCollection:
         return dataclasses.replace(f, exclude_ids=local or None)
 
     def lexical_search(self, text: str, k: int = 10, filter: Filter | None = None) -> list[Hit]:
-        """BM25 per shard (each with its own term statistics; see the module doc), merged by score."""
+        """BM25 per shard (each with its own term statistics; see the module doc), merged by score.
+        Raises :class:`ShardUnavailable` if any shard cannot answer."""
+        return self.lexical_shards(text, k, filter).hits[0]
+
+    def lexical_shards(
+        self,
+        text: str,
+        k: int = 10,
+        filter: Filter | None = None,
+        *,
+        deadline_s: float | None = None,
+        allow_partial: bool = False,
+    ) -> ShardedAnswer:
+        """:meth:`lexical_search` fanned out like :meth:`search_shards` (``hits``: one merged list)."""
+        if k < 1:
+            raise ValueError(f"k must be >= 1 (got {k})")
+        per_shard, failed = self._fan_out(
+            lambda s, c: c.lexical_search(text, k, self._local_filter(filter, s)), deadline_s, allow_partial
+        )
         hits = [
             Hit(global_id(s, h.id), h.score, self._globalise(h.item, s))
-            for s, c in enumerate(self.shards)
-            for h in c.lexical_search(text, k, self._local_filter(filter, s))
+            for s, rows in per_shard.items()
+            for h in rows
         ]
-        return heapq.nlargest(k, hits, key=lambda h: (h.score, -h.id))
+        return ShardedAnswer([heapq.nlargest(k, hits, key=lambda h: (h.score, -h.id))], failed)
 
     def get(self, id: int) -> Item | None:
         owner = self._owner(id)
@@ -274,10 +327,27 @@ class ShardedCollection:
         owner = self._owner(id)
         return owner[0].vector(owner[2]) if owner else None
 
+    def vectors(self, ids: Iterable[int]) -> dict[int, np.ndarray]:
+        """The stored vectors of global ``ids``, one batched read per owning shard."""
+        by: dict[int, list[int]] = {}
+        for g in ids:
+            owner = self._owner(int(g))
+            if owner is not None:
+                by.setdefault(owner[1], []).append(owner[2])
+        out: dict[int, np.ndarray] = {}
+        for s, local_ids in by.items():
+            out.update((global_id(s, i), v) for i, v in self.shards[s].vectors(local_ids).items())
+        return out
+
     def find_by_uri(self, uri: str) -> Item | None:
         s = shard_of(uri, len(self.shards))
         item = self.shards[s].find_by_uri(uri)
         return None if item is None else self._globalise(item, s)
+
+    def find_by_sha256(self, sha256: str) -> list[Item]:
+        """Items with this content in any shard (the same bytes under two uris may live in two shards)."""
+        found, _ = self._fan_out(lambda s, c: c.find_by_sha256(sha256), None, False)
+        return [self._globalise(it, s) for s in sorted(found) for it in found[s]]
 
     def uris_under(self, prefix: str) -> set[str]:
         return set().union(*(c.uris_under(prefix) for c in self.shards))
@@ -324,12 +394,17 @@ class ShardedCollection:
         }
 
     # writes (never partial: each goes to its owning shards) --------------------------------------------
+    def shard_for(self, item: Item) -> int:
+        """The shard ``item`` is written to: by its uri, or by its content (sha256) when it has none."""
+        key = item.uri or item.sha256
+        if not key:
+            raise ValueError("items of a sharded collection need a uri or a sha256 (it picks their shard)")
+        return shard_of(key, len(self.shards))
+
     def _by_shard(self, items: Sequence[Item]) -> dict[int, list[int]]:
         rows: dict[int, list[int]] = {}
         for row, it in enumerate(items):
-            if not it.uri:
-                raise ValueError("items of a sharded collection need a uri (it picks their shard)")
-            rows.setdefault(shard_of(it.uri, len(self.shards)), []).append(row)
+            rows.setdefault(self.shard_for(it), []).append(row)
         return rows
 
     def _write(self, method: str, vectors: np.ndarray, items: list[Item]) -> list[int]:
@@ -355,11 +430,42 @@ class ShardedCollection:
                 by.setdefault(owner[1], []).append(owner[2])
         return sum(self.shards[s].delete(local) for s, local in by.items())
 
+    def update_metadata(self, id: int, **fields: Any) -> None:
+        owner = self._owner(id)
+        if owner is None:
+            raise ValueError(f"no item {id} in {self.path}")
+        owner[0].update_metadata(owner[2], **fields)
+
     def all_vectors(self) -> tuple[np.ndarray, np.ndarray]:
         """``(global ids (n,), vectors (n, dim))`` in global id order."""
         parts = [(s, *c.all_vectors()) for s, c in enumerate(self.shards)]
         ids = np.concatenate([(np.int64(s) << ID_BITS) | i for s, i, _ in parts])
         return ids, np.concatenate([v for _, _, v in parts])
+
+
+class PartialReader:
+    """A sharded collection as one query that allows a partial answer reads it: its searches answer from
+    the shards that answered within the deadline and record the others in ``failed`` (shard -> why);
+    everything else is the collection's own. One per query (``failed`` is that query's)."""
+
+    def __init__(self, sharded: ShardedCollection):
+        self.sharded = sharded
+        self.failed: dict[int, str] = {}
+
+    def search(
+        self, queries: np.ndarray, k: int = 10, filter: Filter | None = None, offset: int = 0
+    ) -> list[list[Hit]]:
+        answer = self.sharded.search_shards(queries, k, filter, offset, allow_partial=True)
+        self.failed.update(answer.failed)
+        return answer.hits
+
+    def lexical_search(self, text: str, k: int = 10, filter: Filter | None = None) -> list[Hit]:
+        answer = self.sharded.lexical_shards(text, k, filter, allow_partial=True)
+        self.failed.update(answer.failed)
+        return answer.hits[0]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sharded, name)
 
 
 def ingest_sharded(sharded: ShardedCollection, embedder: Any, paths: Sequence[str | Path], **kw: Any) -> Any:

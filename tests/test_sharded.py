@@ -114,8 +114,11 @@ def test_upsert_keeps_the_global_id_and_items_page_in_id_order(pair):
     assert [it.id for it in listed] == sorted(gids)
     assert [it.id for it in sharded.items(limit=25, offset=30)] == sorted(gids)[30:55]
     assert sharded.stats()["items"] == 120 and sharded.stats()["shards"] == 3
-    with pytest.raises(ValueError, match="uri"):
-        sharded.add(x[:1], [dataclasses.replace(items(1)[0], uri="")])
+    with pytest.raises(ValueError, match="uri or a sha256"):
+        sharded.add(x[:1], [dataclasses.replace(items(1)[0], uri="", sha256="")])
+    (by_content,) = sharded.add(x[:1], [dataclasses.replace(items(1)[0], uri="")])  # a text: by sha256
+    assert split_id(by_content)[0] == shard_of("s0", 3)
+    assert {it.id for it in sharded.find_by_sha256("s0")} == {gids[0], by_content}
 
 
 def test_a_failed_shard_is_named_unless_partial_answers_are_allowed(pair, monkeypatch):
@@ -189,13 +192,3 @@ def test_sharded_ingest_equals_single_ingest_and_resumes(tmp_path, media_root):
     sc.close()
     with pytest.raises(ValueError, match="unsharded"):
         ShardedCollection.create(tmp_path / "one", shards=2, dim=emb.dim, embedder_id=emb.model_id)
-
-
-def test_mm_serve_refuses_a_sharded_folder_without_touching_it(tmp_path, capsys):
-    from service.cli import main
-
-    ShardedCollection.create(tmp_path / "s", shards=2, dim=DIM, embedder_id="f").close()
-    before = sorted(p.name for p in (tmp_path / "s").iterdir())
-    assert main(["serve", "--collection", str(tmp_path / "s")]) == 2
-    assert "sharded collection" in capsys.readouterr().err
-    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == before  # no meta.sqlite beside the shards
