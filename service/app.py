@@ -70,7 +70,12 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
         tune_allocator()
         emb = embedder if embedder is not None else load_embedder(settings.model, settings.adapter)
         collection = open_collection(
-            settings.collection, emb, create=True, memory_budget_mb=settings.memory_budget_mb
+            settings.collection,
+            emb,
+            create=True,
+            memory_budget_mb=settings.memory_budget_mb,
+            deadline_s=settings.shard_deadline_s,  # a sharded collection's (else unused)
+            ray_address=settings.ray_address,
         )
         settings.media_path.mkdir(parents=True, exist_ok=True)
         remove_orphan_uploads(collection, settings.media_path)  # what a kill mid-upload left

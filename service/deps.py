@@ -15,7 +15,7 @@ from service.metrics import Metrics
 from service.settings import Settings
 
 if TYPE_CHECKING:
-    from index.collection import Collection as CollectionT
+    from index.api import CollectionAPI as CollectionT
     from index.protocol import Embedder as EmbedderT
 else:  # FastAPI inspects these annotations at runtime; the real classes load lazily with the app
     CollectionT = object

@@ -2,7 +2,8 @@
 
 ``code`` is a short stable slug (``not_found``, ``unauthorized``, ``payload_too_large``,
 ``unsupported_media``, ``invalid_media``, ``forbidden``, ``validation_error``, ...). Validation errors
-(422) also carry ``"details"``: FastAPI's list of field errors.
+(422) also carry ``"details"``: FastAPI's list of field errors. A shard of a sharded collection that
+failed or missed the deadline answers 503 ``shard_unavailable`` with ``"shards"``: shard number -> why.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ _CODES = {
     415: "unsupported_media",
     422: "validation_error",
     500: "internal_error",
+    503: "unavailable",
 }
 
 MEDIA_STATUS = {"unsupported": 415, "corrupt": 422, "empty": 422, "too_large": 413}
@@ -56,6 +58,12 @@ def media_error(exc: MediaError) -> APIError:
 
 def error_body(status: int, message: str, code: str | None = None, **extra: Any) -> dict[str, Any]:
     return {"error": {"code": code or _CODES.get(status, "error"), "message": message, **extra}}
+
+
+def shard_unavailable(exc: Any) -> JSONResponse:
+    """503 for an ``index.sharded.ShardUnavailable``: its message and the shards it names, with why."""
+    shards = {str(s): why for s, why in sorted(exc.shards.items())}
+    return JSONResponse(error_body(503, str(exc), "shard_unavailable", shards=shards), 503)
 
 
 PROBED_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
@@ -133,6 +141,12 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _media(request: Request, exc: MediaError) -> JSONResponse:
         err = media_error(exc)
         return JSONResponse(error_body(err.status_code, err.detail, err.code), err.status_code)
+
+    from index.sharded import ShardUnavailable
+
+    @app.exception_handler(ShardUnavailable)
+    async def _shard(request: Request, exc: ShardUnavailable) -> JSONResponse:
+        return shard_unavailable(exc)
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:

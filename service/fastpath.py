@@ -31,10 +31,13 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from starlette._utils import get_route_path
+from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
+from index.sharded import ShardUnavailable
 from service.auth import bearer_token, key_matches
 from service.body import validate
+from service.errors import shard_unavailable
 from service.metrics import STARTED_KEY
 from service.responses import FastJSONResponse
 from service.schemas import SearchRequest
@@ -121,12 +124,16 @@ class SearchFastPath:
             await full(scope, receive, send)
             return
         messages, body = await _read_body(receive, self.max_bytes)
-        response = None
+        response: Response | None = None
         if body is not None:
             with contextlib.suppress(Exception):  # the app answers every failure itself (module docstring)
                 state = self.app.state
-                found = await answer_async(validate(SearchRequest, body), state.embedder, state.collection)
-                response = FastJSONResponse(found.to_dict())
+                try:
+                    query = validate(SearchRequest, body)
+                    found = await answer_async(query, state.embedder, state.collection)
+                    response = FastJSONResponse(found.to_dict())
+                except ShardUnavailable as exc:  # answered here: the app would wait out the deadline again
+                    response = shard_unavailable(exc)
         if response is None:  # a failure, a body past the limit or a client gone: the app's own answer
             scope[STARTED_KEY] = t0  # its latency histogram counts the time spent here too
             await full(scope, _replay(messages, receive), send)

@@ -193,6 +193,11 @@ class SearchQuery(BaseModel):
         description="ranking: 'vector' (nearest neighbours), 'keyword' (words of captions, file names, tags "
         "and transcripts; text queries only) or 'hybrid' (both, fused by calibrated scores; the default)",
     )
+    allow_partial: bool = Field(
+        False,
+        description="a sharded collection: answer from the shards that answered in time, marked "
+        "'partial': true, instead of 503 when one failed or was late (ignored by an unsharded one)",
+    )
     # Derived once, when the query is made: read on every search, so straight from pydantic's private dict
     # (a private attribute read through the model costs ~1 us, a share of a sub-millisecond search).
     _unit: np.ndarray | None = PrivateAttr(None)
@@ -316,6 +321,14 @@ class SearchResponse(BaseModel):
     heard: Transcript | None = Field(None, description="a spoken query: the speech it was heard to say")
     no_good_match: bool = Field(
         False, description="true when even the best result scores under the model's no-match threshold"
+    )
+    partial: bool | None = Field(
+        None,
+        description="with allow_partial: true when some shards are missing from the results "
+        "(missing_shards says which and why), false when every shard answered",
+    )
+    missing_shards: dict[str, str] | None = Field(
+        None, description="a partial answer: shard number -> why it is missing"
     )
 
 
@@ -453,8 +466,12 @@ class GenerateParams(BaseModel):
     stop: list[StopText] | None = Field(None, max_length=MAX_STOPS, description="stop strings (not emitted)")
 
     def retrieval(self) -> SearchQuery:
-        """The search that grounds the answer: the question as a text query."""
-        return SearchQuery(query=self.query, k=self.k, modalities=self.modalities)
+        """The search that grounds the answer: the question's content words as a text query (hybrid, the
+        default mode), so that its framing ("Which animal ...", "what makes ...") does not match captions
+        that merely contain those words (``service.generation.prompts.retrieval_text``)."""
+        from service.generation.prompts import retrieval_text  # lazy: generation imports this module
+
+        return SearchQuery(query=retrieval_text(self.query), k=self.k, modalities=self.modalities)
 
 
 class GenerateRequest(GenerateParams):

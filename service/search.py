@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
+from index.api import fans_out, reader
 from index.ingest import heard_in
 from index.types import Hit, Item
 from mm.errors import MediaError
@@ -38,7 +39,7 @@ from service.schemas import QueryMedia, SearchQuery, SearchResult, Transcript
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from index.collection import Collection
+    from index.api import CollectionAPI as Collection
     from index.protocol import Embedder
     from mm.calibration import Calibration
 
@@ -136,6 +137,16 @@ class SearchAnswer:
     heard: dict[str, str] | None = None  # a spoken query's transcript {"text", "language"}
     ranked: list[Ranked] | None = None
     no_good_match: bool = False  # the best hit is under the model's no-match threshold (or nothing matched)
+    missing: dict[int, str] | None = None  # allow_partial: shards left out (shard -> why); None: not allowed
+
+    def partial_fields(self) -> dict[str, Any]:
+        """``{"partial", "missing_shards"}`` of an answer that was allowed to be partial, else nothing."""
+        if self.missing is None:
+            return {}
+        out: dict[str, Any] = {"partial": bool(self.missing)}
+        if self.missing:
+            out["missing_shards"] = {str(s): why for s, why in sorted(self.missing.items())}
+        return out
 
     def results(self) -> list[SearchResult]:
         if self.ranked is None:
@@ -152,7 +163,7 @@ class SearchAnswer:
         }
         if self.heard is not None:
             out["heard"] = self.heard
-        return out
+        return out | self.partial_fields()
 
 
 def rank(
@@ -166,8 +177,9 @@ def rank(
     fused in for a text query, or a spoken query's transcript)."""
     t0 = time.perf_counter()
     text = query.query if query.query is not None else (qv.heard or {}).get("text")
+    view, missing = reader(collection, allow_partial=query.allow_partial)  # a shard may fail: 503, or marked
     ranked = rank_hits(
-        collection,
+        view,
         qv.vector,
         k=query.k,
         offset=query.offset,
@@ -182,7 +194,8 @@ def rank(
         fitted and bool(ranked) and not calibration.is_match(ranked[0].hit.score)  # type: ignore[union-attr]
     )
     took = (time.perf_counter() - t0) * 1000.0
-    return SearchAnswer(query, [r.hit for r in ranked], took, qv.heard, ranked, no_match)
+    partial = missing if query.allow_partial else None
+    return SearchAnswer(query, [r.hit for r in ranked], took, qv.heard, ranked, no_match, partial)
 
 
 def calibration_of(embedder: Embedder) -> Calibration | None:
@@ -203,7 +216,10 @@ def answer(query: SearchQuery, embedder: Embedder, collection: Collection) -> Se
 async def answer_async(query: SearchQuery, embedder: Embedder, collection: Collection) -> SearchAnswer:
     """:func:`answer` for the event loop: only the model runs in the thread pool. A FAISS search of a
     served collection takes well under a millisecond, less than the two thread hand-offs it would cost,
-    so it (and an item or vector query's step 1) runs on the loop."""
+    so it (and an item or vector query's step 1) runs on the loop; a sharded one's waits on its shards (up
+    to the deadline), so all of it runs in the thread pool."""
+    if fans_out(collection):
+        return await run_in_threadpool(answer, query, embedder, collection)
     if needs_model(query):
         qv = await run_in_threadpool(embed, query, embedder, collection)
     else:

@@ -41,6 +41,8 @@ class Settings(BaseSettings):
     gguf_path: Path | None = None  # gguf backend: model file (needs llama-cpp-python)
     fast_search: bool = True  # answer POST /search in front of the framework (service.fastpath)
     adapter: Path | None = None  # LoRA adapter directory (from `mm finetune`) merged into the model at start
+    shard_deadline_s: float = Field(2.0, gt=0)  # a sharded search waits this long for each shard (then 503)
+    ray_address: str | None = None  # serve a sharded collection's shards as Ray actors on this cluster
 
     @field_validator("allowed_roots", "api_keys", "cors_origins", mode="before")
     @classmethod

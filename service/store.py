@@ -18,8 +18,8 @@ from mm.media import require_modality
 from service.schemas import QueryMedia
 
 if TYPE_CHECKING:
+    from index.api import CollectionAPI
     from index.atomic import FileLock
-    from index.collection import Collection
     from index.protocol import Embedder
     from index.types import Item
 
@@ -49,16 +49,36 @@ def open_collection(
     create: bool = False,
     readonly: bool = False,
     memory_budget_mb: int = 1024,
-) -> Collection:
+    deadline_s: float | None = None,
+    ray_address: str | None = None,
+) -> CollectionAPI:
     """Open the collection at ``path``; with ``create`` make it for ``embedder`` if it does not exist.
+
+    A sharded collection (``mm index --shards``: ``shards.json`` in ``path``) opens as one
+    :class:`~index.sharded.ShardedCollection` whose searches wait ``deadline_s`` for each shard; with
+    ``ray_address`` its shards are Ray actors on that cluster (:mod:`service.distributed.shards`).
 
     Raises ValueError when there is no collection (and ``create`` is off) or when it was built with
     another embedder (vectors of two models must never be mixed).
     """
     from index.collection import Collection
+    from index.sharded import ShardedCollection, is_sharded
 
     path = Path(path).expanduser()
-    if create:
+    coll: CollectionAPI
+    if is_sharded(path):  # never created here: `mm index --shards S` makes the shards
+        if ray_address:
+            from service.distributed.shards import open_ray_sharded
+
+            coll = open_ray_sharded(path, ray_address, readonly=readonly, deadline_s=deadline_s)
+        else:
+            coll = ShardedCollection.open(path, readonly=readonly, deadline_s=deadline_s)
+    elif ray_address:
+        raise ValueError(
+            f"{path} is not a sharded collection: Ray serves the shards of one made with "
+            f"`mm index --shards S --collection {path}`"
+        )
+    elif create:
         if embedder is None:
             raise ValueError("creating a collection needs an embedder")
         coll = Collection.open_or_create(
@@ -140,7 +160,7 @@ def upload_guard(media_dir: Path) -> FileLock:
     return FileLock(media_dir / UPLOADS_LOCK, shared=True)
 
 
-def remove_orphan_uploads(collection: Collection, media_dir: Path) -> list[Path]:
+def remove_orphan_uploads(collection: CollectionAPI, media_dir: Path) -> list[Path]:
     """Delete stored uploads no item refers to, and temp files of uploads cut short; returns them.
 
     A kill between storing an upload and committing its item leaves such files. Only a media folder

@@ -3,6 +3,11 @@
 Once it answers, the server announces itself in ``DIR/serve.json`` (pid, address, model; no key), which
 ``mm search`` reads to send its query here instead of loading the model (:mod:`service.cli.remote`); the
 file goes when the server exits. ``--port 0`` picks a free port (the file says which).
+
+A sharded collection (``mm index --shards S``) is served as one: each search waits up to
+``MM_SHARD_DEADLINE_S`` for every shard (503 naming a missing one, unless the request sets
+``allow_partial``); with ``--ray ADDRESS`` each shard is held by a Ray actor on that cluster
+(docs/scale.md).
 """
 
 from __future__ import annotations
@@ -22,6 +27,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        default=None,
+        help="serve a sharded collection's shards as Ray actors on this cluster (host:port, auto, or "
+        "'local'; needs mm[ray])",
+    )
     p.set_defaults(func=run)
 
 
@@ -52,12 +64,17 @@ def run(args: argparse.Namespace) -> int:
     from service.cli import remote
     from service.settings import Settings
 
-    if is_sharded(args.collection):  # the app would create a plain collection beside the shards
+    if args.ray is not None and not is_sharded(args.collection):  # before the model loads
         raise UsageError(
-            f"{args.collection} is a sharded collection (mm index --shards); serving one is not "
-            "supported yet (docs/scale.md): serve each shard-NNN folder, or build it unsharded"
+            f"--ray serves the shards of a sharded collection; {args.collection} is not one "
+            f"(make one with `mm index PATH --shards S --collection {args.collection}`)"
         )
-    settings = Settings(collection=args.collection, model=args.model)
+    if args.ray is not None:
+        from service.distributed import import_ray
+
+        import_ray()  # the install hint now, not from the app's start
+    extra = {"ray_address": args.ray} if args.ray is not None else {}
+    settings = Settings(collection=args.collection, model=args.model, **extra)
     instance = remote.new_instance()
     app = with_instance_header(create_app(settings), instance)
     collection = settings.collection

@@ -34,9 +34,9 @@ def start_ingest(
         raise APIError(422, f"cannot use {req.path!r}: {exc}", "validation_error") from exc
 
     def run(job: Job):
-        from index.ingest import ingest
+        from index.api import ingest_into
 
-        report = ingest(
+        report = ingest_into(
             collection,
             embedder,
             [path],

@@ -11,7 +11,8 @@ A search takes any ``POST /search`` body (``query``, ``item_id`` or ``vector``, 
 ``modalities``, ``filters``: :class:`service.schemas.WSSearch` is that ``SearchQuery``); a generation
 takes ``POST /generate``'s fields but ``stream`` (:class:`service.schemas.WSGenerate`).
 
-Server messages: ``results`` (``{"results": [...]}`` as ``POST /search``), ``token`` (``{"text"}``),
+Server messages: ``results`` (``{"results": [...]}`` as ``POST /search``, with ``partial`` and
+``missing_shards`` when the search set ``allow_partial``), ``token`` (``{"text"}``),
 ``citations`` (``{"citations": [...]}``), ``done`` (``{"backend"}``, or ``{"cancelled": true}``) and
 ``error`` (``{"code", "message", "status"}``). Every accepted request gets exactly one terminal
 message: ``results`` (search), ``done`` (generate; ``cancelled: true`` when cancelled, whenever the
@@ -35,6 +36,7 @@ from fastapi import APIRouter, WebSocket
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
+from index.sharded import ShardUnavailable
 from mm.errors import MediaError
 from service.auth import bearer_token, key_matches
 from service.generation import GeneratorUnavailable, start_answer
@@ -153,7 +155,8 @@ class Connection:
             coll, emb = self.app.state.collection, self.app.state.embedder
             if isinstance(req, WSSearch):
                 found = await answer_http(req, emb, coll)
-                return await self.send({"type": "results", "id": rid, "results": found.results()})
+                results = {"type": "results", "id": rid, "results": found.results()}
+                return await self.send(results | found.partial_fields())
             hits = (await answer_http(req.retrieval(), emb, coll)).hits
             answer = await start_answer(
                 self.app,
@@ -177,6 +180,8 @@ class Connection:
             await self._safe_error(rid, getattr(exc, "code", "error"), str(exc.detail), exc.status_code)
         except GeneratorUnavailable as exc:
             await self._safe_error(rid, "generator_unavailable", str(exc), 503)
+        except ShardUnavailable as exc:  # its message names the shards
+            await self._safe_error(rid, "shard_unavailable", str(exc), 503)
         except MediaError as exc:
             await self._safe_error(rid, "invalid_media", str(exc), 422)
         except Exception:
