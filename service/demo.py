@@ -111,21 +111,24 @@ def examples(library: Path, work: Path) -> list[Example]:
 
 
 def run_examples(collection: Any, embedder: Any, exs: list[Example], k: int = 3) -> list[dict[str, Any]]:
-    from index.types import Filter
+    """Each example answered by the one search path (``service.search.answer``): a text as ``POST /search``
+    answers it, a file as ``POST /search/upload`` does (a spoken clip transcribed and fused when the
+    embedder carries a recogniser; ``heard`` says what was heard)."""
+    from service.schemas import QueryMedia, SearchQuery
+    from service.search import answer
 
     out = []
     for e in exs:
         if e.kind == "text":
-            q = embedder.encode_text([e.query])
-        elif e.kind == "image":
-            q = embedder.encode_image([e.query])
+            query = SearchQuery(query=e.query, k=k, modalities=e.modalities)
         else:
-            q = embedder.encode_audio([e.query])
-        hits = collection.search(q, k=k, filter=Filter(modalities=e.modalities))[0]
+            query = SearchQuery(media=QueryMedia(e.kind, e.query), k=k, modalities=e.modalities)
+        found = answer(query, embedder, collection)
         out.append(
             {
                 "title": e.title,
                 "query": e.query,
+                "heard": found.heard,
                 "results": [
                     {
                         "id": h.id,
@@ -134,7 +137,7 @@ def run_examples(collection: Any, embedder: Any, exs: list[Example], k: int = 3)
                         "caption": h.item.caption,
                         "file": Path(h.item.uri).name,
                     }
-                    for h in hits
+                    for h in found.hits
                 ],
             }
         )
@@ -199,6 +202,8 @@ def demo(
     shown = run_examples(coll, embedder, examples(work / "library", work))
     for ex in shown:
         print(f"\n{ex['title']}: {Path(ex['query']).name if os.sep in ex['query'] else repr(ex['query'])}")
+        if ex["heard"] is not None:
+            print(f"  heard ({ex['heard']['language'] or '?'}): {ex['heard']['text']}")
         for i, r in enumerate(ex["results"], 1):
             print(f"  {i}. {r['score']:.3f} [{r['modality']}] {r['caption'] or ''} ({r['file']})")
     if serve:

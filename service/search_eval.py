@@ -8,6 +8,12 @@ of the split (any language) is a query through ``SearchQuery`` -> ``answer`` wit
 and the lexical index, exactly as ``POST /search`` runs it. A hit is relevant when it carries the
 query's concept label. Only text queries can differ between modes (words need text); other directions
 rank the same in every mode, which ``mm.evaluate`` already measures.
+
+Spoken queries (:func:`evaluate_spoken`): each clip of speech in the split (a caption spoken by espeak-ng,
+a human recording of a word) is a file query answered as ``POST /search/upload`` answers it, its
+transcript fused in (``service.search.embed_file``), against a collection of the split's other images
+and sounds and its English captions as text items; side by side with the same queries without a
+recogniser (the clip's embedding alone), in each mode a file query takes.
 """
 
 from __future__ import annotations
@@ -21,10 +27,11 @@ import numpy as np
 
 from index.collection import Collection
 from index.types import Item
-from service.schemas import SearchQuery
-from service.search import answer
+from service.schemas import QueryMedia, SearchQuery
+from service.search import answer, calibration_of, embed, rank
 
 MODES = ("vector", "hybrid", "keyword")
+FILE_MODES = ("vector", "hybrid")  # a file query has no text of its own: no 'keyword' (SearchQuery's rule)
 
 
 def cached_encoder(embedder: Any) -> Callable[[str, list[str]], np.ndarray]:
@@ -130,3 +137,128 @@ def evaluate_search(
         finally:
             coll.close()
     return out
+
+
+def spoken_queries(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(clip path, label) of every labelled row whose sound is speech: a caption spoken by espeak-ng
+    (source ``speech``) or a human recording of a word (``meta.speech_lang``, the ktuberling source)."""
+    out: dict[str, str] = {}
+    for r in rows:
+        spoken = r.get("source") == "speech" or bool((r.get("meta") or {}).get("speech_lang"))
+        if spoken and r.get("audio") and r.get("label") is not None:
+            out.setdefault(str(r["audio"]), r["label"])
+    return list(out.items())
+
+
+class _Hearing:
+    """``embedder`` as the search path sees it with ``transcribe`` as its recogniser (None: none), as
+    ``service.embedding.load_embedder`` attaches one; everything else is the embedder's own."""
+
+    def __init__(self, embedder: Any, transcribe: Callable[[Any], dict[str, str] | None] | None):
+        self._embedder = embedder
+        self.transcribe = transcribe
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._embedder, name)
+
+
+def _spread(items: list[Any], limit: int | None) -> list[Any]:
+    """At most ``limit`` of ``items``, evenly spread (a manifest is ordered by category)."""
+    if limit is None or len(items) <= limit:
+        return items
+    return [items[i] for i in np.linspace(0, len(items) - 1, limit).round().astype(int)]
+
+
+def evaluate_spoken(
+    rows: Sequence[dict[str, Any]],
+    embedder: Any,
+    transcribe: Callable[[Any], dict[str, str] | None] | None = None,
+    modes: Sequence[str] = FILE_MODES,
+    captions: bool = False,
+    queries: Sequence[tuple[str, str]] | None = None,
+    limit: int | None = None,
+    k: int = 10,
+    encode: Callable[[str, list[str]], np.ndarray] | None = None,
+) -> dict[str, Any]:
+    """Spoken queries through the search path of ``POST /search/upload``, with and without its transcript.
+
+    ``queries`` (clip path, label) default to :func:`spoken_queries` of ``rows``, at most ``limit`` of
+    them. The gallery is every other image and sound of ``rows`` (the clips themselves are queries, not
+    items) and their English captions as text items. ``transcribe`` is the recogniser (default the
+    embedder's own, ``embedder.transcribe``). Each query is embedded once per setting by
+    :func:`service.search.embed` (decode, encode, transcribe, fuse: what ``/search/upload`` runs) and
+    ranked by :func:`service.search.rank` in each mode (``answer`` is exactly these two steps; the mode
+    only changes the second).
+
+    Returns ``{"clip" | "fused": {mode: {"spoken->image" | "spoken->text": {"R@1", "R@10", "n"}}},
+    "transcribed": share of the queries given a transcript, "n": queries}``.
+    """
+    if transcribe is None:
+        transcribe = getattr(embedder, "transcribe", None)
+    if queries is None:
+        queries = spoken_queries(rows)
+    queries = _spread(list(queries), limit)
+    clips = {path for path, _ in queries}
+    others = [dict(r, audio=None) if str(r.get("audio")) in clips else r for r in rows]  # not items
+    settings = {"clip": _Hearing(embedder, None), "fused": _Hearing(embedder, transcribe)}
+    firsts: dict[tuple[str, str, str], list[int]] = {}
+    heard = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        coll, gallery = build_gallery(others, embedder, Path(tmp) / "gallery", captions, encode)
+        try:
+            label_of = _add_captions(coll, others, embedder, encode)
+            label_of.update({uri: label for uri, (_, label) in gallery.items()})
+            present = set(gallery.values()) | {("text", label) for label in label_of.values()}
+            for path, label in queries:
+                media = QueryMedia("audio", path)
+                wanted = [m for m in ("image", "text") if (m, label) in present]
+                for setting, hearing in settings.items():
+                    qv = embed(SearchQuery(media=media, k=k), hearing, coll)
+                    heard += setting == "fused" and qv.heard is not None
+                    for mode in modes:
+                        for m in wanted:
+                            q = SearchQuery(media=media, k=k, modalities=[m], mode=mode)
+                            hits = rank(q, qv, coll, calibration_of(hearing)).hits
+                            at = next((i for i, h in enumerate(hits) if label_of.get(_key(h)) == label), k)
+                            firsts.setdefault((setting, mode, m), []).append(at + 1)
+        finally:
+            coll.close()
+    out: dict[str, Any] = {s: {mode: {} for mode in modes} for s in settings}
+    for (setting, mode, m), f in firsts.items():
+        a = np.asarray(f)
+        out[setting][mode][f"spoken->{m}"] = {
+            "R@1": round(float(np.mean(a <= 1)), 4),
+            "R@10": round(float(np.mean(a <= min(10, k))), 4),
+            "n": len(a),
+        }
+    out["transcribed"] = round(heard / len(queries), 4) if queries else 0.0
+    out["n"] = len(queries)
+    return out
+
+
+def _key(hit: Any) -> str:
+    """What identifies a gallery hit: a file's uri, or ``#id`` for a text item (which has no file)."""
+    return hit.item.uri or f"#{hit.id}"
+
+
+def _add_captions(
+    coll: Collection,
+    rows: Sequence[dict[str, Any]],
+    embedder: Any,
+    encode: Callable[[str, list[str]], np.ndarray] | None,
+) -> dict[str, str]:
+    """The rows' English texts added to ``coll`` as text items (each distinct text once); ``#id`` -> label."""
+    texts: dict[str, str] = {}
+    for r in rows:
+        if r.get("text") and r.get("lang") in (None, "en") and r.get("label") is not None:
+            texts.setdefault(r["text"], r["label"])
+    if not texts:
+        return {}
+    keys = list(texts)
+    vectors = (encode or embedder.encode)("text", keys)
+    items = [
+        Item(id=0, modality="text", uri="", sha256=f"text-{i}", mime="text/plain", caption=t)
+        for i, t in enumerate(keys)
+    ]
+    ids = coll.add(vectors, items)
+    return {f"#{i}": texts[t] for i, t in zip(ids, keys, strict=True)}

@@ -76,12 +76,15 @@ QUERIES = [
     ["ocean waves", "--modality", "text,image", "--filter", "tag=fx"],
     ["--image", "images/yellow_stripes.jpg", "-k", "4", "--offset", "1"],
     ["--audio", "sounds/tone_high.flac", "--modality", "audio"],
+    ["--image", "images/red_circle.png", "--mode", "vector", "-k", "3"],  # the upload form takes a mode
     ["--item", "{an_id}", "-k", "3"],
 ]
 
 
 @pytest.mark.parametrize(
-    "argv", QUERIES, ids=["text", "keyword", "vector", "text-filtered", "image-paged", "audio", "item"]
+    "argv",
+    QUERIES,
+    ids=["text", "keyword", "vector", "text-filtered", "image-paged", "audio", "image-vector", "item"],
 )
 def test_served_and_local_answers_are_equal(capsys, monkeypatch, coll, server, keyed, media_root, argv):
     _, info = server
@@ -106,16 +109,6 @@ def test_served_and_local_answers_are_equal(capsys, monkeypatch, coll, server, k
     assert served["results"], served
     served.pop("took_ms"), local.pop("took_ms")
     assert served == local
-
-
-def test_file_query_with_a_mode_the_upload_form_lacks_searches_locally(
-    capsys, coll, server, keyed, media_root
-):
-    img = str(media_root / "images" / "red_circle.png")
-    code, out, err = run(
-        capsys, "search", "--image", img, "-c", str(coll), "--model", "tiny", "--mode", "vector"
-    )
-    assert code == 0 and out and "loading the model (the server's file search has no --mode vector" in err
 
 
 def test_text_output_from_the_server(capsys, monkeypatch, coll, server, keyed):

@@ -18,7 +18,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--search",
         action="store_true",
-        help="also measure text queries through the search path (a collection of the split, each mode)",
+        help="also measure text queries through the search path (a collection of the split, each mode), "
+        "and spoken queries as /search/upload answers them, with and without their transcript",
+    )
+    p.add_argument(
+        "--spoken",
+        type=int,
+        default=100,
+        metavar="N",
+        help="with --search: at most N spoken queries (clips of speech in the split; 0: none)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object (last line)")
     p.set_defaults(func=run)
@@ -45,12 +53,19 @@ def run(args: argparse.Namespace) -> int:
         from service.search_eval import evaluate_search
 
         metrics["search"] = evaluate_search(rows, emb, encode=encode)
+        if args.spoken > 0:
+            from service.search_eval import evaluate_spoken, spoken_queries
+            from service.transcription import LazyTranscriber, transcription_enabled
+
+            if spoken_queries(rows):  # the recogniser that mm serve attaches (service.embedding)
+                hear = LazyTranscriber() if transcription_enabled() else None
+                metrics["search_spoken"] = evaluate_spoken(rows, emb, hear, limit=args.spoken, encode=encode)
     if args.json:
         print(json.dumps(metrics))
         return 0
     print(f"{'direction':<16}{'R@1':>7}{'R@5':>7}{'R@10':>7}{'mean rank':>11}{'n':>6}")
     for name, m in metrics.items():
-        if name in ("mixed", "search"):
+        if name in ("mixed", "search", "search_spoken"):
             continue
         print(
             f"{name:<16}{m['R@1']:>7.3f}{m['R@5']:>7.3f}{m['R@10']:>7.3f}{m['mean_rank']:>11.1f}{m['n']:>6}"
@@ -64,4 +79,14 @@ def run(args: argparse.Namespace) -> int:
     for mode, dirs in metrics.get("search", {}).items():
         for name, m in dirs.items():
             print(f"search [{mode:>7}] {name:<14} R@1 {m['R@1']:.3f}  R@10 {m['R@10']:.3f}  n={m['n']}")
+    spoken = metrics.get("search_spoken")
+    if spoken:
+        print(f"spoken queries (n={spoken['n']}, {spoken['transcribed']:.0%} given a transcript): R@10")
+        for mode, dirs in spoken["fused"].items():
+            for name, m in dirs.items():
+                clip_only = spoken["clip"][mode][name]
+                print(
+                    f"search [{mode:>7}] {name:<14} clip alone {clip_only['R@10']:.3f}  "
+                    f"with transcript {m['R@10']:.3f}  n={m['n']}"
+                )
     return 0

@@ -191,21 +191,13 @@ def _multipart(fields: dict[str, str], file_field: str, path: Path) -> tuple[byt
 
 def upload_fields(query: SearchQuery) -> dict[str, str]:
     """The ``/search/upload`` form fields of a file query (its JSON fields, as the form has them)."""
-    out: dict[str, str] = {"k": str(query.k), "offset": str(query.offset)}
+    out: dict[str, str] = {"k": str(query.k), "offset": str(query.offset), "mode": query.mode}
     if query.modalities:
         out["modalities"] = ",".join(query.modalities)
     f = query.filters.model_dump(mode="json", exclude_none=True) if query.filters else {}
     for key, value in f.items():
         out[key] = ",".join(value) if isinstance(value, list) else str(value)
     return out
-
-
-def served_form_lacks(query: SearchQuery) -> str | None:
-    """What of ``query`` ``/search/upload`` cannot take (its form has no ``mode``), or None."""
-    default = type(query).model_fields["mode"].default
-    if query.media is not None and query.mode != default:
-        return f"the server's file search has no --mode {query.mode}"
-    return None
 
 
 def search_remote(server: ServerInfo, query: SearchQuery) -> dict[str, Any]:

@@ -54,6 +54,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument(
+        "--allow-partial",
+        action="store_true",
+        help="a sharded collection: answer from the shards that can, marked partial, rather than fail",
+    )
+    p.add_argument(
         "--local", action="store_true", help="load the model here even when `mm serve` runs on the collection"
     )
     add_collection(p)
@@ -79,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
             offset=args.offset,
             filters=parse_filters(args.filter) or None,
             mode=args.mode,
+            allow_partial=args.allow_partial,
         )
     except ValidationError as exc:
         raise UsageError(error_message(exc)) from exc
@@ -94,6 +100,9 @@ def run(args: argparse.Namespace) -> int:
         with open_collection(args.collection, embedder, readonly=True) as coll:
             body = answer(query, embedder, coll).to_dict()
     results = body["results"]
+    if body.get("partial"):
+        missing = "; ".join(f"shard {s}: {why}" for s, why in body.get("missing_shards", {}).items())
+        print(f"mm: partial results, shards missing ({missing})", file=sys.stderr)
     if args.json:
         print(json.dumps(body))
         return 0
@@ -124,9 +133,7 @@ def search_served(collection: Path, model: str, query) -> dict | None:
     """The answer of the running ``mm serve`` of ``collection`` (None: there is none; load the model)."""
     from service.cli import remote
 
-    server, why = None, remote.served_form_lacks(query)
-    if why is None:
-        server, why = remote.find_server(collection, model)
+    server, why = remote.find_server(collection, model)
     if server is None:
         print(f"mm: loading the model ({why}; `mm serve` keeps it warm)", file=sys.stderr)
         return None

@@ -22,6 +22,7 @@ from service.routing import LeanRoute
 from service.schemas import (
     MAX_K,
     MAX_OFFSET,
+    SearchMode,
     SearchQuery,
     SearchRequest,
     SearchResponse,
@@ -48,6 +49,13 @@ def respond(found: SearchAnswer) -> FastJSONResponse:
 
 
 FILE_DOC = f"an image or audio file to search with ({describe_limits()})"
+# A file query has no text, so SearchQuery refuses 'keyword' for it: the form's schema lists the others.
+FILE_MODES = ["hybrid", "vector"]
+MODE_DOC = (
+    "ranking: 'vector' (nearest neighbours of the file) or 'hybrid' (the default; a spoken query's "
+    "transcript also matches words of captions, file names, tags and transcripts). 'keyword' needs a "
+    "text query: use POST /search"
+)
 
 
 @router.post(
@@ -90,6 +98,9 @@ def search_upload(
     path_prefix: Annotated[str | None, Form()] = None,
     since: Annotated[datetime | float | None, Form(description="ISO 8601 or unix seconds")] = None,
     until: Annotated[datetime | float | None, Form(description="ISO 8601 or unix seconds")] = None,
+    mode: Annotated[
+        SearchMode, Form(description=MODE_DOC, json_schema_extra={"enum": FILE_MODES})
+    ] = "hybrid",
 ) -> FastJSONResponse:
     """Search with an uploaded image or audio clip; the file is only used for the query, never stored."""
     try:
@@ -100,6 +111,7 @@ def search_upload(
                 "modalities": _split(modalities),
                 "k": k,
                 "offset": offset,
+                "mode": mode,
                 "filters": {key: v for key, v in filters.items() if v not in (None, "")} or None,
             }
             found = answer(validate(SearchQuery, fields), embedder, collection)
