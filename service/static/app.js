@@ -273,6 +273,8 @@ function fetchPage({ query, offset, k, modalities }) {
     form.append("k", String(k));
     form.append("offset", String(offset));
     if (modalities) form.append("modalities", modalities.join(","));
+    // a file has no words of its own: "words only" applies to text; a spoken query's words join in hybrid
+    if ($("#mode").value === "vector") form.append("mode", "vector");
     return api("/search/upload", { form });
   }
   const body = { k, offset };
