@@ -166,11 +166,19 @@ def fit_calibration(
     split: str = "val",
     max_pairs: int = 2_000_000,
     seed: int = 0,
+    common_prior: bool = True,
 ) -> tuple[Calibration, dict[str, Any]]:
     """Fit one map per modality pair present in ``rows`` (every direction, same-modality included).
 
     ``encode(modality, keys) -> (n, E)`` normalised embeddings, as :func:`mm.evaluate.evaluate_rows`.
     Returns the calibration and a report (per pair: pairs seen, positives, fitted a and b).
+
+    ``common_prior``: each pair's intercept is moved from its own base rate of relevant pairs to one
+    shared rate (all pairs pooled): ``b' = b - logit(rate_pair) + logit(rate_all)``, the label-shift
+    correction of a logistic model. Without it a pair whose validation gallery happens to hold many
+    items per concept (a word recorded in 26 languages) gets a high prior, and its unrelated items
+    outrank the other modalities' good ones in a mixed list; with it, pairs are ranked by how well the
+    score separates relevant from irrelevant, which does not depend on the validation gallery's make-up.
     """
     keys, row_idx = galleries(rows)
     use_labels = any(label is not None for _, label in row_idx)
@@ -219,6 +227,13 @@ def fit_calibration(
                 "positives": int(y.sum()),
             }
             log.info("calibration %s: a=%.3f b=%.3f on %d pairs (%d relevant)", name, a, b, len(s), y.sum())
+    if common_prior and pairs:
+        pooled = sum(f.n_pos for f in pairs.values()) / sum(f.n for f in pairs.values())
+        for name, f in pairs.items():
+            b = f.b - _logit(f.n_pos / f.n) + _logit(pooled)
+            pairs[name] = PairFit(f.a, b, f.n, f.n_pos)
+            report[name]["b"] = round(b, 4)
+        report["common_prior"] = round(pooled, 6)
     threshold, balanced = no_match_threshold(
         np.array([float(pairs[p](pos)) for p, pos, _ in best if p in pairs]),
         np.array([float(pairs[p](neg)) for p, _, neg in best if p in pairs]),
@@ -226,6 +241,10 @@ def fit_calibration(
     report["threshold"] = threshold
     report["threshold_rates"] = balanced
     return Calibration(pairs, None, threshold, split), report
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1.0 - p))
 
 
 def no_match_threshold(

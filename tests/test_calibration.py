@@ -117,3 +117,46 @@ def test_checkpoint_brings_its_calibration(tmp_path, embedder) -> None:
     assert main(["calibrate", "--manifest", str(manifest), "--model", str(tmp_path / "ckpt")]) == 0
     loaded = create_model(tmp_path / "ckpt").calibration
     assert loaded.fitted and {"text->image", "image->text"} <= set(loaded.pairs)
+
+
+def _crowded_sounds_world(n: int = 60, clips: int = 8, dim: int = 128, seed: int = 1):
+    """Half the concepts have ``clips`` recordings each (as a word spoken in many languages), the other half
+    none; image and sound scores separate relevant from irrelevant equally well, so only the base rate
+    of relevant pairs (clips / n for sounds, 1 / n for images) differs between the two pairs."""
+    rng = np.random.default_rng(seed)
+    concepts = np.linalg.qr(rng.normal(size=(dim, dim)))[0][:n]
+
+    def noisy(x: np.ndarray) -> np.ndarray:
+        y = x + 0.9 * rng.normal(size=x.shape) / np.sqrt(dim)
+        return y / np.linalg.norm(y, axis=-1, keepdims=True)
+
+    rows, vec = [], {"text": {}, "image": {}, "audio": {}}
+    for c in range(n):
+        rows.append({"text": f"t{c}", "image": f"i{c}", "label": f"c{c}"})
+        vec["text"][f"t{c}"], vec["image"][f"i{c}"] = noisy(concepts[c]), noisy(concepts[c])
+        for j in range(clips if c < n // 2 else 0):
+            rows.append({"audio": f"a{c}.{j}", "label": f"c{c}"})
+            vec["audio"][f"a{c}.{j}"] = noisy(concepts[c])
+
+    def encode(modality: str, keys: list[str]) -> np.ndarray:
+        return np.stack([vec[modality][k] for k in keys]).astype(np.float32)
+
+    return rows, encode
+
+
+def test_a_shared_prior_keeps_a_crowded_modality_from_crowding_out_the_others() -> None:
+    rows, encode = _crowded_sounds_world()
+    own, _ = fit_calibration(rows, encode, common_prior=False)
+    shared, report = fit_calibration(rows, encode)
+    assert 0 < report["common_prior"] < 1
+    # the slopes are the same fit; only the intercepts move, by the gap between the pairs' base rates
+    assert shared.pairs["text->audio"].a == own.pairs["text->audio"].a
+    gap = (own.pairs["text->audio"].b - shared.pairs["text->audio"].b) - (
+        own.pairs["text->image"].b - shared.pairs["text->image"].b
+    )
+    assert gap > 0.6  # a sound is twice as likely to be relevant as an image here (8 of 240 against 1 of 60)
+    with_own = mixed_gallery_metrics(rows, encode, own.score)
+    with_shared = mixed_gallery_metrics(rows, encode, shared.score)
+    # own priors lift every sound, relevant or not: unrelated sounds fill the top 3 of concepts with none
+    assert with_shared["sound_when_absent_at_3"] < with_own["sound_when_absent_at_3"]
+    assert with_shared["both_at_10"] >= with_own["both_at_10"] - 0.05

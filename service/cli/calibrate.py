@@ -15,6 +15,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory (calibration.json is written there)")
     p.add_argument("--split", default="val", help="the split to fit on (never the test split you report)")
     p.add_argument("--out", default=None, help="write here instead of MODEL/calibration.json")
+    p.add_argument(
+        "--own-priors",
+        action="store_true",
+        help="keep each modality pair's own base rate of relevant pairs (default: one shared rate, so that "
+        "mixed results rank by how well each pair's score separates relevant from irrelevant)",
+    )
     p.add_argument("--json", action="store_true", help="print the fit report as one JSON object")
     p.set_defaults(func=run)
 
@@ -34,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     if not rows:
         raise ValueError(f"no rows in split {args.split!r} of {args.manifest}")
     emb = create_model(args.model)
-    cal, report = fit_calibration(rows, emb.encode, split=args.split)
+    cal, report = fit_calibration(rows, emb.encode, split=args.split, common_prior=not args.own_priors)
     if not cal.fitted:
         raise ValueError(f"split {args.split!r} has no relevant pairs to fit on")
     words, report["lexical"] = fit_word_calibration(rows)
