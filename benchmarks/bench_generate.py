@@ -1,12 +1,14 @@
 """Grounded answers: quality on fixed questions over the demo collection, and first-token latency.
 
 Quality (per backend): each question of ``../shared/eval/questions.jsonl`` (the fixed set; its README
-says how to score) and of ``benchmarks/questions_dev.jsonl`` (our own, the one the extractive rules were
-chosen on) is answered exactly as ``POST /generate`` answers it: ``GenerateParams.retrieval()`` through
-``service.search.answer`` on the demo collection (``mm demo --no-serve``), then
-``service.generation.start_stream``. An item's label is its corpus row's ``label`` (``demo/corpus``); an
-answer *names* a label when the label appears in it as a phrase, and a cited item *carries* a label when
-its own label ends with it (a "snare drum" is a drum, a "train sign" is not a train). Scores:
+says how to score) and of ``benchmarks/questions_dev.jsonl`` (our own, the one the extractive rules are
+tuned on) is answered exactly as ``POST /generate`` answers it: ``GenerateParams.retrieval()`` (the
+question's content words, hybrid search) through ``service.search.answer`` on the demo collection (``mm
+demo --no-serve``), then ``service.generation.start_stream`` with the backends as the service builds them
+(the extractive rules read from beside the model's checkpoint). An item's label is its corpus row's
+``label`` (``demo/corpus``); an answer *names* a label when the label appears in it as a phrase, and a
+cited item *carries* a label when its own label ends with it (a "snare drum" is a drum, a "train sign"
+is not a train). Scores:
 
 - ``accuracy``: answerable questions answered (a label named, and a cited item carrying it) plus
   unanswerable ones declined with nothing cited, over all questions;
@@ -25,10 +27,17 @@ decoder work on a few hundred positions at a time, too little to gain from a sec
 busy machine a team of threads waits on its slowest member. The output records the threads and the
 machine's 1-minute load average at the end of the run.
 
-    python benchmarks/bench_generate.py [--collection demo/collection] [--requests 20] [--sweep]
+    python benchmarks/bench_generate.py [--collection demo/collection] [--requests 20] [--sweep | --tune]
 
-``--sweep`` also scores a grid of the extractive rules on the dev questions (never the fixed ones). The
-last line is one JSON object; its ``default_backend`` holds the default backend's four numbers.
+``--sweep`` also scores a grid of the extractive rules on the dev questions (never the fixed ones);
+``--tune`` does that and writes the best (dev accuracy first, then fewer false answers, then citation
+precision, then the stricter rule) beside the model's checkpoint as ``answer_rules.json``, with the
+fingerprint of the calibration they were tuned with, before the quality runs read it. After retraining or
+recalibrating the default model::
+
+    python benchmarks/bench_generate.py --tune --no-latency
+
+The last line is one JSON object; its ``default_backend`` holds the default backend's four numbers.
 """
 
 from __future__ import annotations
@@ -164,20 +173,22 @@ def retrieve(
     *,
     k: int | None = None,
     mode: str | None = None,
-    strip: bool = False,
+    whole: bool = False,
 ) -> list[list[Any]]:
-    """Each question's grounding hits, as ``POST /generate`` retrieves them (``GenerateParams.retrieval``);
-    ``k``/``mode`` override its defaults; ``strip`` searches the question's words (``retrieval_text``)."""
-    from service.generation.prompts import retrieval_text
+    """Each question's grounding hits, as ``POST /generate`` retrieves them (``GenerateParams.retrieval``:
+    the question's content words); ``k``/``mode`` override its defaults; ``whole`` searches the question
+    as typed instead (how retrieval worked before; for comparison)."""
     from service.schemas import GenerateParams
     from service.search import answer
 
     out = []
     for q in questions:
-        text = retrieval_text(q["question"]) if strip else q["question"]
-        query = GenerateParams(query=text, **({"k": k} if k else {})).retrieval()
-        if mode is not None:
-            query = query.model_copy(update={"mode": mode})
+        query = GenerateParams(query=q["question"], **({"k": k} if k else {})).retrieval()
+        update: dict[str, Any] = {} if mode is None else {"mode": mode}
+        if whole:
+            update["query"] = q["question"]
+        if update:
+            query = query.model_copy(update=update)
         out.append(answer(query, embedder, coll).hits)
     return out
 
@@ -225,22 +236,64 @@ def score_backend(
     return summarise_quality(rows)
 
 
+GRID = {  # the extractive rules --sweep and --tune score (all on the calibrated probability scale)
+    "item_min": (0.05, 0.1, 0.2, 0.3, 0.4, 0.5),
+    "answer_min": (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+    "margin": (1.0, 1.25, 1.5, 2.0, 3.0),
+    "named": (0.0, 0.3, 0.5, 0.8),
+}
+
+
 def sweep(
     questions: Sequence[dict], hits: Sequence[list[Any]], labels: dict, present: set[str]
 ) -> list[dict[str, Any]]:
-    """The extractive rules on a grid, best first (accuracy, then citation precision)."""
+    """The extractive rules on :data:`GRID`, best first: accuracy, then fewer false answers, then citation
+    precision, then the stricter rule (higher thresholds: fewer answers on a model they were not seen on)."""
     from service.generation import ExtractiveGenerator
     from service.generation.backends.extractive import Rules
 
     out = []
-    for item_min, answer_min, margin in itertools.product(
-        (0.05, 0.1, 0.2, 0.3, 0.4, 0.5), (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9), (1.0, 1.25, 1.5, 2.0, 3.0)
-    ):
-        rules = Rules(item_min=item_min, answer_min=answer_min, margin=margin)
-        q = score_backend(ExtractiveGenerator(rules=rules), questions, hits, labels, present, 64)
-        out.append({"item_min": item_min, "answer_min": answer_min, "margin": margin, **q})
-    out.sort(key=lambda r: (r["accuracy"], r["citation_precision"] or 0.0), reverse=True)
+    for values in itertools.product(*GRID.values()):
+        rule = dict(zip(GRID, values, strict=True))
+        q = score_backend(ExtractiveGenerator(rules=Rules(**rule)), questions, hits, labels, present, 64)
+        out.append({**rule, **q})
+    out.sort(
+        key=lambda r: (
+            r["accuracy"],
+            -(r["false_answer_rate"] or 0.0),
+            r["citation_precision"] or 0.0,
+            r["answer_min"],
+            r["item_min"],
+            r["margin"],
+            -r["named"],
+        ),
+        reverse=True,
+    )
     return out
+
+
+def tune(
+    questions: Sequence[dict],
+    hits: Sequence[list[Any]],
+    labels: dict,
+    present: set[str],
+    calibration: Any,
+    out: Path,
+    source: str,
+) -> tuple[Any, list[dict[str, Any]]]:
+    """The best rules of :func:`sweep` on ``questions`` (the dev set), written to ``out``; (rules, top 5)."""
+    from service.generation.backends.extractive import Rules, fingerprint
+
+    ranked = sweep(questions, hits, labels, present)
+    best = ranked[0]
+    rules = Rules(
+        **{k: best[k] for k in GRID},
+        calibration=fingerprint(calibration),
+        tuned_on=f"{source}: accuracy {best['accuracy']}, false answers {best['false_answer_rate']}, "
+        f"citation precision {best['citation_precision']}",
+    )
+    rules.save(out)
+    return rules, ranked[:5]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -397,6 +450,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=None, help="items retrieved per question (default: the API's)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--sweep", action="store_true", help="score a grid of extractive rules on the dev set")
+    p.add_argument(
+        "--tune",
+        action="store_true",
+        help="sweep, and write the best extractive rules beside the model's checkpoint (answer_rules.json)",
+    )
+    p.add_argument("--rules-out", default=None, help="with --tune: write the rules here instead")
     p.add_argument("--no-latency", action="store_true", help="quality only")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -405,6 +464,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from service.embedding import load_embedder
     from service.generation import Generators
+    from service.generation.backends.extractive import RULES_FILE, fingerprint
+    from service.generation.registry import checkpoint_dir
     from service.settings import Settings
     from service.store import open_collection
 
@@ -414,6 +475,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no collection at {coll_dir}: build the demo first (mm demo --no-serve)", file=sys.stderr)
         return 2
     embedder = load_embedder(args.model)
+    calibration = getattr(embedder, "calibration", None)
+    ckpt = checkpoint_dir(args.model)
+    rules_out = Path(args.rules_out) if args.rules_out else (ckpt / RULES_FILE if ckpt else None)
+    if args.tune and rules_out is None:
+        print(f"--tune: model {args.model!r} has no checkpoint directory; give --rules-out", file=sys.stderr)
+        return 2
     labels = item_labels(Path(args.corpus))
     sets = {"fixed": read_questions(Path(args.questions)), "dev": read_questions(Path(args.dev_questions))}
     quality: dict[str, dict[str, Any]] = {}
@@ -427,11 +494,21 @@ def main(argv: list[str] | None = None) -> int:
         # the ceiling retrieval sets: answerable questions whose answer is among the hits at all
         diagnosis: dict[str, Any] = {}
         for name, qs in sets.items():
-            for mode, k, strip in itertools.product(("hybrid", "vector", "keyword"), (5, 12), (False, True)):
-                found = retrieve(qs, embedder, coll, k=k, mode=mode, strip=strip)
-                diagnosis[f"{name}/{mode}/k{k}{'/stripped' if strip else ''}"] = recall(qs, found, labels)
-        stripped = {name: retrieve(qs, embedder, coll, k=args.k, strip=True) for name, qs in sets.items()}
-        gens = Generators(Settings(collection=coll_dir, lm_path=args.lm), coll.vector)
+            for mode, k, whole in itertools.product(("hybrid", "vector", "keyword"), (5, 12), (False, True)):
+                found = retrieve(qs, embedder, coll, k=k, mode=mode, whole=whole)
+                key = f"{name}/{mode}/k{k}{'/whole_question' if whole else ''}"
+                diagnosis[key] = recall(qs, found, labels)
+        whole_q = {name: retrieve(qs, embedder, coll, k=args.k, whole=True) for name, qs in sets.items()}
+        tuned: dict[str, Any] = {}
+        if args.tune:
+            assert rules_out is not None
+            source = Path(args.dev_questions).name
+            rules, sweep_top = tune(sets["dev"], hits["dev"], labels, present, calibration, rules_out, source)
+            tuned = {"written": str(rules_out), **rules.to_dict()}
+            print("tuned", tuned, file=sys.stderr)
+        model_settings = {"model": str(ckpt)} if ckpt else {}
+        settings = Settings(collection=coll_dir, lm_path=args.lm, **model_settings)
+        gens = Generators(settings, coll.vector, calibration)
         settings_default = Settings(collection=coll_dir).generator
         for backend in ("extractive", "local", "gguf", "openai"):
             why = available(backend, gens)
@@ -445,13 +522,13 @@ def main(argv: list[str] | None = None) -> int:
                     gen, qs, hits[name], labels, present, args.max_tokens, log_rows
                 )
                 answers_log[f"{backend}/{name}"] = log_rows
-            if backend == "extractive":  # what searching the question's words only would give
+            if backend == "extractive":  # what searching the whole question (as before) would give
                 for name, qs in sets.items():
-                    quality[backend][f"{name}_stripped"] = score_backend(
-                        gen, qs, stripped[name], labels, present, args.max_tokens
+                    quality[backend][f"{name}_whole_question"] = score_backend(
+                        gen, qs, whole_q[name], labels, present, args.max_tokens
                     )
             print(backend, quality[backend], file=sys.stderr)
-        if args.sweep:
+        if args.sweep and not args.tune:
             sweep_top = sweep(sets["dev"], hits["dev"], labels, present)[:5]
             for row in sweep_top:
                 print("sweep", row, file=sys.stderr)
@@ -484,6 +561,7 @@ def main(argv: list[str] | None = None) -> int:
         and (default[k] <= t if k in ("false_answer_rate", "first_token_p95_ms") else default[k] >= t)
         for k, t in TARGETS.items()
     )
+    rules = gens.get("extractive").rules
     out = {
         "model": getattr(embedder, "model_id", args.model),
         "collection": str(coll_dir),
@@ -494,6 +572,11 @@ def main(argv: list[str] | None = None) -> int:
         "latency": lat,
         "retrieval_recall": diagnosis,
         "sweep_top": sweep_top,
+        "extractive_rules": {
+            **rules.to_dict(),
+            "tuned_for_this_calibration": rules.calibration == fingerprint(calibration),
+        },
+        "tuned": tuned,
         "answers": {
             k: [{kk: r[kk] for kk in ("question", "answer", "correct")} for r in v]
             for k, v in answers_log.items()

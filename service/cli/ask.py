@@ -56,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
     embedder = load_embedder(args.model)
     with open_collection(args.collection, embedder, readonly=True) as coll:
         hits = answer(params.retrieval(), embedder, coll).hits
-        gen = Generators(Settings(), coll.vector).get(params.backend)
+        settings = Settings(model=args.model) if args.model else Settings()
+        gen = Generators(settings, coll.vector, getattr(embedder, "calibration", None)).get(params.backend)
         try:
             pieces, cites = start_stream(
                 gen,

@@ -4,32 +4,60 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from service.generation.backends.extractive import ExtractiveGenerator
+from service.generation.backends.extractive import ExtractiveGenerator, load_rules
 from service.generation.backends.gguf import GGUFGenerator
 from service.generation.backends.local import DEFAULT_LM_PATH, LocalGenerator
 from service.generation.backends.openai import OpenAIGenerator
 from service.settings import BACKENDS
 
 if TYPE_CHECKING:
+    from mm.calibration import Calibration
     from service.generation.base import Generator
     from service.settings import Settings
 
 
-class Generators:
-    """The backends of one app, built on first use and then shared across requests."""
+def checkpoint_dir(model: str) -> Path | None:
+    """The checkpoint directory a model name or path resolves to (None for an untrained config)."""
+    from mm.errors import ConfigError
+    from mm.model import resolve
 
-    def __init__(self, settings: Settings, vector_of: Callable[[int], np.ndarray | None]):
+    try:
+        _, ckpt = resolve(model)
+    except (ConfigError, FileNotFoundError, ValueError):
+        return None
+    if ckpt is None:
+        return None
+    return ckpt if ckpt.is_dir() else ckpt.parent
+
+
+class Generators:
+    """The backends of one app, built on first use and then shared across requests.
+
+    ``calibration``: the embedder's (``mm.calibration``); the extractive backend's rules are read from
+    beside the checkpoint of ``settings.model`` and checked against it (:func:`load_rules`).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        vector_of: Callable[[int], np.ndarray | None],
+        calibration: Calibration | None = None,
+    ):
         self.settings = settings
         self.vector_of = vector_of
+        self.calibration = calibration
         self._made: dict[str, Generator] = {}
         self._lock = threading.Lock()
         s = settings
         self._build: dict[str, Callable[[], Generator]] = {  # one per name of service.settings.Backend
-            "extractive": ExtractiveGenerator,
+            "extractive": lambda: ExtractiveGenerator(
+                rules=load_rules(checkpoint_dir(s.model), self.calibration)
+            ),
             "local": lambda: LocalGenerator(s.lm_path or DEFAULT_LM_PATH, vector_of),
             "openai": lambda: OpenAIGenerator(
                 s.openai_base_url, s.openai_api_key, s.openai_model, s.openai_timeout

@@ -59,7 +59,10 @@ def generators_of(app: Any) -> Generators:
     """The app's backend registry, made on first use (item vectors come from its collection)."""
     gens = getattr(app.state, "generators", None)
     if gens is None:
-        gens = app.state.generators = Generators(app.state.settings, app.state.collection.vector)
+        calibration = getattr(app.state.embedder, "calibration", None)
+        gens = app.state.generators = Generators(
+            app.state.settings, app.state.collection.vector, calibration
+        )
     return gens
 
 

@@ -27,6 +27,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from service.deps import CollectionDep, EmbedderDep, SettingsDep
 from service.errors import APIError
 from service.generation import Answer, GeneratorUnavailable, start_answer
+from service.generation.prompts import retrieval_text
 from service.limits import MAX_QUERY_CHARS
 from service.schemas import DEFAULT_CHAT_MODEL, ChatRequest, ContentPart, SearchQuery, error_responses
 from service.search import answer_http
@@ -98,8 +99,10 @@ async def chat_completions(
         raise APIError(
             422, "messages need a user message with text: it is the retrieval query", "validation_error"
         )
-    # the question is the retrieval query; the embedder reads the start of a longer one anyway
-    query = SearchQuery(query=question[:MAX_QUERY_CHARS], k=req.mm_k, modalities=req.mm_modalities)
+    # the question's content words are the retrieval query, as for POST /generate
+    # (GenerateParams.retrieval); the embedder reads the start of a longer one anyway
+    text = retrieval_text(question[:MAX_QUERY_CHARS])
+    query = SearchQuery(query=text, k=req.mm_k, modalities=req.mm_modalities)
     hits = (await answer_http(query, embedder, collection)).hits
     stop = [req.stop] if isinstance(req.stop, str) else req.stop
     answer = await start_answer(
