@@ -247,3 +247,21 @@ def test_tune_writes_the_best_dev_rules_that_load_back(tmp_path):
     assert top[0]["accuracy"] == 1.0 and top[0]["false_answer_rate"] == 0.0
     assert rules.answer_min > 0.3  # declining the weak question needs a support above its 0.3-0.55
     assert load_rules(tmp_path, cal) == rules and rules.calibration == fingerprint(cal)
+
+
+def test_the_no_match_threshold_keeps_nine_real_queries_in_ten():
+    from benchmarks.bench_nomatch import choose, flagged
+
+    real = np.linspace(0.05, 0.95, 100)  # top scores of 100 real queries
+    t = choose(real, 0.9)
+    assert flagged(real, t) == 0.1  # the 10 lowest are flagged, no more
+    assert flagged(np.array([0.01, 0.02, 0.5]), t) == round(2 / 3, 4)  # unrelated ones under it are flagged
+    assert flagged(real, None) == 0.0  # no threshold: nothing is flagged
+
+
+def test_the_unrelated_queries_split_in_two_halves(tmp_path):
+    from benchmarks.bench_nomatch import unrelated_queries
+
+    path = tmp_path / "q.txt"
+    path.write_text("# comment\na\n\nb\nc\n# another\nd\n")
+    assert unrelated_queries(path) == (["a", "c"], ["b", "d"])
