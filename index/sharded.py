@@ -117,6 +117,7 @@ class ShardedCollection:
         self.embedder_id = str(config["embedder_id"])
         self.readonly = all(s.readonly for s in shards)
         self.deadline_s = deadline_s  # how long a fan-out waits for a shard by default (None: no limit)
+        self._closed = False
         self._pools = [
             ThreadPoolExecutor(max_workers=THREADS_PER_SHARD, thread_name_prefix=f"shard{s}")
             for s in range(len(self.shards))
@@ -184,6 +185,9 @@ class ShardedCollection:
         return cls.create(path, shards=shards, dim=dim, embedder_id=embedder_id, **kw)
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         for pool in self._pools:
             pool.shutdown(wait=False, cancel_futures=True)  # a hung shard must not hang the close
         for c in self.shards:
