@@ -239,7 +239,12 @@ def test_every_entry_point_gives_the_same_hits(served, monkeypatch, capsys):
     assert via_ws(served, body) == expected
     argv = ["a blue ocean wave", "-k", "3", "--modality", "text"]
     assert via_cli(served, argv, monkeypatch, capsys) == expected
-    assert via_generation(served, body) == expected  # generation's retrieval: the same search
+    # generation's retrieval: the same search, of the question's content words (GenerateParams.retrieval)
+    from service.generation.prompts import retrieval_text
+
+    words = {**body, "query": retrieval_text(body["query"])}
+    assert words["query"] == "blue ocean wave"
+    assert via_generation(served, body) == via_route(served, words, fast=False)
 
 
 def test_more_like_this_excludes_the_item_everywhere(served, monkeypatch, capsys):
