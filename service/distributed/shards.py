@@ -84,10 +84,22 @@ class ShardServer:
             "node": ray.get_runtime_context().get_node_id(),
             "open_s": self.open_s,
             "items": self.coll.count(),
+            "rss_mb": _rss_mb(),
         }
 
     def close(self) -> None:
         self.coll.close()
+
+
+def _rss_mb() -> float | None:
+    """This process's resident memory (Linux), for the benchmark's memory per shard."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
 
 
 class RayShard:
