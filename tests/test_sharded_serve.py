@@ -210,3 +210,14 @@ def test_serve_ray_needs_a_sharded_collection(tmp_path, capsys):
 
     assert main(["serve", "--ray", "local", "--collection", str(tmp_path / "plain")]) == 2
     assert "not one" in capsys.readouterr().err and not (tmp_path / "plain").exists()
+
+
+def test_a_file_search_takes_allow_partial_too(pair, monkeypatch):
+    _, sh = pair
+    _break(monkeypatch, sh, 0)
+    upload = {"file": ("q.png", image_bytes((200, 30, 30), "circle"), "image/png")}
+    resp = sh.post("/search/upload", files=upload, data={"mode": "vector"})
+    assert resp.status_code == 503 and set(resp.json()["error"]["shards"]) == {"0"}
+    resp = sh.post("/search/upload", files=upload, data={"mode": "vector", "allow_partial": "true"})
+    assert resp.status_code == 200 and resp.json()["partial"] is True
+    assert all(split_id(r["id"])[0] != 0 for r in resp.json()["results"])

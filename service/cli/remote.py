@@ -194,6 +194,8 @@ def upload_fields(query: SearchQuery) -> dict[str, str]:
     out: dict[str, str] = {"k": str(query.k), "offset": str(query.offset), "mode": query.mode}
     if query.modalities:
         out["modalities"] = ",".join(query.modalities)
+    if query.allow_partial:
+        out["allow_partial"] = "true"
     f = query.filters.model_dump(mode="json", exclude_none=True) if query.filters else {}
     for key, value in f.items():
         out[key] = ",".join(value) if isinstance(value, list) else str(value)

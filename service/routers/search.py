@@ -101,6 +101,9 @@ def search_upload(
     mode: Annotated[
         SearchMode, Form(description=MODE_DOC, json_schema_extra={"enum": FILE_MODES})
     ] = "hybrid",
+    allow_partial: Annotated[
+        bool, Form(description="a sharded collection: answer from the shards that can, marked partial")
+    ] = False,
 ) -> FastJSONResponse:
     """Search with an uploaded image or audio clip; the file is only used for the query, never stored."""
     try:
@@ -112,6 +115,7 @@ def search_upload(
                 "k": k,
                 "offset": offset,
                 "mode": mode,
+                "allow_partial": allow_partial,
                 "filters": {key: v for key, v in filters.items() if v not in (None, "")} or None,
             }
             found = answer(validate(SearchQuery, fields), embedder, collection)
