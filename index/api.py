@@ -73,6 +73,10 @@ class CollectionAPI(Protocol):
 
     def close(self) -> None: ...
 
+    def __enter__(self) -> Any: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
 
 def fans_out(collection: CollectionAPI) -> bool:
     """Whether a search of ``collection`` waits on other threads or processes (a sharded one)."""
@@ -89,7 +93,7 @@ def reader(collection: CollectionAPI, *, allow_partial: bool) -> tuple[Collectio
 
     if allow_partial and isinstance(collection, ShardedCollection):
         view = collection.tolerant()
-        return view, view.failed  # type: ignore[return-value]  # PartialReader delegates the rest
+        return view, view.failed
     return collection, {}
 
 
@@ -107,4 +111,6 @@ def ingest_into(collection: CollectionAPI, embedder: Any, paths: Any, **kw: Any)
                 f"`mm index PATH --ray ADDRESS --collection {collection.path}`"
             )
         return ingest_sharded(collection, embedder, paths, **kw)
+    if not isinstance(collection, Collection):
+        raise TypeError(f"cannot ingest into {collection!r}")
     return ingest(collection, embedder, paths, **kw)

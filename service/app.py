@@ -62,14 +62,14 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
         from mm.runtime import tune_allocator
         from service import redact
         from service.embedding import load_embedder
-        from service.store import open_collection, remove_orphan_uploads
+        from service.store import open_served, remove_orphan_uploads
 
         # after the server configured its logging (uvicorn does so before the app starts): its handlers
         # exist now and get the filter too
         redaction = redact.install([*settings.api_keys, settings.openai_api_key or ""])
         tune_allocator()
         emb = embedder if embedder is not None else load_embedder(settings.model, settings.adapter)
-        collection = open_collection(
+        collection = open_served(
             settings.collection,
             emb,
             create=True,

@@ -31,7 +31,7 @@ import numpy as np
 from index.types import Filter, Hit
 
 if TYPE_CHECKING:
-    from index.collection import Collection
+    from index.api import CollectionAPI as Collection
     from mm.calibration import Calibration
 
 MODALITIES = ("text", "image", "audio")

@@ -20,6 +20,7 @@ from service.schemas import QueryMedia
 if TYPE_CHECKING:
     from index.api import CollectionAPI
     from index.atomic import FileLock
+    from index.collection import Collection
     from index.protocol import Embedder
     from index.types import Item
 
@@ -49,36 +50,23 @@ def open_collection(
     create: bool = False,
     readonly: bool = False,
     memory_budget_mb: int = 1024,
-    deadline_s: float | None = None,
-    ray_address: str | None = None,
-) -> CollectionAPI:
+) -> Collection:
     """Open the collection at ``path``; with ``create`` make it for ``embedder`` if it does not exist.
 
-    A sharded collection (``mm index --shards``: ``shards.json`` in ``path``) opens as one
-    :class:`~index.sharded.ShardedCollection` whose searches wait ``deadline_s`` for each shard; with
-    ``ray_address`` its shards are Ray actors on that cluster (:mod:`service.distributed.shards`).
-
-    Raises ValueError when there is no collection (and ``create`` is off) or when it was built with
-    another embedder (vectors of two models must never be mixed).
+    Raises ValueError when there is no collection (and ``create`` is off), when ``path`` holds a sharded
+    one (:func:`open_served` opens that) or when it was built with another embedder (vectors of two
+    models must never be mixed).
     """
     from index.collection import Collection
-    from index.sharded import ShardedCollection, is_sharded
+    from index.sharded import is_sharded
 
     path = Path(path).expanduser()
-    coll: CollectionAPI
-    if is_sharded(path):  # never created here: `mm index --shards S` makes the shards
-        if ray_address:
-            from service.distributed.shards import open_ray_sharded
-
-            coll = open_ray_sharded(path, ray_address, readonly=readonly, deadline_s=deadline_s)
-        else:
-            coll = ShardedCollection.open(path, readonly=readonly, deadline_s=deadline_s)
-    elif ray_address:
+    if is_sharded(path):  # never a plain collection created beside the shards
         raise ValueError(
-            f"{path} is not a sharded collection: Ray serves the shards of one made with "
-            f"`mm index --shards S --collection {path}`"
+            f"{path} is a sharded collection (mm index --shards): `mm serve`, `mm search` and `mm index` "
+            "take it; for this command give one of its shard-NNN folders"
         )
-    elif create:
+    if create:
         if embedder is None:
             raise ValueError("creating a collection needs an embedder")
         coll = Collection.open_or_create(
@@ -88,6 +76,50 @@ def open_collection(
         if not path.exists():
             raise ValueError(f"no collection at {path}: create one with `mm index PATH --collection {path}`")
         coll = Collection.open(path, readonly=readonly)
+    _same_model(coll, embedder, path)
+    return coll
+
+
+def open_served(
+    path: str | Path,
+    embedder: Embedder | None = None,
+    *,
+    create: bool = False,
+    readonly: bool = False,
+    memory_budget_mb: int = 1024,
+    deadline_s: float | None = None,
+    ray_address: str | None = None,
+) -> CollectionAPI:
+    """What ``mm serve`` and ``mm search`` read: :func:`open_collection`, or for a sharded collection
+    (``shards.json`` in ``path``, made by ``mm index --shards``) one
+    :class:`~index.sharded.ShardedCollection` whose searches wait ``deadline_s`` for each shard; with
+    ``ray_address`` its shards are Ray actors on that cluster (:mod:`service.distributed.shards`).
+    """
+    from index.sharded import ShardedCollection, is_sharded
+
+    path = Path(path).expanduser()
+    if not is_sharded(path):
+        if ray_address:
+            raise ValueError(
+                f"{path} is not a sharded collection: Ray serves the shards of one made with "
+                f"`mm index PATH --shards S --collection {path}`"
+            )
+        return open_collection(
+            path, embedder, create=create, readonly=readonly, memory_budget_mb=memory_budget_mb
+        )
+    coll: ShardedCollection
+    if ray_address:
+        from service.distributed.shards import open_ray_sharded
+
+        coll = open_ray_sharded(path, ray_address, readonly=readonly, deadline_s=deadline_s)
+    else:
+        coll = ShardedCollection.open(path, readonly=readonly, deadline_s=deadline_s)
+    _same_model(coll, embedder, path)
+    return coll
+
+
+def _same_model(coll: CollectionAPI, embedder: Embedder | None, path: Path) -> None:
+    """ValueError (``coll`` closed) when ``coll`` holds vectors of another model than ``embedder``."""
     if embedder is not None and (coll.embedder_id != embedder.model_id or coll.dim != embedder.dim):
         coll.close()
         model = getattr(embedder, "name", "MODEL")
@@ -96,7 +128,6 @@ def open_collection(
             f"{embedder.model_id!r} (dim {embedder.dim}): pass the same --model / MM_MODEL, or re-encode it "
             f"with this model: `mm index --reembed --collection {path} --model {model}`"
         )
-    return coll
 
 
 def safe_suffix(filename: str | None, content_type: str | None = None) -> str:

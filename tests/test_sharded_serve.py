@@ -221,3 +221,15 @@ def test_a_file_search_takes_allow_partial_too(pair, monkeypatch):
     resp = sh.post("/search/upload", files=upload, data={"mode": "vector", "allow_partial": "true"})
     assert resp.status_code == 200 and resp.json()["partial"] is True
     assert all(split_id(r["id"])[0] != 0 for r in resp.json()["results"])
+
+
+def test_commands_for_one_collection_refuse_a_sharded_folder_untouched(tmp_path):
+    from service.store import open_collection, open_served
+
+    ShardedCollection.create(tmp_path / "s", shards=2, dim=8, embedder_id="f").close()
+    before = sorted(p.name for p in (tmp_path / "s").iterdir())
+    with pytest.raises(ValueError, match="sharded collection"):
+        open_collection(tmp_path / "s", create=True)  # no meta.sqlite beside the shards
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == before
+    with open_served(tmp_path / "s", readonly=True) as coll:
+        assert isinstance(coll, ShardedCollection) and coll.count() == 0

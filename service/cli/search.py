@@ -94,10 +94,10 @@ def run(args: argparse.Namespace) -> int:
     body = None if args.local else search_served(args.collection, args.model, query)
     if body is None:
         from service.search import answer  # here: the served path needs neither FAISS nor the model
-        from service.store import open_collection
+        from service.store import open_served
 
         embedder = load_embedder(args.model)
-        with open_collection(args.collection, embedder, readonly=True) as coll:
+        with open_served(args.collection, embedder, readonly=True) as coll:
             body = answer(query, embedder, coll).to_dict()
     results = body["results"]
     if body.get("partial"):
