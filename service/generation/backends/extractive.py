@@ -178,25 +178,27 @@ def _key(concept: str) -> str:
     return " ".join(words)
 
 
-def _stem(word: str) -> str:
-    """A word without a plural ending, for matching ("goats" and "goat"; "boxes" and "box")."""
+def _forms(word: str) -> set[str]:
+    """A word and its forms without a plural ending ("horses": horse; "boxes": box), for matching."""
     w = word.lower()
-    if len(w) > 4 and w.endswith("es") and w[-3] in "sxz":
-        return w[:-2]
+    forms = {w}
     if len(w) > 3 and w.endswith("s") and not w.endswith("ss"):
-        return w[:-1]
-    return w
+        forms.add(w[:-1])
+        if len(w) > 4 and w.endswith("es"):
+            forms.add(w[:-2])
+    return forms
 
 
 def content_words(text: str) -> set[str]:
-    """A text's words that say what it is about (framing words such as "which", "is", "a" dropped)."""
-    return {_stem(w) for w in _WORD.findall(text) if w.lower() not in QUESTION_WORDS}
+    """A text's words that say what it is about, each with its singular forms (framing words such as
+    "which", "is", "a" dropped)."""
+    return {f for w in _WORD.findall(text) if w.lower() not in QUESTION_WORDS for f in _forms(w)}
 
 
 def names(question_words: set[str], key: str) -> bool:
     """Whether a question (its :func:`content_words`) names every content word of a concept key."""
-    words = content_words(key)
-    return bool(words) and words <= question_words
+    words = [w for w in _WORD.findall(key) if w.lower() not in QUESTION_WORDS]
+    return bool(words) and all(_forms(w) & question_words for w in words)
 
 
 class ExtractiveGenerator:
