@@ -209,6 +209,13 @@ def test_the_registry_reads_the_rules_beside_the_models_checkpoint(tmp_path):
     rules.save(ckpt / RULES_FILE)
     gens = Generators(Settings(collection=tmp_path / "coll", model=str(ckpt)), lambda i: None, cal)
     assert gens.get("extractive").rules == rules
+    # a broken file is the server's fault: the backend is unavailable (503), not the request invalid (422)
+    from service.generation import GeneratorUnavailable
+
+    (ckpt / RULES_FILE).write_text('{"version": 1, "answer_min": 7}')
+    fresh = Generators(Settings(collection=tmp_path / "coll", model=str(ckpt)), lambda i: None, cal)
+    with pytest.raises(GeneratorUnavailable, match="answer_min"):
+        fresh.get("extractive")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from service.generation.backends.extractive import ExtractiveGenerator, load_rul
 from service.generation.backends.gguf import GGUFGenerator
 from service.generation.backends.local import DEFAULT_LM_PATH, LocalGenerator
 from service.generation.backends.openai import OpenAIGenerator
+from service.generation.base import GeneratorUnavailable
 from service.settings import BACKENDS
 
 if TYPE_CHECKING:
@@ -55,9 +56,7 @@ class Generators:
         self._lock = threading.Lock()
         s = settings
         self._build: dict[str, Callable[[], Generator]] = {  # one per name of service.settings.Backend
-            "extractive": lambda: ExtractiveGenerator(
-                rules=load_rules(checkpoint_dir(s.model), self.calibration)
-            ),
+            "extractive": self._extractive,
             "local": lambda: LocalGenerator(s.lm_path or DEFAULT_LM_PATH, vector_of),
             "openai": lambda: OpenAIGenerator(
                 s.openai_base_url, s.openai_api_key, s.openai_model, s.openai_timeout
@@ -65,6 +64,13 @@ class Generators:
             "gguf": lambda: GGUFGenerator(s.gguf_path),
         }
         assert tuple(self._build) == BACKENDS, "a backend of service.settings.Backend has no builder"
+
+    def _extractive(self) -> Generator:
+        try:
+            rules = load_rules(checkpoint_dir(self.settings.model), self.calibration)
+        except ValueError as exc:  # the server's files, not the request: 503, not 422
+            raise GeneratorUnavailable("extractive", str(exc)) from exc
+        return ExtractiveGenerator(rules=rules)
 
     @property
     def default(self) -> str:
