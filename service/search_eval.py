@@ -28,9 +28,10 @@ import numpy as np
 from index.collection import Collection
 from index.types import Item
 from service.schemas import QueryMedia, SearchQuery
-from service.search import answer, calibration_of, embed, rank
+from service.search import calibration_of, embed, rank
 
 MODES = ("vector", "hybrid", "keyword")
+MEDIA = ("image", "audio")
 FILE_MODES = ("vector", "hybrid")  # a file query has no text of its own: no 'keyword' (SearchQuery's rule)
 
 
@@ -100,7 +101,9 @@ def evaluate_search(
     k: int = 10,
     encode: Callable[[str, list[str]], np.ndarray] | None = None,
 ) -> dict[str, dict[str, dict[str, float]]]:
-    """``{mode: {"text->image" | "text->audio": {"R@1", "R@10", "n"}}}`` through :func:`answer`.
+    """``{mode: {"text->image" | "text->audio": {"R@1", "R@10", "n"}}}`` through the two steps of
+    :func:`service.search.answer`: each query embedded once (:func:`~service.search.embed`), then ranked
+    (:func:`~service.search.rank`) in each mode and modality, which only the second step reads.
 
     ``queries`` (text, label) default to every text row of ``rows``; a query counts for a modality only
     when the gallery holds an item of its label in that modality. ``encode(modality, paths)`` embeds the
@@ -114,26 +117,20 @@ def evaluate_search(
         label_of = {uri: label for uri, (_, label) in gallery.items()}
         present = set(gallery.values())
         try:
-            for mode in modes:
-                out[mode] = {}
-                for m in ("image", "audio"):
-                    firsts = []
-                    for text, label in queries:
-                        if (m, label) not in present:
-                            continue
+            firsts: dict[tuple[str, str], list[int]] = {}
+            for text, label in queries:
+                wanted = [m for m in MEDIA if (m, label) in present]
+                if not wanted:
+                    continue
+                qv = embed(SearchQuery(query=text, k=k), embedder, coll)  # step 1 is the same in every mode
+                for mode in modes:
+                    for m in wanted:
                         q = SearchQuery(query=text, k=k, modalities=[m], mode=mode)
-                        hits = answer(q, embedder, coll).hits
-                        rank = next(
-                            (i for i, h in enumerate(hits) if label_of.get(h.item.uri) == label), None
-                        )
-                        firsts.append(k + 1 if rank is None else rank + 1)
-                    if firsts:
-                        f = np.asarray(firsts)
-                        out[mode][f"text->{m}"] = {
-                            "R@1": round(float(np.mean(f <= 1)), 4),
-                            "R@10": round(float(np.mean(f <= min(10, k))), 4),
-                            "n": len(f),
-                        }
+                        hits = rank(q, qv, coll, calibration_of(embedder)).hits
+                        at = next((i for i, h in enumerate(hits) if label_of.get(h.item.uri) == label), k)
+                        firsts.setdefault((mode, m), []).append(at + 1)
+            for mode in modes:
+                out[mode] = {f"text->{m}": _recall(firsts[mode, m], k) for m in MEDIA if (mode, m) in firsts}
         finally:
             coll.close()
     return out
@@ -225,15 +222,20 @@ def evaluate_spoken(
             coll.close()
     out: dict[str, Any] = {s: {mode: {} for mode in modes} for s in settings}
     for (setting, mode, m), f in firsts.items():
-        a = np.asarray(f)
-        out[setting][mode][f"spoken->{m}"] = {
-            "R@1": round(float(np.mean(a <= 1)), 4),
-            "R@10": round(float(np.mean(a <= min(10, k))), 4),
-            "n": len(a),
-        }
+        out[setting][mode][f"spoken->{m}"] = _recall(f, k)
     out["transcribed"] = round(heard / len(queries), 4) if queries else 0.0
     out["n"] = len(queries)
     return out
+
+
+def _recall(firsts: list[int], k: int) -> dict[str, float]:
+    """R@1, R@10 and n of the 1-based ranks of each query's first relevant hit (``k + 1``: none in ``k``)."""
+    f = np.asarray(firsts)
+    return {
+        "R@1": round(float(np.mean(f <= 1)), 4),
+        "R@10": round(float(np.mean(f <= min(10, k))), 4),
+        "n": len(f),
+    }
 
 
 def _key(hit: Any) -> str:
