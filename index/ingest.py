@@ -38,15 +38,15 @@ SAVE_EVERY_S = 60.0  # write the FAISS file at least this often during a long ru
 
 
 @dataclass
-class _Candidate:
+class Candidate:
     path: Path
     modality: str
     caption_path: Path | None = None
 
 
 @dataclass
-class _Prepared:
-    cand: _Candidate
+class Prepared:
+    cand: Candidate
     status: Literal["ready", "skip", "meta", "error"]
     item: Item | None = None
     payload: Any = None  # PIL image, (waveform (T,), rate) or text
@@ -54,6 +54,7 @@ class _Prepared:
     error: str = ""
     exc: Exception | None = None  # the refusal itself (a MediaError keeps its kind for the API)
     meta: dict[str, Any] = field(default_factory=dict)  # fields to update without re-encoding
+    vector: np.ndarray | None = None  # (dim,) when encoded elsewhere (service.distributed.ingest)
 
 
 def _media_sibling(path: Path, present: set[Path] | None, suffixes: frozenset[str]) -> bool:
@@ -67,7 +68,7 @@ def _media_sibling(path: Path, present: set[Path] | None, suffixes: frozenset[st
 
 def discover(
     paths: Sequence[str | Path], media: MediaReader, allowed_roots: Sequence[str | Path] | None = None
-) -> tuple[list[_Candidate], list[ItemError]]:
+) -> tuple[list[Candidate], list[ItemError]]:
     """Expand folders (recursively, skipping hidden names) into ingestible files and their captions.
 
     ``media`` (the embedder's reader) says which names are images, sounds or texts.
@@ -91,7 +92,7 @@ def discover(
         else:
             explicit.append(real)
     present = set(walked)
-    out: list[_Candidate] = []
+    out: list[Candidate] = []
     seen: set[Path] = set()
     for f, is_explicit in [(f, False) for f in walked] + [(f, True) for f in explicit]:
         if f in seen:
@@ -107,9 +108,9 @@ def discover(
                 f, None if is_explicit else present, media.media_suffixes
             ):
                 continue  # a sidecar caption, read with its media file
-            out.append(_Candidate(f, "text"))
+            out.append(Candidate(f, "text"))
             continue
-        out.append(_Candidate(f, modality, _caption_path(f, roots)))
+        out.append(Candidate(f, modality, _caption_path(f, roots)))
     return out, errors
 
 
@@ -125,16 +126,35 @@ def _caption_path(media: Path, roots: Sequence[Path] | None) -> Path | None:
 def _prepare(
     coll: Collection,
     media: MediaReader,
-    cand: _Candidate,
+    cand: Candidate,
     tags: list[str] | None,
     retry_failed: bool,
     caption: str | None = None,
     name: str | None = None,
     transcribe: Transcribe | None = None,
-) -> _Prepared:
-    """Worker side: stat, skip if unchanged, sniff, read, hash, decode (and transcribe speech). Never
-    raises (errors become ``status="error"``). ``name``: what error messages call the file (its name by
-    default)."""
+) -> Prepared:
+    """:func:`prepare_file` against what ``coll`` holds for the file."""
+    try:
+        existing = coll.find_by_uri(str(cand.path))
+    except (OSError, ValueError) as e:
+        return Prepared(cand, "error", error=str(e) or type(e).__name__, exc=e, item=_bare_item(cand))
+    return prepare_file(media, cand, existing, tags, retry_failed, caption, name, transcribe)
+
+
+def prepare_file(
+    media: MediaReader,
+    cand: Candidate,
+    existing: Item | None,
+    tags: list[str] | None,
+    retry_failed: bool,
+    caption: str | None = None,
+    name: str | None = None,
+    transcribe: Transcribe | None = None,
+) -> Prepared:
+    """One file's preparation, a pure function of the file and ``existing`` (the stored item of its uri,
+    or None): stat, skip if unchanged, sniff, read, hash, decode (and transcribe speech). Never raises
+    (errors become ``status="error"``). ``name``: what error messages call the file (its name by
+    default). Runs in ingest's worker threads and in Ray tasks (``service.distributed.ingest``) alike."""
     path, modality = cand.path, cand.modality
     uri = str(path)
     name = name or path.name
@@ -142,20 +162,19 @@ def _prepare(
         st = path.stat()
         if caption is None and cand.caption_path is not None:
             caption = media.read_caption(cand.caption_path)
-        existing = coll.find_by_uri(uri)
         if existing is not None and existing.mtime == st.st_mtime and existing.size == st.st_size:
             if existing.error is not None:
                 if not retry_failed:
-                    return _Prepared(cand, "skip", existing=existing)
+                    return Prepared(cand, "skip", existing=existing)
             else:
                 meta = _meta_changes(existing, caption, tags)
-                return _Prepared(cand, "meta" if meta else "skip", existing=existing, meta=meta)
+                return Prepared(cand, "meta" if meta else "skip", existing=existing, meta=meta)
         info = media.sniff(path, name, modality)  # limits from the header, before reading it whole
         data = path.read_bytes()
         sha = hashlib.sha256(data).hexdigest()
         if existing is not None and existing.error is None and existing.sha256 == sha:
             meta = _meta_changes(existing, caption, tags) | {"mtime": st.st_mtime, "size": st.st_size}
-            return _Prepared(cand, "meta", existing=existing, meta=meta)
+            return Prepared(cand, "meta", existing=existing, meta=meta)
         item = Item(
             id=0,
             modality=modality,
@@ -173,10 +192,10 @@ def _prepare(
             item.caption = payload  # the text as stored (bounded by the reader); encoders cut their own
         if modality == "audio" and transcribe is not None:
             _add_transcript(item, payload, transcribe, name)
-        return _Prepared(cand, "ready", item=item, payload=payload, existing=existing)
+        return Prepared(cand, "ready", item=item, payload=payload, existing=existing)
     except (OSError, ValueError) as e:
         error = str(e) or type(e).__name__
-        return _Prepared(cand, "error", error=error, exc=e, item=_bare_item(cand))
+        return Prepared(cand, "error", error=error, exc=e, item=_bare_item(cand))
 
 
 def _add_transcript(item: Item, payload: Any, transcribe: Transcribe, name: str) -> None:
@@ -199,7 +218,7 @@ def heard_in(payload: Any, transcribe: Transcribe, name: str) -> dict[str, str] 
     return {"text": str(heard["text"]).strip(), "language": str(heard.get("language", ""))}
 
 
-def _bare_item(cand: _Candidate) -> Item:
+def _bare_item(cand: Candidate) -> Item:
     try:
         st = cand.path.stat()
         size, mtime = st.st_size, st.st_mtime
@@ -239,14 +258,15 @@ def _check_embedder(coll: Collection, embedder: Embedder) -> None:
         )
 
 
-class _Batcher:
+class Batcher:
     """Main-thread side of :func:`ingest`: dedup, encode (isolating failures), store, count."""
 
-    def __init__(self, coll: Collection, embedder: Embedder, report: IngestReport):
+    def __init__(self, coll: Collection, embedder: Embedder | None, report: IngestReport):
+        """``embedder`` None: rows come encoded (:meth:`run_encoded`)."""
         self.coll, self.embedder, self.report = coll, embedder, report
         self.seen_content: set[tuple[str, str]] = set()  # (sha256, modality) added in this run
 
-    def fail(self, p: _Prepared, error: str) -> None:
+    def fail(self, p: Prepared, error: str) -> None:
         it = p.item or _bare_item(p.cand)
         log.warning("cannot ingest %s: %s", p.cand.path, error)
         self.coll.record_error(
@@ -255,7 +275,7 @@ class _Batcher:
         self.report.failed += 1
         self.report.errors.append(ItemError(str(p.cand.path), error))
 
-    def is_duplicate(self, p: _Prepared) -> bool:
+    def is_duplicate(self, p: Prepared) -> bool:
         assert p.item is not None
         if p.existing is not None:  # a changed file replaces itself, even if it now equals another
             return False
@@ -269,8 +289,28 @@ class _Batcher:
         self.seen_content.add(key)
         return False
 
-    def run(self, batch: list[_Prepared]) -> None:
-        ready: list[_Prepared] = []
+    def run(self, batch: list[Prepared]) -> None:
+        assert self.embedder is not None, "this batcher stores rows encoded elsewhere: use run_encoded"
+        ready = self.triage(batch)
+        by_modality: dict[str, list[Prepared]] = collections.defaultdict(list)
+        for p in ready:
+            by_modality[p.cand.modality].append(p)
+        done: list[tuple[Prepared, np.ndarray]] = []
+        for modality, group in by_modality.items():
+            encoded, failed = encode_prepared(self.embedder, modality, group)
+            done += encoded
+            for p, error in failed:
+                self.fail(p, error)
+        self.store(done)
+
+    def run_encoded(self, batch: list[Prepared]) -> None:
+        """:meth:`run` for rows encoded elsewhere: ready rows carry their ``vector`` (an encode failure
+        came back as an error row)."""
+        self.store([(p, p.vector) for p in self.triage(batch) if p.vector is not None])
+
+    def triage(self, batch: list[Prepared]) -> list[Prepared]:
+        """Count skips, apply metadata-only changes, record errors, drop duplicates; the rest is ready."""
+        ready: list[Prepared] = []
         for p in batch:
             self.report.seen += 1
             if p.status == "skip":
@@ -287,12 +327,9 @@ class _Batcher:
                 self.report.skipped += 1
             else:
                 ready.append(p)
-        by_modality: dict[str, list[_Prepared]] = collections.defaultdict(list)
-        for p in ready:
-            by_modality[p.cand.modality].append(p)
-        done: list[tuple[_Prepared, np.ndarray]] = []
-        for modality, group in by_modality.items():
-            done += self.encode_group(modality, group)
+        return ready
+
+    def store(self, done: list[tuple[Prepared, np.ndarray]]) -> None:
         if done:
             items = [p.item for p, _ in done]
             self.coll.upsert(np.stack([v for _, v in done]), items)  # type: ignore[arg-type]
@@ -302,21 +339,26 @@ class _Batcher:
                 else:
                     self.report.updated += 1
 
-    def encode_group(self, modality: str, group: list[_Prepared]) -> list[tuple[_Prepared, np.ndarray]]:
-        try:
-            vecs = encode_checked(self.embedder, modality, [p.payload for p in group])
-            return list(zip(group, vecs, strict=True))
-        except Exception as e:
-            if len(group) == 1:
-                self.fail(group[0], f"cannot encode {modality}: {e}")
-                return []
-            log.info(
-                "batch of %d %s items failed to encode (%s); retrying one by one", len(group), modality, e
-            )
-        out: list[tuple[_Prepared, np.ndarray]] = []
-        for p in group:
-            out += self.encode_group(modality, [p])
-        return out
+
+def encode_prepared(
+    embedder: Embedder, modality: str, group: list[Prepared]
+) -> tuple[list[tuple[Prepared, np.ndarray]], list[tuple[Prepared, str]]]:
+    """``(encoded [(row, vector (dim,))], failed [(row, why)])`` of one modality's ready rows: the batch
+    at once, and when it fails, one by one to find the culprit."""
+    try:
+        vecs = encode_checked(embedder, modality, [p.payload for p in group])
+        return list(zip(group, vecs, strict=True)), []
+    except Exception as e:
+        if len(group) == 1:
+            return [], [(group[0], f"cannot encode {modality}: {e}")]
+        log.info("batch of %d %s items failed to encode (%s); retrying one by one", len(group), modality, e)
+    encoded: list[tuple[Prepared, np.ndarray]] = []
+    failed: list[tuple[Prepared, str]] = []
+    for p in group:
+        ok, bad = encode_prepared(embedder, modality, [p])
+        encoded += ok
+        failed += bad
+    return encoded, failed
 
 
 def ingest(
@@ -352,7 +394,7 @@ def ingest(
     cands, errors = discover(paths, embedder.media, allowed_roots)
     report = IngestReport(errors=list(errors), failed=len(errors), seen=len(errors))
     batches = [cands[i : i + batch_size] for i in range(0, len(cands), batch_size)]
-    batcher = _Batcher(collection, embedder, report)
+    batcher = Batcher(collection, embedder, report)
     media = embedder.media
     from tqdm.auto import tqdm
 
@@ -362,7 +404,7 @@ def ingest(
     pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="ingest")
     try:
         with collection.bulk():
-            queue: collections.deque[list[Future[_Prepared]]] = collections.deque()
+            queue: collections.deque[list[Future[Prepared]]] = collections.deque()
             todo = iter(batches)
 
             def submit_next() -> None:
@@ -437,7 +479,7 @@ def ingest_one(
         raise ValueError(f"unsupported file type {p.suffix or '(none)'!r} for {label}")
     p = p.resolve()
     cap_path = p.with_suffix(CAPTION_EXT) if modality != "text" else None
-    cand = _Candidate(p, modality, cap_path if cap_path is not None and cap_path.is_file() else None)
+    cand = Candidate(p, modality, cap_path if cap_path is not None and cap_path.is_file() else None)
     prep = _prepare(
         collection,
         embedder.media,

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from ray_cluster import ray_add_worker, ray_cluster, ray_cluster_handle  # noqa: F401 (fixtures)
 
 from mm.media import MediaReader
 
@@ -207,3 +208,11 @@ def base_ckpt(tmp_path_factory):
     model = create_model("tiny").model
     torch.nn.init.normal_(model.out_proj.weight, std=0.2)
     return save_model(model, tmp_path_factory.mktemp("base"))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test under ``tests/ray/`` is marked ``ray`` (``pytest -m 'not ray'`` leaves Ray out)."""
+    ray_dir = Path(__file__).parent / "ray"
+    for item in items:
+        if ray_dir in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.ray)

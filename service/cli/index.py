@@ -34,6 +34,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="S",
         help="build S shard collections in --collection, each item in shard hash(path) %% S (docs/scale.md)",
     )
+    p.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        help="ingest on the Ray cluster at ADDRESS (host:port, auto, or 'local' for one on this machine) "
+        "into --shards S shards; needs pip install 'mm[ray]' (docs/scale.md)",
+    )
+    p.add_argument(
+        "--manifest", type=Path, metavar="FILE", help='with --ray: a JSONL file of {"uri": ...} to index'
+    )
+    p.add_argument("--encoders", type=int, default=2, help="with --ray: encoder actors (default 2)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.add_argument("--adapter", metavar="DIR", help="LoRA adapter (from `mm finetune`) applied to --model")
@@ -60,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--workers and --batch-size must be >= 1")
     if args.reembed:
         return _reembed(args)
+    if args.ray is not None or args.manifest is not None:
+        return _ray_index(args)
     if not args.paths:
         raise UsageError("give files or folders to index (or --reembed to re-encode the collection)")
     missing = [str(p) for p in args.paths if not p.exists()]
@@ -96,6 +108,10 @@ def run(args: argparse.Namespace) -> int:
         )
         coll.save()
         count = coll.count()
+    return _print_report(args, report, count)
+
+
+def _print_report(args: argparse.Namespace, report: Any, count: int) -> int:
     out = {
         "collection": str(args.collection),
         "count": count,
@@ -117,6 +133,67 @@ def run(args: argparse.Namespace) -> int:
     for err in report.errors:
         print(f"  failed: {err.path}: {err.error}")
     return 0
+
+
+def _ray_index(args: argparse.Namespace) -> int:
+    """``--ray ADDRESS``: the read, decode and encode stages on a Ray cluster, the shards built here."""
+    from index.sharded import ShardedCollection, is_sharded, shard_count
+    from service.distributed import RayUnavailable, import_ray
+    from service.distributed.ingest import RayIngestConfig, ray_ingest
+    from service.transcription import transcription_enabled
+
+    if args.ray is None:
+        raise UsageError("--manifest is read by --ray ingest: give --ray ADDRESS (or 'local')")
+    if args.encoders < 1:
+        raise UsageError("--encoders must be >= 1")
+    if not args.paths and args.manifest is None:
+        raise UsageError("give files or folders to index, or --manifest FILE")
+    if args.shards < 0 or (not args.shards and not is_sharded(args.collection)):
+        raise UsageError("--ray builds a sharded collection: give --shards S (S >= 1)")
+    missing = [str(p) for p in [*args.paths, *([args.manifest] if args.manifest else [])] if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"no such file or folder: {missing[0]}")
+    try:
+        import_ray()
+    except RayUnavailable as e:
+        raise UsageError(str(e)) from e
+    embedder = _embedder(args)
+    with ShardedCollection.open_or_create(
+        args.collection,
+        shards=args.shards or shard_count(args.collection),
+        dim=embedder.dim,
+        embedder_id=embedder.model_id,
+    ):
+        pass  # the layout exists (and holds this model's vectors) before any worker writes into it
+    config = RayIngestConfig(
+        encoders=args.encoders,
+        batch_size=args.batch_size,
+        model=_portable(args.model),  # the actors run elsewhere: a checkpoint folder by its full path
+        adapter=_portable(args.adapter),
+        transcribe=transcription_enabled(args.transcribe),
+        tags=split_csv(args.tags) or None,
+    )
+    try:
+        report = ray_ingest(
+            args.collection,
+            embedder.media,
+            [p.resolve() for p in args.paths],
+            address=args.ray,
+            config=config,
+            manifest=args.manifest,
+            progress=not (args.quiet or args.json) and sys.stderr.isatty(),
+        )
+    except RayUnavailable as e:
+        raise UsageError(str(e)) from e
+    with ShardedCollection.open(args.collection, readonly=True) as coll:
+        count = coll.count()
+    return _print_report(args, report, count)
+
+
+def _portable(name_or_path: str | None) -> str | None:
+    if name_or_path is None or not Path(name_or_path).expanduser().exists():
+        return name_or_path  # a config name (or nothing)
+    return str(Path(name_or_path).expanduser().resolve())
 
 
 def _embedder(args: argparse.Namespace):

@@ -1,11 +1,13 @@
-"""One local Ray cluster for the whole session: a head (no CPUs, so every task and actor runs on a worker)
-and two 1-CPU worker nodes on the loopback address, with token authentication (``RAY_AUTH_MODE=token``).
+"""The Ray fixtures (``tests/conftest.py`` imports them; the tests using them live in ``tests/ray/`` and are
+marked ``ray`` there). Not ``tests/ray/conftest.py``: a second ``conftest`` module would shadow the root
+one for the tests that import helpers from it.
 
+One local Ray cluster for the whole session: a head (no CPUs, so every task and actor runs on a worker)
+and two 1-CPU worker nodes on the loopback address, with token authentication (``RAY_AUTH_MODE=token``).
 ``ray_cluster`` yields the cluster's address (``host:port``) with this process connected to it as the
 driver, so code under test calls :func:`service.distributed.connect` and reuses the connection.
-``ray_cluster_handle`` is the ``ray.cluster_utils.Cluster`` itself, for tests that add or kill a node
-(they leave two live workers behind). Every test here is marked ``ray``; without the ``mm[ray]`` extra
-they are skipped with the install hint.
+``ray_cluster_handle`` is the ``ray.cluster_utils.Cluster`` itself; ``ray_add_worker`` adds a node a test
+may kill. Without the ``mm[ray]`` extra these fixtures skip with the install hint.
 """
 
 from __future__ import annotations
@@ -24,13 +26,6 @@ OBJECT_STORE_BYTES = 96 * 1024 * 1024  # per node: the tests move kilobytes; Ray
 # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 makes Ray take 127.0.0.1 as every node's address (its choice for a
 # desktop): otherwise a worker node advertises the host's own IP, which a sandbox may not route.
 _ENV = {"RAY_AUTH_MODE": "token", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    here = os.path.dirname(__file__)
-    for item in items:
-        if str(item.fspath).startswith(here):
-            item.add_marker(pytest.mark.ray)
 
 
 def add_worker(cluster: Any) -> Any:
@@ -86,3 +81,21 @@ def ray_cluster_handle() -> Iterator[Any]:
 def ray_cluster(ray_cluster_handle: Any) -> str:
     """The address (``host:port``) of the session's cluster; this process is connected to it."""
     return str(ray_cluster_handle.address)
+
+
+@pytest.fixture
+def ray_add_worker(ray_cluster_handle: Any) -> Any:
+    """``ray_add_worker()`` starts one more 1-CPU worker node and returns its handle (to kill it with
+    ``ray_cluster_handle.remove_node(node, allow_graceful=False)``); one still alive is removed after."""
+    added: list[Any] = []
+
+    def add() -> Any:
+        node = add_worker(ray_cluster_handle)
+        ray_cluster_handle.wait_for_nodes()
+        added.append(node)
+        return node
+
+    yield add
+    for node in added:
+        if node in ray_cluster_handle.worker_nodes:
+            ray_cluster_handle.remove_node(node)
