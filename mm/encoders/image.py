@@ -1,4 +1,4 @@
-"""Image encoders: pretrained EfficientNet-Lite0, open_clip's visual tower, or a from-scratch ViT patch stem.
+"""Image encoders: pretrained EfficientNet-Lite, open_clip's visual tower, or a from-scratch ViT patch stem.
 
 ``prepare(images)`` takes paths, bytes or PIL images, decodes them safely with :func:`mm.media.load_image`,
 resizes the shorter side and centre-crops to a square, and returns ``{"pixels": (B, 3, S, S) float}``
@@ -60,15 +60,17 @@ def _grid_tokens(fmap: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class EfficientNetLiteEncoder(Encoder):
-    """EfficientNet-Lite0 on ImageNet (frozen): the last feature map as tokens, (B, 49, 1280) at 224 px."""
+    """EfficientNet-Lite0/1/2 on ImageNet (frozen): the last feature map as tokens, (B, (S/32)^2, 1280):
+    (B, 49, 1280) for Lite0 at 224 px, (B, 64, 1280) for Lite1 at 240, (B, 81, 1280) for Lite2 at 260."""
 
     def __init__(self, cfg: ImageEncoderConfig, pretrained: str | None = None):
         super().__init__()
-        from mm.encoders.efficientnet_lite import LITE_MEAN, LITE_STD, efficientnet_lite0, fold_batchnorms
+        from mm.encoders.efficientnet_lite import LITE_MEAN, LITE_STD, efficientnet_lite, fold_batchnorms
 
+        self.variant = cfg.kind.removeprefix("efficientnet_")  # "lite0" | "lite1" | "lite2"
         self.image_size = cfg.image_size
         self.mean, self.std = LITE_MEAN, LITE_STD
-        self.net = efficientnet_lite0(pretrained if pretrained is not None else "default")
+        self.net = efficientnet_lite(self.variant, pretrained if pretrained is not None else "default")
         self.out_dim = self.net.head_dim
         self.external_weights = True
         self.freeze()
@@ -81,7 +83,7 @@ class EfficientNetLiteEncoder(Encoder):
         """Run the frozen network in static INT8 from now on (oneDNN); False if this torch lacks the kernels.
 
         ``calibration``: ``Calibration.to_dict()`` of :mod:`mm.encoders.efficientnet_int8`; default: the
-        shipped one.
+        one shipped for this variant (ValueError naming ``mm quantize --calibrate`` when none ships).
         """
         from mm.encoders.efficientnet_int8 import (
             Calibration,
@@ -93,7 +95,11 @@ class EfficientNetLiteEncoder(Encoder):
         if not int8_convs_available():
             logger.warning("no oneDNN quantized convolutions in this torch build: EfficientNet stays fp32")
             return False
-        cal = Calibration.from_dict(calibration) if calibration is not None else default_calibration()
+        cal = (
+            Calibration.from_dict(calibration)
+            if calibration is not None
+            else default_calibration(self.variant)
+        )
         self.int8 = Int8EfficientNetFeatures(self.net, cal)
         return True
 
@@ -191,7 +197,7 @@ class OpenCLIPImageEncoder(Encoder):
 
 def build_image_encoder(cfg: ImageEncoderConfig, pretrained: str | None = None) -> Encoder:
     """Image encoder for ``cfg.kind``; ``pretrained`` overrides the weights (.pth file or open_clip tag)."""
-    if cfg.kind == "efficientnet_lite0":
+    if cfg.kind in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"):
         return EfficientNetLiteEncoder(cfg, pretrained)
     if cfg.kind == "open_clip":
         return OpenCLIPImageEncoder(cfg, pretrained)
@@ -202,5 +208,6 @@ def build_image_encoder(cfg: ImageEncoderConfig, pretrained: str | None = None) 
             )
         return PatchImageEncoder(cfg)
     raise ValueError(
-        f"unknown image encoder kind {cfg.kind!r}; choose 'efficientnet_lite0', 'open_clip' or 'patch'"
+        f"unknown image encoder kind {cfg.kind!r}; choose 'efficientnet_lite0', 'efficientnet_lite1', "
+        "'efficientnet_lite2', 'open_clip' or 'patch'"
     )
