@@ -67,3 +67,18 @@ def test_manifest_lines(tmp_path):
     m.write_text('["a.txt"]\n')
     with pytest.raises(ValueError, match=r"m.jsonl:1: want an object"):
         read_manifest(m)
+
+
+@pytest.mark.parametrize(
+    ("address", "says"),
+    [("127.0.0.1:1", "cannot reach a Ray cluster at '127.0.0.1:1'"), ("nohost", "bad Ray address 'nohost'")],
+)
+def test_an_unreachable_or_malformed_address_is_a_one_line_error(address, says, media_root, tmp_path, capsys):
+    pytest.importorskip("ray")
+    from service.cli import main
+
+    argv = ["index", str(media_root), "--collection", str(tmp_path / "c"), "--model", "tiny"]
+    assert main([*argv, "--ray", address, "--shards", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"mm: error: {says}") and "\n" not in err
+    assert not (tmp_path / "c").exists()

@@ -138,7 +138,7 @@ def _print_report(args: argparse.Namespace, report: Any, count: int) -> int:
 def _ray_index(args: argparse.Namespace) -> int:
     """``--ray ADDRESS``: the read, decode and encode stages on a Ray cluster, the shards built here."""
     from index.sharded import ShardedCollection, is_sharded, shard_count
-    from service.distributed import RayUnavailable, import_ray
+    from service.distributed import RayUnavailable, connect
     from service.distributed.ingest import RayIngestConfig, ray_ingest
     from service.transcription import transcription_enabled
 
@@ -154,7 +154,7 @@ def _ray_index(args: argparse.Namespace) -> int:
     if missing:
         raise FileNotFoundError(f"no such file or folder: {missing[0]}")
     try:
-        import_ray()
+        connect(args.ray)  # first: a bad address or a missing Ray is said before the model loads
     except RayUnavailable as e:
         raise UsageError(str(e)) from e
     embedder = _embedder(args)
