@@ -233,3 +233,33 @@ def test_commands_for_one_collection_refuse_a_sharded_folder_untouched(tmp_path)
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == before
     with open_served(tmp_path / "s", readonly=True) as coll:
         assert isinstance(coll, ShardedCollection) and coll.count() == 0
+
+
+def test_mm_search_reads_the_shards_and_allows_partial(pair, monkeypatch, capsys, embedder):
+    import json
+
+    from index.collection import Collection
+    from service import embedding
+    from service.cli import main
+
+    _, sh = pair
+    monkeypatch.setattr(embedding, "load_embedder", lambda name="default": embedder)
+    root = sh.app.state.settings.collection
+    argv = ["search", "a red circle", "--collection", str(root), "--local", "--json", "--mode", "vector"]
+    assert main(argv) == 0
+    whole = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {split_id(r["id"])[0] for r in whole["results"]} == set(range(SHARDS)) and "partial" not in whole
+    real = Collection.search
+
+    def failing(self, *a, **kw):  # shard 1's disk, in the CLI's own process-wide open of the shards
+        if self.path.name == "shard-001":
+            raise OSError("disk gone")
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(Collection, "search", failing)
+    assert main(argv) == 1 and "shard 1" in capsys.readouterr().err  # one line, no results
+    assert main([*argv, "--allow-partial"]) == 0
+    out, err = capsys.readouterr()
+    body = json.loads(out.strip().splitlines()[-1])
+    assert body["partial"] is True and "partial results" in err and "shard 1" in err
+    assert body["results"] and all(split_id(r["id"])[0] != 1 for r in body["results"])
