@@ -168,7 +168,7 @@ def _ray_index(args: argparse.Namespace) -> int:
     config = RayIngestConfig(
         encoders=args.encoders,
         batch_size=args.batch_size,
-        model=_portable(args.model),  # the actors run elsewhere: a checkpoint folder by its full path
+        model=_portable(args.model) or args.model,  # actors run elsewhere: a checkpoint by its full path
         adapter=_portable(args.adapter),
         transcribe=transcription_enabled(args.transcribe),
         tags=split_csv(args.tags) or None,

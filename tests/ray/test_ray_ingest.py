@@ -8,11 +8,14 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from index.collection import Collection
 from index.ingest import ingest
 from index.sharded import ShardedCollection, shard_of, split_id
 from service.distributed.ingest import RayIngestConfig, ray_ingest
+
+pytestmark = pytest.mark.slow  # 10-20 s each on 2 cores (Ray Data job, actor start, model load)
 
 SHARDS = 2
 
