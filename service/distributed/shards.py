@@ -52,6 +52,7 @@ FORWARDED = frozenset(
 )
 ACTOR_CPUS = 0.25  # scheduling share of one shard actor (a search is short; Ray does not cap its threads)
 CALL_TIMEOUT_S = 60.0  # the longest one call may take (a write of a batch); searches have the deadline
+START_TIMEOUT_S = 300.0  # every shard actor placed and its collection open (a large shard opens in ~2 s)
 MAX_RESTARTS = -1  # Ray restarts a dead shard actor for ever (each start reopens the shard from disk)
 SHARD_RESOURCE = "mm_shard_{:03d}"  # a node's custom resource naming a shard it holds (placement)
 
@@ -171,7 +172,7 @@ def open_ray_sharded(
 
     Raises RayUnavailable (Ray missing: the install hint; the cluster unreachable) and ValueError (no
     sharded collection at ``path``)."""
-    from service.distributed import connect
+    from service.distributed import RayUnavailable, connect
 
     path = Path(path).expanduser().resolve()
     local = ShardedCollection.open(path, readonly=True)  # checks shards.json and every shard's model
@@ -194,6 +195,19 @@ def open_ray_sharded(
             options["resources"] = {placed: 0.001}
         actor = server.options(**options).remote(str(shard_dir(path, s)), s, readonly)
         proxies.append(RayShard(ray, actor, s, shard_dir(path, s)))
-    ray.get([p.actor.info.remote() for p in proxies], timeout=CALL_TIMEOUT_S * 5)  # every shard open
+    try:
+        ray.get([p.actor.info.remote() for p in proxies], timeout=START_TIMEOUT_S)  # every shard open
+    except Exception as e:
+        for p in proxies:
+            ray.kill(p.actor, no_restart=True)
+        if isinstance(e, ray.exceptions.GetTimeoutError):
+            why = (
+                f"not all {n} shard actors started within {START_TIMEOUT_S:.0f}s: the cluster needs "
+                f"{actor_cpus} CPU per shard (and each shard's {SHARD_RESOURCE.format(0)}-style resource "
+                "where nodes declare them)"
+            )
+        else:
+            why = f"a shard actor could not open its shard: {str(e).strip().splitlines()[-1][:300]}"
+        raise RayUnavailable(why) from e
     log.info("%d shard actors up in %.1fs on %s", n, time.perf_counter() - t0, address)
     return ShardedCollection(path, proxies, config, deadline_s=deadline_s)

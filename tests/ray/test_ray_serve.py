@@ -148,3 +148,11 @@ def test_the_service_over_ray_actors(built, served, ray_cluster, tmp_path):
         assert gids[10] not in [r["id"] for r in resp.json()["results"]]  # its shard is the one missing
         wait_complete(c.app.state.collection, x[0])
         assert c.post("/search", json=body).json()["results"][0]["id"] == gids[10]
+
+
+def test_actors_that_cannot_be_placed_are_a_one_line_error(built, ray_cluster, monkeypatch):
+    from service.distributed import RayUnavailable, shards
+
+    monkeypatch.setattr(shards, "START_TIMEOUT_S", 3.0)
+    with pytest.raises(RayUnavailable, match="8 CPU per shard"):  # no node has 8 CPUs
+        shards.open_ray_sharded(built[0], ray_cluster, actor_cpus=8)
