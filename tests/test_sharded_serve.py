@@ -263,3 +263,15 @@ def test_mm_search_reads_the_shards_and_allows_partial(pair, monkeypatch, capsys
     body = json.loads(out.strip().splitlines()[-1])
     assert body["partial"] is True and "partial results" in err and "shard 1" in err
     assert body["results"] and all(split_id(r["id"])[0] != 1 for r in body["results"])
+
+
+def test_serve_ray_without_ray_installed_says_how_to_install_it(tmp_path, capsys, monkeypatch):
+    import sys
+
+    from service.cli import main
+
+    ShardedCollection.create(tmp_path / "s", shards=2, dim=8, embedder_id="f").close()
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails as if it were not installed
+    assert main(["serve", "--ray", "local", "--collection", str(tmp_path / "s")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == "mm: error: Ray is not installed: pip install 'mm[ray]'"
