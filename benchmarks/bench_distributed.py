@@ -99,7 +99,7 @@ def baseline(embedder: Any, files: Path, root: Path, batch_size: int) -> dict[st
     from index.collection import Collection
     from index.ingest import ingest
 
-    with Collection.create(root / "plain", dim=embedder.dim, embedder_id=embedder.model_id) as coll:
+    with Collection.create(root, dim=embedder.dim, embedder_id=embedder.model_id) as coll:
         t0 = time.perf_counter()
         report = ingest(coll, embedder, [files], batch_size=batch_size, progress=False)
         seconds = time.perf_counter() - t0
@@ -137,7 +137,7 @@ def ray_run(
 def bench_ingest(args: argparse.Namespace, embedder: Any, work: Path) -> dict[str, Any]:
     files = work / "media"
     make_images(files, args.n, side=args.side)
-    base = baseline(embedder, files, work, args.batch_size)
+    base = baseline(embedder, files, work / "plain", args.batch_size)
     log.info("baseline (plain ingest): %s", base)
     out: dict[str, Any] = {"n": args.n, "baseline": base, "runs": []}
     if args.address:
@@ -159,15 +159,21 @@ def bench_ingest(args: argparse.Namespace, embedder: Any, work: Path) -> dict[st
                 "cluster_start_s": round(start_s, 2),
                 "seconds": round(seconds, 2),
                 "items_per_s": round(args.n / seconds, 1),
-                "vs_baseline": round(args.n / seconds / base["items_per_s"], 3),
                 "node_rss_mb": [round(m) for m in node_rss_mb()],
             }
             if n_workers == args.recovery_workers:
                 run["recovery"] = recovery(embedder, files, work, cluster, n_workers, args)
             out["runs"].append(run)
             log.info("ray ingest: %s", run)
+    # the baseline again after the sweep: on a shared box the load drifts, and the better of the two
+    # runs (the less disturbed) is the one the Ray runs are compared with
+    again = baseline(embedder, files, work / "plain-again", args.batch_size)
+    out["baseline"] = max(base, again, key=lambda b: b["items_per_s"]) | {
+        "runs_s": [base["seconds"], again["seconds"]]
+    }
     one = next((r["items_per_s"] for r in out["runs"] if r["workers"] == 1), None)
     for r in out["runs"]:
+        r["vs_baseline"] = round(r["items_per_s"] / out["baseline"]["items_per_s"], 3)
         if one:
             r["efficiency"] = round(r["items_per_s"] / (r["workers"] * one), 3)
     return out

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from ray_cluster import ray_add_worker, ray_cluster, ray_cluster_handle  # noqa: F401 (fixtures)
+from ray_cluster import ray_add_worker, ray_cluster, ray_cluster_handle, stop_cluster  # noqa: F401 (fixtures)
 
 from mm.media import MediaReader
 
@@ -216,3 +216,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if ray_dir in Path(str(item.fspath)).parents:
             item.add_marker(pytest.mark.ray)
+
+
+_LAST_RAY_TEST: list[str] = []  # node id of the last selected test using the Ray cluster
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    users = [i.nodeid for i in session.items if "ray_cluster_handle" in getattr(i, "fixturenames", ())]
+    _LAST_RAY_TEST[:] = users[-1:]
+
+
+@pytest.hookimpl(trylast=True)  # after the test's own fixtures are torn down
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    """The session's Ray cluster stops after the last test that uses it, not at the end of the run."""
+    if _LAST_RAY_TEST and item.nodeid == _LAST_RAY_TEST[0]:
+        stop_cluster()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -26,6 +26,16 @@ OBJECT_STORE_BYTES = 96 * 1024 * 1024  # per node: the tests move kilobytes; Ray
 # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 makes Ray take 127.0.0.1 as every node's address (its choice for a
 # desktop): otherwise a worker node advertises the host's own IP, which a sandbox may not route.
 _ENV = {"RAY_AUTH_MODE": "token", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+_STOPS: list[Callable[[], None]] = []  # how to stop the running cluster (at most one)
+
+
+def stop_cluster() -> None:
+    """Stop the session's cluster now (idempotent): ``tests/conftest.py`` calls it after the last test
+    that uses it, so its nodes (~2 GB, a few daemons) do not idle through the rest of the run."""
+    while _STOPS:
+        _STOPS.pop()()
 
 
 def add_worker(cluster: Any) -> Any:
@@ -51,6 +61,16 @@ def ray_cluster_handle() -> Iterator[Any]:
     ray._private.ray_constants.ENABLE_RAY_CLUSTER = False  # ditto for the loopback choice above
     AuthenticationTokenLoader.instance().reset_cache()
     t0 = time.perf_counter()
+
+    def stop() -> None:
+        ray.shutdown()
+        cluster.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
     cluster = Cluster(
         initialize_head=True,
         head_node_args={
@@ -60,6 +80,7 @@ def ray_cluster_handle() -> Iterator[Any]:
             "node_ip_address": LOOPBACK,
         },
     )
+    _STOPS.append(stop)
     try:
         for _ in range(2):
             add_worker(cluster)
@@ -68,13 +89,7 @@ def ray_cluster_handle() -> Iterator[Any]:
         cluster.start_s = time.perf_counter() - t0  # type: ignore[attr-defined]
         yield cluster
     finally:
-        ray.shutdown()
-        cluster.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        stop_cluster()
 
 
 @pytest.fixture(scope="session")
