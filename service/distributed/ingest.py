@@ -248,6 +248,8 @@ def _encode(
     from ray.data import ActorPoolStrategy, DataContext
 
     DataContext.get_current().enable_progress_bars = False  # one bar: ours
+    if not log.isEnabledFor(logging.INFO):  # Ray Data's own job lines, unless asked for (`mm -v`)
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
     ds = ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo) // config.batch_size, 200)))
     ds = ds.map_batches(
         prepare_rows,
