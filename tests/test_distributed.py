@@ -69,6 +69,24 @@ def test_manifest_lines(tmp_path):
         read_manifest(m)
 
 
+def test_parquet_manifest(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from service.distributed.ingest import read_manifest
+
+    (tmp_path / "a.txt").write_text("hello")
+    pq.write_table(pa.table({"uri": ["a.txt", "gone.png"], "size": [5, 0]}), tmp_path / "m.parquet")
+    files, errors = read_manifest(tmp_path / "m.parquet")
+    assert files == [tmp_path / "a.txt"] and [e.path for e in errors] == [str(tmp_path / "gone.png")]
+    pq.write_table(pa.table({"name": ["a.txt"]}), tmp_path / "bad.parquet")
+    with pytest.raises(ValueError, match=r'want a "uri" \(or "path"\) column'):
+        read_manifest(tmp_path / "bad.parquet")
+    (tmp_path / "fake.parquet").write_text("not parquet")
+    with pytest.raises(ValueError, match="not a Parquet file"):
+        read_manifest(tmp_path / "fake.parquet")
+
+
 @pytest.mark.parametrize(
     ("address", "says"),
     [("127.0.0.1:1", "cannot reach a Ray cluster at '127.0.0.1:1'"), ("nohost", "bad Ray address 'nohost'")],

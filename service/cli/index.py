@@ -41,7 +41,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "into --shards S shards; needs pip install 'mm[ray]' (docs/scale.md)",
     )
     p.add_argument(
-        "--manifest", type=Path, metavar="FILE", help='with --ray: a JSONL file of {"uri": ...} to index'
+        "--manifest",
+        type=Path,
+        metavar="FILE",
+        help='with --ray: the files to index, as JSONL ({"uri": ...} lines) or Parquet (a uri column)',
     )
     p.add_argument("--encoders", type=int, default=2, help="with --ray: encoder actors (default 2)")
     p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -69,29 +69,55 @@ class RayIngestConfig:
 
 
 def read_manifest(path: str | Path) -> tuple[list[Path], list[ItemError]]:
-    """Files named by a JSON Lines manifest, one ``{"uri": ...}`` (or ``{"path": ...}``) per line; a
-    relative uri is relative to the manifest's folder. A line naming no file is a per-item error."""
+    """Files named by a manifest: JSON Lines, one ``{"uri": ...}`` (or ``{"path": ...}``) per line, or a
+    Parquet file with a ``uri`` (or ``path``) column. A relative uri is relative to the manifest's
+    folder; one naming no file is a per-item error."""
     path = Path(path).expanduser()
+    uris = _parquet_uris(path) if path.suffix.lower() == ".parquet" else _jsonl_uris(path)
     files: list[Path] = []
     errors: list[ItemError] = []
+    for uri in uris:
+        p = Path(uri).expanduser()
+        p = p if p.is_absolute() else path.parent / p
+        if p.is_file():
+            files.append(p)
+        else:
+            errors.append(ItemError(str(p), "no such file"))
+    return files, errors
+
+
+def _jsonl_uris(path: Path) -> list[str]:
+    uris = []
     with path.open(encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-                uri = row.get("uri") or row.get("path") if isinstance(row, dict) else None
             except ValueError as e:
                 raise ValueError(f"{path}:{n}: not JSON ({e})") from e
+            uri = row.get("uri") or row.get("path") if isinstance(row, dict) else None
             if not isinstance(uri, str) or not uri:
                 raise ValueError(f'{path}:{n}: want an object with a "uri" (or "path") string')
-            p = Path(uri).expanduser()
-            p = p if p.is_absolute() else path.parent / p
-            if p.is_file():
-                files.append(p)
-            else:
-                errors.append(ItemError(str(p), "no such file"))
-    return files, errors
+            uris.append(uri)
+    return uris
+
+
+def _parquet_uris(path: Path) -> list[str]:
+    import pyarrow.parquet as pq
+
+    try:
+        names = pq.read_schema(path).names
+    except Exception as e:  # pyarrow's errors for a file that is not Parquet vary by version
+        raise ValueError(f"{path}: not a Parquet file ({e})") from e
+    column = next((c for c in ("uri", "path") if c in names), None)
+    if column is None:
+        raise ValueError(f'{path}: want a "uri" (or "path") column, found {names}')
+    uris = pq.read_table(path, columns=[column]).column(column).to_pylist()
+    bad = next((i for i, u in enumerate(uris) if not isinstance(u, str) or not u), None)
+    if bad is not None:
+        raise ValueError(f"{path}: row {bad} has no {column} string")
+    return uris
 
 
 def _objects(values: Sequence[Any]) -> np.ndarray:
