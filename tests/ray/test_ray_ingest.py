@@ -109,3 +109,36 @@ def test_cli_manifest_reports_missing_and_bad_files(ray_cluster, media_root, tmp
     assert code == 0, out
     assert (out["added"], out["failed"], out["count"]) == (2, 2, 2), out["errors"]
     assert {Path(e["path"]).name for e in out["errors"]} == {"broken.png", "gone.png"}
+
+
+def test_a_failing_shard_is_retried_alone_reported_and_finished_by_a_rerun(
+    ray_cluster, embedder, tmp_path, caplog
+):
+    files = _many_files(tmp_path / "lib", 20)
+    in_one = sum(shard_of(str(p), SHARDS) == 1 for p in files.iterdir())
+    assert 0 < in_one < 20
+    path = tmp_path / "sh"
+    ShardedCollection.create(path, shards=SHARDS, dim=embedder.dim, embedder_id=embedder.model_id)
+    away = tmp_path / "shard-001.away"
+
+    def break_shard_1(done: int, total: int) -> None:
+        if not away.exists():  # after the driver's look-ups, before the shard tasks
+            (path / "shard-001").rename(away)
+
+    with caplog.at_level("WARNING", logger="service.distributed.ingest"):
+        report = ray_ingest(
+            path, embedder.media, [files], address=ray_cluster, config=_config(), on_progress=break_shard_1
+        )
+    tries = [r.getMessage() for r in caplog.records if r.getMessage().startswith("shard 1 failed")]
+    assert len(tries) == 2 and not any(
+        m.startswith("shard 0") for m in caplog.messages
+    )  # shard 1 alone, twice
+    assert [e.path for e in report.errors] == ["shard 1"] and "re-run" in report.errors[0].error
+    assert (report.added, report.failed) == (20 - in_one, in_one)
+    with Collection.open(path / "shard-000", readonly=True) as shard0:
+        assert shard0.count() == 20 - in_one  # the other shard was stored
+    away.rename(path / "shard-001")
+    again = ray_ingest(path, embedder.media, [files], address=ray_cluster, config=_config())
+    assert (again.added, again.skipped, again.failed) == (in_one, 20 - in_one, 0)
+    with ShardedCollection.open(path, readonly=True) as sc:
+        assert sc.count() == 20
