@@ -113,9 +113,12 @@ def test_a_killed_shard_actor_is_named_then_comes_back(served, ray_cluster):
     victim = served.shards[1]
     before = victim.info()["pid"]
     ray.kill(victim.actor, no_restart=False)  # as a crash: Ray restarts it (max_restarts)
-    with pytest.raises(ShardUnavailable, match="shard 1") as err:  # the call the kill cut short
-        served.search(q, k=5)
-    assert set(err.value.shards) == {1} and "actor" in err.value.shards[1]
+    try:  # the call the kill cut short names the shard; Ray may also have restarted it already
+        hits = served.search(q, k=5)
+    except ShardUnavailable as err:
+        assert set(err.shards) == {1} and "actor" in err.shards[1] and "shard 1" in str(err)
+    else:
+        assert len(hits[0]) == 5  # already back: a whole answer, never a silently short one
     partial = served.search_shards(q, k=5, allow_partial=True)  # down still, or already back
     assert set(partial.failed) <= {1} and len(partial.hits[0]) == 5
     assert not partial.partial or all(split_id(h.id)[0] != 1 for h in partial.hits[0])
@@ -143,9 +146,13 @@ def test_the_service_over_ray_actors(built, served, ray_cluster, tmp_path):
         assert c.get(f"/items/{gids[10]}").json()["uri"] == "/lib/10.dat"
         ray.kill(c.app.state.collection.shards[owner].actor, no_restart=False)
         resp = c.post("/search", json=body | {"allow_partial": True})
-        assert resp.status_code == 200 and resp.json()["partial"] is True, resp.text
-        assert list(resp.json()["missing_shards"]) == [str(owner)]
-        assert gids[10] not in [r["id"] for r in resp.json()["results"]]  # its shard is the one missing
+        assert resp.status_code == 200, resp.text
+        found = [r["id"] for r in resp.json()["results"]]
+        if resp.json().get("partial"):  # the kill cut this call short: marked, and the owner is missing
+            assert list(resp.json()["missing_shards"]) == [str(owner)]
+            assert gids[10] not in found
+        else:  # Ray had already restarted the actor: a whole answer
+            assert found[0] == gids[10]
         wait_complete(c.app.state.collection, x[0])
         assert c.post("/search", json=body).json()["results"][0]["id"] == gids[10]
 
