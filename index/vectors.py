@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -30,6 +31,27 @@ Kind = Literal["flat", "hnsw", "ivf", "other"]
 _MAX_ID = 1 << 62
 # a filter keeping at least this share of the items is applied after a wider unfiltered search
 POST_FILTER_SHARE = 0.05
+
+
+_search_threads: int | None = None  # None: FAISS's default (every core)
+_threads_set = threading.local()
+
+
+def set_search_threads(n: int | None) -> None:
+    """FAISS's OpenMP threads for every search in this process from now on (None: FAISS's default). A server
+    answering one query at a time wants 1: more only adds threads that spin while another process holds
+    the cores. OpenMP keeps the count per calling thread, so each searching thread applies it on its
+    first search (:func:`_apply_search_threads`), the event loop and every worker pool alike."""
+    global _search_threads
+    _search_threads = None if n is None else int(n)
+    _threads_set.value = None
+    _apply_search_threads()
+
+
+def _apply_search_threads() -> None:
+    if _search_threads is not None and getattr(_threads_set, "value", None) != _search_threads:
+        _faiss().omp_set_num_threads(_search_threads)
+        _threads_set.value = _search_threads
 
 
 @dataclass(frozen=True)
@@ -287,6 +309,7 @@ class VectorIndex:
         (``min(k, candidates)`` hits). Approximate indexes widen efSearch / nprobe until rows are full.
         """
         faiss = _faiss()
+        _apply_search_threads()
         x = _as_matrix(queries, self.dim)
         n_cand = self.live if allowed is None else len(allowed)
         if excluded is not None and len(excluded):

@@ -59,6 +59,7 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        from index.vectors import set_search_threads
         from mm.runtime import tune_allocator
         from service import redact
         from service.embedding import load_embedder
@@ -68,6 +69,7 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
         # exist now and get the filter too
         redaction = redact.install([*settings.api_keys, settings.openai_api_key or ""])
         tune_allocator()
+        set_search_threads(settings.search_threads)
         emb = embedder if embedder is not None else load_embedder(settings.model, settings.adapter)
         collection = open_served(
             settings.collection,

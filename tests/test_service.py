@@ -371,3 +371,34 @@ def test_settings_from_env(monkeypatch, tmp_path):
     assert s.allowed_roots == [Path("/data"), Path("/srv")] and s.max_upload_bytes == 2 * 1024 * 1024
     assert s.media_path == tmp_path / "media"
     assert np.isclose(Settings(max_upload_mb=0.5).max_upload_bytes, 524288)
+
+
+def test_the_server_searches_with_the_faiss_threads_it_was_given(tmp_path, embedder):
+    """OpenMP keeps the thread count per thread: every thread that searches must end up with the setting."""
+    import threading
+
+    import faiss
+
+    from index import vectors
+
+    seen = {}
+
+    def search_from_a_new_thread(c: TestClient, name: str) -> None:
+        def run():
+            c.app.state.collection.search(np.ones(embedder.dim, np.float32), k=1)  # a thread pool's search
+            seen[name] = faiss.omp_get_max_threads()
+
+        t = threading.Thread(target=run)
+        t.start()
+        t.join()
+
+    try:
+        with TestClient(create_app(Settings(collection=tmp_path / "c"), embedder=embedder)) as c:
+            c.post("/items/text", json={"text": "one item"})
+            search_from_a_new_thread(c, "default")
+        two = Settings(collection=tmp_path / "c", search_threads=2)
+        with TestClient(create_app(two, embedder=embedder)) as c:
+            search_from_a_new_thread(c, "two")
+    finally:
+        vectors.set_search_threads(None)
+    assert seen == {"default": 1, "two": 2}
