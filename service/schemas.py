@@ -130,8 +130,13 @@ class SearchFilters(BaseModel):
     path_prefix: str | None = Field(
         None, max_length=MAX_PATH_CHARS, description="keep items whose uri starts with this"
     )
-    since: datetime | float | None = Field(None, description="created at/after (ISO 8601 or unix seconds)")
-    until: datetime | float | None = Field(None, description="created at/before (ISO 8601 or unix seconds)")
+    # unix seconds are strict numbers: JSON true is not second 1 (lax float would take it)
+    since: datetime | Annotated[float, Strict()] | None = Field(
+        None, description="created at/after (ISO 8601 or unix seconds)"
+    )
+    until: datetime | Annotated[float, Strict()] | None = Field(
+        None, description="created at/before (ISO 8601 or unix seconds)"
+    )
     _span: tuple[float | None, float | None] = PrivateAttr((None, None))
 
     @model_validator(mode="after")
