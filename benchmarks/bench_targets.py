@@ -69,10 +69,9 @@ def recall(
 
 def measure(rows: Sequence[dict[str, Any]], embedder: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     from mm.evaluate import evaluate_rows, mixed_gallery_metrics
-    from service.search_eval import cached_encoder
+    from service.search_eval import usable_rows
 
-    encode = cached_encoder(embedder)
-    rows = [r for r in rows if r.get("label") is not None]
+    rows, encode, _ = usable_rows([r for r in rows if r.get("label") is not None], embedder)
     images = [(str(r["image"]), r["label"]) for r in rows if r.get("image")]
     texts = [(r["text"], r["label"]) for r in rows if r.get("text")]
     speech = [(str(r["audio"]), r["label"]) for r in rows if r.get("audio") and is_speech(r)]

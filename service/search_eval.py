@@ -50,6 +50,39 @@ def cached_encoder(embedder: Any) -> Callable[[str, list[str]], np.ndarray]:
     return encode
 
 
+def usable_rows(
+    rows: Sequence[dict[str, Any]], embedder: Any, batch: int = 64
+) -> tuple[list[dict[str, Any]], Callable[[str, list[str]], np.ndarray], dict[str, str]]:
+    """The rows whose media all encode, a cached encoder that already holds them, and the refused files.
+
+    A corpus may carry a file the decoder refuses (a truncated recording in a Debian package): training
+    skips it, and so must every metric, instead of one file stopping a whole evaluation or calibration.
+    Returns ``(rows, encode, {path: reason})``; each refusal is logged once.
+    """
+    import logging
+
+    from mm.errors import MediaError
+
+    log = logging.getLogger(__name__)
+    encode = cached_encoder(embedder)
+    bad: dict[str, str] = {}
+    for m in ("image", "audio"):
+        keys = list(dict.fromkeys(str(r[m]) for r in rows if r.get(m)))
+        for start in range(0, len(keys), batch):
+            chunk = keys[start : start + batch]
+            try:
+                encode(m, chunk)
+            except MediaError:
+                for k in chunk:  # find the file that failed; the others are cached one by one
+                    try:
+                        encode(m, [k])
+                    except MediaError as e:
+                        bad[k] = str(e)
+                        log.warning("skipping %s: %s", k, e)
+    kept = [r for r in rows if not any(r.get(m) and str(r[m]) in bad for m in ("image", "audio"))]
+    return kept, encode, bad
+
+
 def gallery_files(rows: Sequence[dict[str, Any]]) -> dict[str, tuple[str, str, str]]:
     """The rows' images and sounds as a user's folder holds them: path -> (modality, English caption, label)
     (the caption is the English text of any row naming the file; "" when it has none)."""

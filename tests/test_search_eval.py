@@ -61,3 +61,18 @@ def test_cached_encoder_encodes_each_item_once(tmp_path, embedder) -> None:
     assert (again == first[::-1]).all()
     out = evaluate_search(rows, embedder, modes=("vector",), encode=enc)
     assert calls == [paths] and out["vector"]["text->image"]["n"] == 2 * len(WORDS)
+
+
+def test_a_file_the_decoder_refuses_is_left_out_not_fatal(tmp_path, embedder) -> None:
+    import numpy as np
+
+    from service.search_eval import usable_rows
+
+    rows = _rows(tmp_path)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(Image.open(tmp_path / "apple.png").tobytes()[:50] + b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    bad_rows = [{"id": "broken", "image": str(broken), "text": "A broken one.", "label": "broken"}]
+    kept, encode, refused = usable_rows(rows + bad_rows, embedder, batch=4)
+    assert kept == rows and list(refused) == [str(broken)]
+    images = [r["image"] for r in rows]
+    np.testing.assert_allclose(encode("image", images), embedder.encode("image", images), atol=1e-5)

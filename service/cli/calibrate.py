@@ -40,7 +40,11 @@ def run(args: argparse.Namespace) -> int:
     if not rows:
         raise ValueError(f"no rows in split {args.split!r} of {args.manifest}")
     emb = create_model(args.model)
-    cal, report = fit_calibration(rows, emb.encode, split=args.split, common_prior=not args.own_priors)
+    from service.search_eval import usable_rows
+
+    rows, encode, refused = usable_rows(rows, emb)  # a file the decoder refuses is left out, as in training
+    cal, report = fit_calibration(rows, encode, split=args.split, common_prior=not args.own_priors)
+    report["refused_files"] = len(refused)
     if not cal.fitted:
         raise ValueError(f"split {args.split!r} has no relevant pairs to fit on")
     words, report["lexical"] = fit_word_calibration(rows)

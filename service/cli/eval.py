@@ -41,9 +41,10 @@ def run(args: argparse.Namespace) -> int:
     if not rows:
         raise ValueError(f"no rows in split {args.split!r} of {args.manifest}")
     emb = create_model(args.model or default_model_name())
-    from service.search_eval import cached_encoder
+    from service.search_eval import usable_rows
 
-    encode = cached_encoder(emb)  # each item is encoded once for every metric below
+    # each item is encoded once for every metric below; a file the decoder refuses is left out (logged)
+    rows, encode, _ = usable_rows(rows, emb)
     metrics: dict[str, Any] = evaluate_rows(rows, encode, with_chance=args.chance)
     # one ranking over images and sounds, merged by calibrated score as search merges them
     mixed = mixed_gallery_metrics(rows, encode, emb.calibration.score if emb.calibration.fitted else None)
