@@ -60,6 +60,22 @@ def test_round_channels_follows_the_reference_rounding():
         L.lite_variant("lite4")
 
 
+@pytest.mark.parametrize("variant", ["lite0", "lite1", "lite2"])
+def test_shipped_int8_calibration_covers_its_variant(variant):
+    from mm.encoders.efficientnet_int8 import Int8EfficientNetFeatures, calibration_file, default_calibration
+
+    assert calibration_file(variant).is_file()
+    net = L.efficientnet_lite(variant, pretrained=None).eval()
+    L.fold_batchnorms(net)
+    cal = default_calibration(variant)
+    assert cal.ranges.keys() == {n for n, m in net.named_modules() if isinstance(m, torch.nn.Conv2d)} | {
+        f"_blocks.{i}" for i, b in enumerate(net._blocks) if b.residual
+    } | {"input"}
+    Int8EfficientNetFeatures(net, cal)  # every tensor the int8 graph needs has a range
+    with pytest.raises(ValueError, match="no int8 calibration ships"):
+        default_calibration("lite9")
+
+
 @pytest.mark.parametrize(("variant", "size", "tokens"), [("lite1", 64, 4), ("lite2", 96, 9)])
 def test_variant_selectable_in_image_config(variant, size, tokens, tmp_path):
     torch.manual_seed(0)
