@@ -130,14 +130,16 @@ class SearchFilters(BaseModel):
     path_prefix: str | None = Field(
         None, max_length=MAX_PATH_CHARS, description="keep items whose uri starts with this"
     )
-    # unix seconds are strict numbers: JSON true is not second 1 (lax float would take it)
-    since: datetime | Annotated[float, Strict()] | None = Field(
-        None, description="created at/after (ISO 8601 or unix seconds)"
-    )
-    until: datetime | Annotated[float, Strict()] | None = Field(
-        None, description="created at/before (ISO 8601 or unix seconds)"
-    )
+    since: datetime | float | None = Field(None, description="created at/after (ISO 8601 or unix seconds)")
+    until: datetime | float | None = Field(None, description="created at/before (ISO 8601 or unix seconds)")
     _span: tuple[float | None, float | None] = PrivateAttr((None, None))
+
+    @field_validator("since", "until", mode="before")
+    @classmethod
+    def _not_a_bool(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # lax float reads JSON true as second 1
+            raise ValueError("a time is unix seconds or ISO 8601, not true/false")
+        return value
 
     @model_validator(mode="after")
     def _times(self) -> SearchFilters:
