@@ -450,3 +450,16 @@ def test_wav_riff_size_off_by_a_header_still_passes(tmp_path):
     data[4:8] = struct.pack("<I", len(data) + 4096)  # but not a RIFF that claims kilobytes more
     (tmp_path / "lying.wav").write_bytes(bytes(data))
     _expect("corrupt", sniff, tmp_path / "lying.wav", name="lying.wav")
+
+
+def test_an_mp3_without_a_length_header_is_not_called_truncated():
+    """libsndfile guesses a headerless (VBR) MP3's length from its first frame; only a Xing/Info/VBRI frame
+    states it, so only then is a shortfall truncation (Scratch ships such files, all of them whole)."""
+    from mm.media import _mp3_declares_length
+
+    frame = b"\xff\xfb\x90\x64" + b"\0" * 400
+    tag = b"ID3\x03\x00\x00" + bytes([0, 0, 1, 0]) + b"\0" * 128  # a 128-byte ID3v2 tag (syncsafe size)
+    assert not _mp3_declares_length(frame * 3)
+    assert not _mp3_declares_length(tag + frame * 3)
+    assert _mp3_declares_length(tag + b"\xff\xfb\x90\x64" + b"\0" * 32 + b"Xing" + frame)
+    assert _mp3_declares_length(b"\xff\xfb\x90\x64" + b"\0" * 32 + b"Info" + frame)
