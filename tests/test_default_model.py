@@ -3,7 +3,7 @@
 The query words below ("puppy", "canine", "pony", "stallion", "toad", "amphibian", "arachnid") appear in
 no training caption of the sample corpus (checked against `mm samples build` output; bench_quality.py
 measures the same thing on every test caption with an unseen word). They work because the frozen
-MiniLM text encoder's semantics reach the shared space through the backbone and the pooled residual.
+text tower's semantics reach the shared space through the backbone and the pooled residual.
 """
 
 from __future__ import annotations
@@ -56,3 +56,41 @@ def test_unseen_words_find_the_right_stamp():
     ranks = np.argsort(-(q @ g.T), axis=1)
     top3 = [names.index(target) in ranks[i, :3] for i, target in enumerate(QUERIES.values())]
     assert sum(top3) >= 5, dict(zip(QUERIES, top3, strict=True))
+
+
+@pytest.mark.slow
+@needs_stamps
+def test_a_barking_dog_finds_the_dog_picture_and_sound_in_default_search_of_uncaptioned_files(tmp_path):
+    """The README's first query as a user's folder meets it: every animal stamp's picture and sound from the
+    tuxpaint package (a few hundred files), no caption beside any, searched in the default (hybrid) mode.
+
+    Vector search alone does not do it yet (issue 16's target, missed; docs/results.md "Default model v2"):
+    hub items (a lamb's bleat, a singing dinosaur) outrank the dog for many animal queries, so this test
+    pins what users get today: the file name's word match, calibrated, beside the vector ranking."""
+    import shutil
+
+    from index.collection import Collection
+    from index.ingest import ingest
+    from service.schemas import SearchQuery
+    from service.search import answer
+
+    emb = create_model("default")
+    lib = tmp_path / "library"
+    lib.mkdir()
+    for png in sorted((STAMPS / "animals").rglob("*.png")):
+        for f in (png, png.with_suffix(".ogg")):  # the stamp's own sound, not its spoken description
+            if f.exists():
+                shutil.copy(f, lib / f"{png.parent.name}-{f.name}")
+    coll = Collection.create(tmp_path / "coll", dim=emb.dim, embedder_id=emb.model_id)
+    try:
+        report = ingest(coll, emb, [lib], progress=False)
+        assert report.failed == 0 and coll.count() >= 100
+        dog = {("image", "dogs-dog.png"), ("audio", "dogs-dog.ogg")}
+
+        def top(mode: str, k: int) -> set[tuple[str, str]]:
+            found = answer(SearchQuery(query="a barking dog", k=k, mode=mode), emb, coll)
+            return {(h.item.modality, Path(h.item.uri).name) for h in found.hits}
+
+        assert dog <= top("hybrid", 5)
+    finally:
+        coll.close()
