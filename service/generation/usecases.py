@@ -60,9 +60,7 @@ def generators_of(app: Any) -> Generators:
     gens = getattr(app.state, "generators", None)
     if gens is None:
         calibration = getattr(app.state.embedder, "calibration", None)
-        gens = app.state.generators = Generators(
-            app.state.settings, app.state.collection.vector, calibration
-        )
+        gens = app.state.generators = Generators(app.state.settings, app.state.collection.vector, calibration)
     return gens
 
 
