@@ -440,14 +440,7 @@ def ingest(
         pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
     report.seconds = time.perf_counter() - t0
-    log.info(
-        "ingest: %d added, %d updated, %d skipped, %d failed in %.1fs",
-        report.added,
-        report.updated,
-        report.skipped,
-        report.failed,
-        report.seconds,
-    )
+    log.info("ingest: %s", report.summary())
     return report
 
 

@@ -72,3 +72,10 @@ class IngestReport:
     seen: int = 0
     errors: list[ItemError] = field(default_factory=list)
     seconds: float = 0.0
+
+    def summary(self) -> str:
+        """One line for the log: counts and time."""
+        return (
+            f"{self.added} added, {self.updated} updated, {self.skipped} skipped, {self.failed} failed "
+            f"in {self.seconds:.1f}s"
+        )

@@ -240,14 +240,7 @@ def ray_ingest(
     for part in _build(ray, str(Path(collection).expanduser()), by_shard, counts):
         _merge(report, part)
     report.seconds = time.perf_counter() - t0
-    log.info(
-        "ray ingest: %d added, %d updated, %d skipped, %d failed in %.1fs",
-        report.added,
-        report.updated,
-        report.skipped,
-        report.failed,
-        report.seconds,
-    )
+    log.info("ray ingest: %s", report.summary())
     return report
 
 
