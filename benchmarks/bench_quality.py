@@ -90,11 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(cfg)
         res = trainer.train()
         seconds = time.perf_counter() - t0
-        for m, cache in trainer.caches.items():
-            before = len(cache.items)
-            cache.fill([str(r[m]) for r in test_rows if r.get(m)])
-            if len(cache.items) > before:
-                cache.save(trainer.cache_path(m))  # frozen features only; shared by the next variants
+        trainer.cache_rows(test_rows)  # the test split's frozen features, once for every run
         test = trainer.evaluate(test_rows)
         results[name] = {"val": res.val, "test": test, "train_seconds": round(seconds, 1)}
         # Queries whose caption has a word that never occurs in any training caption.

@@ -83,11 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         trainer = Trainer(cfg)
         trainer.train()
-        for m, cache in trainer.caches.items():  # the test split's frozen features, once for every run
-            before = len(cache.items)
-            cache.fill([str(r[m]) for r in test_rows if r.get(m)])
-            if len(cache.items) > before:
-                cache.save(trainer.cache_path(m))
+        trainer.cache_rows(test_rows)  # the test split's frozen features, once for every run
         test = trainer.evaluate(test_rows)
         n_train = sum(r.get("split") == "train" for r in kept)
         seconds = round(time.perf_counter() - t0, 1)

@@ -204,6 +204,15 @@ class Trainer:
                 cache.save(path)
             log.info("%s cache: %d items (%d loaded from disk)", m, len(cache.items), loaded)
 
+    def cache_rows(self, rows: Sequence[dict]) -> None:
+        """Add ``rows``' items (e.g. the test split) to the frozen-feature caches on disk, so the next run
+        sharing the cache directory finds them there."""
+        for m, cache in self.caches.items():
+            before = len(cache.items)
+            cache.fill(_keys(rows, m))
+            if len(cache.items) > before:
+                cache.save(self.cache_path(m))
+
     def train(self) -> TrainResult:
         from tqdm.auto import tqdm
 
