@@ -66,6 +66,11 @@ class TrainConfig:
     # The pooled linear path trains as a linear probe with its own contrastive loss, and the main loss sees
     # it detached: the backbone learns a residual on top of the probe instead of co-adapting with it.
     pooled_probe: bool = False
+    # How often each training row of a source is seen per epoch, by the manifest's `source` field (1.0
+    # for a source not named): 0.4 shows 40% of that source's rows each epoch (a fresh draw every epoch),
+    # 2.0 shows each row twice. Lets one large source (CLDR's emoji names: half the grown corpus) stop
+    # crowding out the small ones that carry sounds.
+    source_weights: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -128,11 +133,13 @@ class Trainer:
         if cfg.pooled_probe and not hasattr(self.model, "pooled_proj"):
             raise ValueError("pooled_probe needs a model with the pooled residual (residual_pooled=True)")
         self.fill_rng = np.random.default_rng(cfg.seed + 1)
+        self.row_weights = _row_weights(self.rows, cfg.source_weights)
         labels = [r.get("label") or r.get("id") or str(i) for i, r in enumerate(self.rows)]
         lookup = {lab: i for i, lab in enumerate(dict.fromkeys(labels))}
         self.labels = torch.tensor([lookup[lab] for lab in labels])
         self.opt = torch.optim.AdamW(_param_groups(self.model, cfg), lr=cfg.lr)
-        self.steps_per_epoch = max(1, len(self.rows) // (cfg.batch_size * cfg.grad_accum))
+        per_epoch = len(self.rows) if self.row_weights is None else float(self.row_weights.sum())
+        self.steps_per_epoch = max(1, int(per_epoch) // (cfg.batch_size * cfg.grad_accum))
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
         self.step = 0
         if resume:
@@ -148,6 +155,16 @@ class Trainer:
             return c.lr * (step + 1) / c.warmup_steps
         frac = (step - c.warmup_steps) / max(1, self.total_steps - c.warmup_steps)
         return c.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+
+    def _epoch_order(self, rng: np.random.Generator) -> np.ndarray:
+        """One epoch's row indices, shuffled: each row ``floor(w)`` times plus once more with
+        probability ``w - floor(w)`` under its source weight ``w`` (every row once without weights)."""
+        n = len(self.rows)
+        if self.row_weights is None:
+            return rng.permutation(n)
+        whole = np.floor(self.row_weights)
+        reps = whole.astype(np.int64) + (rng.random(n) < self.row_weights - whole)
+        return rng.permutation(np.repeat(np.arange(n), reps))
 
     def _fill(self, row: dict) -> dict:
         """The row with each missing ``fill_views`` view borrowed from a random same-label train row."""
@@ -225,14 +242,14 @@ class Trainer:
         loss_val = float("nan")
         val: dict[str, dict[str, float]] = {}
         logf = (self.out / LOG_FILE).open("a")
-        order = rng.permutation(len(self.rows))
+        order = self._epoch_order(rng)
         pos = 0
         while self.step < self.total_steps:
             self.opt.zero_grad(set_to_none=True)
             logs: dict[str, float] = {}
             for _ in range(c.grad_accum):
                 if pos + c.batch_size > len(order):
-                    order, pos = rng.permutation(len(self.rows)), 0
+                    order, pos = self._epoch_order(rng), 0
                 idx = order[pos : pos + c.batch_size].tolist()
                 pos += c.batch_size
                 loss, logs = self._micro_batch(idx)
@@ -341,6 +358,25 @@ def _param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str, An
         }
         for (token, decay), ps in sorted(groups.items())
     ]
+
+
+def _row_weights(rows: Sequence[dict], weights: dict[str, float]) -> np.ndarray | None:
+    """Per-row epoch weights from ``TrainConfig.source_weights`` (None when no source is weighted)."""
+    if not weights:
+        return None
+    sources = {str(r.get("source")) for r in rows}
+    unknown = sorted(set(weights) - sources)
+    if unknown:
+        raise ValueError(
+            f"source_weights names sources with no training rows: {unknown}; have {sorted(sources)}"
+        )
+    for name, w in weights.items():
+        if not (math.isfinite(w) and w >= 0):
+            raise ValueError(f"source weight for {name!r} must be a finite number >= 0, got {w!r}")
+    out = np.array([float(weights.get(str(r.get("source")), 1.0)) for r in rows])
+    if out.sum() < 1:
+        raise ValueError("source_weights leave no training rows")
+    return out
 
 
 def _view_pool(rows: Sequence[dict], views: tuple[str, ...]) -> dict[str, dict[str, list[str]]]:

@@ -172,3 +172,27 @@ def test_pooled_probe_trains_the_pooled_path_on_its_own_loss_only(tmp_path):
     no_pool = {"residual_pooled": False}
     with pytest.raises(ValueError, match="pooled_probe"):
         Trainer(tiny_config(manifest, tmp_path / "run2", pooled_probe=True, overrides=no_pool))
+
+
+def test_source_weights_set_how_often_each_sources_rows_are_seen(tmp_path):
+    manifest = make_corpus(tmp_path)
+    rows = [json.loads(x) for x in manifest.read_text().splitlines()]
+    for i, r in enumerate(rows):
+        r["source"] = "big" if i % 2 else "small"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    trainer = Trainer(
+        tiny_config(manifest, tmp_path / "run", max_steps=1, source_weights={"big": 0.5, "small": 2})
+    )
+    src = np.array([r["source"] for r in trainer.rows])
+    rng = np.random.default_rng(0)
+    seen = np.concatenate([trainer._epoch_order(rng) for _ in range(200)])
+    per_row = np.bincount(seen, minlength=len(src)) / 200
+    assert per_row[src == "small"] == pytest.approx(2.0)  # whole weights: every row exactly twice
+    assert per_row[src == "big"].mean() == pytest.approx(0.5, abs=0.05)  # fractions: drawn afresh
+    assert per_row[src == "big"].min() > 0 and per_row[src == "big"].max() < 1
+    plain = Trainer(tiny_config(manifest, tmp_path / "plain", max_steps=1))
+    assert sorted(plain._epoch_order(rng)) == list(range(len(src)))
+    with pytest.raises(ValueError, match="no training rows"):
+        Trainer(tiny_config(manifest, tmp_path / "bad", max_steps=1, source_weights={"nope": 1.0}))
+    with pytest.raises(ValueError, match="finite"):
+        Trainer(tiny_config(manifest, tmp_path / "bad2", max_steps=1, source_weights={"big": float("nan")}))

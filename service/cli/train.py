@@ -27,6 +27,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="KEY=JSON",
         help="model config override, e.g. backbone.depth=2 (repeatable)",
     )
+    p.add_argument(
+        "--source-weight",
+        action="append",
+        default=[],
+        metavar="SOURCE=W",
+        help="rows of SOURCE seen W times an epoch (0.4: 40%% of them), e.g. cldr=0.4; repeatable",
+    )
     p.set_defaults(func=run)
 
 
@@ -47,6 +54,15 @@ def run(args: argparse.Namespace) -> int:
     for name in ("epochs", "max_steps", "batch_size", "grad_accum", "lr", "seed"):
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
+    weights = dict(kw.pop("source_weights", {}))
+    for item in args.source_weight:
+        name, _, value = item.partition("=")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise ValueError(f"--source-weight needs SOURCE=NUMBER, got {item!r}") from None
+    if weights:
+        kw["source_weights"] = weights
     if args.no_bf16:
         kw["bf16"] = False
     if args.recipe is None:
