@@ -38,6 +38,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.paths import CACHE, default_manifest  # noqa: E402
+from mm.atomic import atomic_write  # noqa: E402
 
 log = logging.getLogger("bench_image_towers")
 DIRECTIONS = (("text", "image"), ("image", "text"))
@@ -59,6 +60,16 @@ def build_tower(name: str):
     return build_image_encoder(ImageEncoderConfig(kind=f"efficientnet_{name}", image_size=size)).eval()
 
 
+def save_features(path: Path, feats: dict[str, np.ndarray]) -> None:
+    """The cache as one .npz, written atomically (a kill mid-save leaves the previous cache whole)."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a path
+            np.savez(f, keys=np.array(list(feats)), values=np.stack(list(feats.values())))
+
+    atomic_write(path, write)
+
+
 def pooled_features(enc, keys: list[str], path: Path, batch: int = 32) -> dict[str, np.ndarray]:
     """Pooled features by image key, cached in ``path`` (resumable between runs)."""
     import torch
@@ -75,12 +86,7 @@ def pooled_features(enc, keys: list[str], path: Path, batch: int = 32) -> dict[s
             out = enc(enc.prepare(chunk)).pooled.float().numpy()
         feats.update(zip(chunk, out, strict=True))
         if (s // batch) % 10 == 9 or s + batch >= len(todo):
-            np.savez(
-                path.with_suffix(".tmp.npz"),
-                keys=np.array(list(feats)),
-                values=np.stack(list(feats.values())),
-            )
-            path.with_suffix(".tmp.npz").replace(path)
+            save_features(path, feats)
             log.info(
                 "%s: %d/%d images (%.0fs)", path.name, s + len(chunk), len(todo), time.perf_counter() - t0
             )
