@@ -19,9 +19,8 @@ def needs_sql(f: Filter | None) -> bool:
 
 
 def filter_where(f: Filter) -> tuple[str, list[Any]]:
-    """SQL ``WHERE`` clause (over table ``items``) and its parameters for the metadata part of ``f``."""
-    if f.since is not None and f.until is not None and f.since > f.until:
-        raise ValueError(f"filter since={f.since} is after until={f.until}: swap them")
+    """SQL ``WHERE`` clause (over table ``items``) and its parameters for the metadata part of ``f``
+    (whose time span the :class:`Filter` checked when it was made)."""
     clauses: list[str] = []
     args: list[Any] = []
     if f.modalities:

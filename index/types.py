@@ -37,6 +37,13 @@ class Hit:
     item: Item
 
 
+def check_span(since: float | None, until: float | None) -> None:
+    """ValueError when ``since`` is after ``until``, a time span nothing can match. The one place this rule
+    is written: a :class:`Filter` checks it when made, and so does the service's ``SearchFilters``."""
+    if since is not None and until is not None and since > until:
+        raise ValueError("since is after until: nothing can match")
+
+
 @dataclass
 class Filter:
     """Metadata filter applied inside FAISS search (IDSelector), so k results come back after filtering."""
@@ -47,6 +54,9 @@ class Filter:
     since: float | None = None  # created_at >= since (unix seconds)
     until: float | None = None  # created_at <= until
     exclude_ids: list[int] | None = None  # e.g. the query item for more-like-this
+
+    def __post_init__(self) -> None:
+        check_span(self.since, self.until)
 
     def is_empty(self) -> bool:
         return not any(

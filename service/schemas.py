@@ -24,7 +24,7 @@ from pydantic import (
 from pydantic.json_schema import SkipJsonSchema
 from typing_extensions import TypedDict  # pydantic needs typing_extensions' on Python < 3.12
 
-from index.types import Filter
+from index.types import Filter, check_span
 from service.limits import (
     INT64_MAX,
     MAX_MESSAGE_CHARS,
@@ -144,8 +144,7 @@ class SearchFilters(BaseModel):
     @model_validator(mode="after")
     def _times(self) -> SearchFilters:
         since, until = parse_time(self.since), parse_time(self.until)
-        if since is not None and until is not None and since > until:
-            raise ValueError("since is after until: nothing can match")
+        check_span(since, until)  # the index's rule, refused here as a 422
         self._span = (since, until)
         return self
 

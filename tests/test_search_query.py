@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from index.collection import Collection
+from index.types import Filter
 from service.app import create_app
 from service.schemas import (
     MAX_K,
@@ -81,6 +82,16 @@ def test_time_span_is_read_and_ordered():
         SearchFilters(since=math.inf)
     with pytest.raises(ValidationError):
         SearchFilters(until="yesterday")
+
+
+def test_the_time_span_rule_is_written_once():
+    """``since <= until`` is ``index.types.check_span``: the index's Filter and the query's filters refuse an
+    inverted span when made, in the same words (the index no longer checks it again at search time)."""
+    with pytest.raises(ValueError, match="^since is after until: nothing can match$"):
+        Filter(since=10.0, until=5.0)
+    with pytest.raises(ValidationError, match="since is after until: nothing can match"):
+        SearchFilters(since=10, until=5)
+    assert Filter(since=5.0, until=5.0).until == 5.0  # a one-second span is a span
 
 
 def test_filter_carries_modalities_tags_path_span_and_the_excluded_item():
