@@ -623,3 +623,41 @@ def test_a_500_keeps_the_connection(tmp_path, monkeypatch):
             while chunk := sock.recv(65536):
                 second += chunk
             assert second.startswith(b"HTTP/1.1 200"), second[:200]
+
+
+def test_citations_carry_a_snippet_not_the_stored_text(client):
+    """A cited item's whole text (up to 1 MB from a file, 100,000 characters here) is its own route's
+    (GET /items/{id}); an answer's citations carry a snippet, as search hits do (issue 18.3)."""
+    from mm.media import SNIPPET_CHARS
+    from service.generation import ExtractiveGenerator
+    from service.generation.backends.extractive import Rules
+    from service.limits import MAX_TEXT_CHARS
+    from service.routers.generate import generators_of
+
+    text = "A harbour lantern. " + "fishing boats at dawn " * (MAX_TEXT_CHARS // 23)
+    resp = client.post("/items/text", json={"text": text[:MAX_TEXT_CHARS]})
+    assert resp.status_code == 201, resp.text
+    long_id = resp.json()["id"]
+    made = generators_of(client.app)._made
+    saved = dict(made)
+    made["extractive"] = ExtractiveGenerator(rules=Rules(item_min=-1.0, answer_min=-1.0, margin=0.0))
+    try:
+        question = "harbour lantern"
+        answers = {
+            "/generate": client.post("/generate", json={"query": question}).json()["citations"],
+            "chat": client.post(
+                "/v1/chat/completions", json={"messages": [{"role": "user", "content": question}]}
+            ).json()["mm_citations"],
+        }
+        with client.websocket_connect("/ws") as ws:
+            ws.send_json({"type": "generate", "id": 1, "query": question})
+            while (msg := ws.receive_json())["type"] not in ("done", "error"):
+                if msg["type"] == "citations":
+                    answers["ws"] = msg["citations"]
+    finally:
+        made.clear()
+        made.update(saved)
+    for route, cites in answers.items():
+        assert long_id in [c["id"] for c in cites], (route, cites)  # the long item is cited
+        assert all(len(c["caption"]) <= SNIPPET_CHARS for c in cites), route
+        assert next(c["caption"] for c in cites if c["id"] == long_id).startswith("A harbour lantern.")

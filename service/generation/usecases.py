@@ -14,6 +14,7 @@ from typing import Any
 
 from index.types import Hit
 from mm.errors import MediaError
+from mm.media import text_snippet
 from service.errors import APIError
 from service.generation.base import Generator, GeneratorUnavailable, check_params
 from service.generation.bridge import iterate_in_thread
@@ -23,9 +24,14 @@ from service.schemas import Citation
 
 
 def citations(hits: Sequence[Hit]) -> list[Citation]:
+    """What an answer cites, each caption a snippet as in a search hit (a stored text may be 1 MB; the
+    whole of it is GET /items/{id}'s)."""
     return [
         Citation(
-            id=int(h.id), modality=h.item.modality, score=round(float(h.score), 6), caption=h.item.caption
+            id=int(h.id),
+            modality=h.item.modality,
+            score=round(float(h.score), 6),
+            caption=text_snippet(h.item.caption),
         )
         for h in hits
     ]
