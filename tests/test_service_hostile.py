@@ -661,3 +661,19 @@ def test_citations_carry_a_snippet_not_the_stored_text(client):
         assert long_id in [c["id"] for c in cites], (route, cites)  # the long item is cited
         assert all(len(c["caption"]) <= SNIPPET_CHARS for c in cites), route
         assert next(c["caption"] for c in cites if c["id"] == long_id).startswith("A harbour lantern.")
+
+
+def test_a_page_of_items_carries_snippets_and_each_item_its_stored_text(client):
+    """A page of up to 1,000 items would carry every stored text whole (1 MB each from a file: a 1 GB
+    answer); it carries snippets, and GET /items/{id} the whole text (issue 18.3)."""
+    from mm.media import SNIPPET_CHARS
+
+    text = "A long ledger. " + "entries of the harbour " * 4000
+    resp = client.post("/items/text", json={"text": text})
+    assert resp.status_code == 201, resp.text
+    item_id = resp.json()["id"]
+    page = client.get("/items", params={"modality": "text", "limit": 1000}).json()["items"]
+    (listed,) = [i for i in page if i["id"] == item_id]
+    assert len(listed["caption"]) <= SNIPPET_CHARS and listed["caption"].startswith("A long ledger.")
+    assert all(len(i["caption"]) <= SNIPPET_CHARS for i in page)
+    assert client.get(f"/items/{item_id}").json()["caption"] == text

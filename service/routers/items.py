@@ -16,7 +16,7 @@ from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
 
 from mm.errors import MediaError
-from mm.media import describe_limits, require_modality
+from mm.media import describe_limits, require_modality, text_snippet
 from service.deps import CollectionDep, EmbedderDep, SettingsDep
 from service.errors import APIError
 from service.limits import INT64_MAX, MAX_TAG_CHARS, MAX_TAGS, MAX_TEXT_CHARS
@@ -129,9 +129,11 @@ def list_items(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0, le=INT64_MAX)] = 0,
 ) -> ItemList:
+    """A page of items, each caption a snippet (a stored text may be 1 MB: a page of 1,000 would be a
+    gigabyte); ``GET /items/{id}`` holds the whole text."""
     items = collection.items(modality=modality, limit=limit, offset=offset)
     return ItemList(
-        items=[ItemOut.model_validate(item_to_dict(i)) for i in items],
+        items=[ItemOut.model_validate(item_to_dict(i) | {"caption": text_snippet(i.caption)}) for i in items],
         total=collection.count(modality),
         limit=limit,
         offset=offset,
