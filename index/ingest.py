@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -30,6 +30,9 @@ from index.collection import Collection
 from index.protocol import Embedder, MediaReader, Transcribe
 from index.types import IngestReport, Item, ItemError
 from index.walk import OUTSIDE, inside, resolve_roots, walk
+
+if TYPE_CHECKING:
+    from index.api import CollectionAPI
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +127,7 @@ def _caption_path(media: Path, roots: Sequence[Path] | None) -> Path | None:
 
 
 def _prepare(
-    coll: Collection,
+    coll: CollectionAPI,
     media: MediaReader,
     cand: Candidate,
     tags: list[str] | None,
@@ -249,7 +252,7 @@ def encode_checked(embedder: Embedder, modality: str, payloads: list[Any]) -> np
     return out
 
 
-def _check_embedder(coll: Collection, embedder: Embedder) -> None:
+def _check_embedder(coll: CollectionAPI, embedder: Embedder) -> None:
     model_id = getattr(embedder, "model_id", coll.embedder_id)
     if int(embedder.dim) != coll.dim or model_id != coll.embedder_id:
         raise ValueError(
@@ -445,7 +448,7 @@ def ingest(
 
 
 def ingest_one(
-    collection: Collection,
+    collection: CollectionAPI,
     embedder: Embedder,
     path: str | Path,
     *,
@@ -505,7 +508,7 @@ def ingest_one(
 
 
 def add_text(
-    collection: Collection, embedder: Embedder, text: str, *, tags: list[str] | None = None, uri: str = ""
+    collection: CollectionAPI, embedder: Embedder, text: str, *, tags: list[str] | None = None, uri: str = ""
 ) -> Item:
     """Index a piece of text (its own caption). Identical text already stored returns the stored item."""
     _check_embedder(collection, embedder)

@@ -322,6 +322,8 @@ def test_ws_malformed_messages_keep_the_connection(client):
             "message": "type must be 'search', 'generate' or 'cancel'",
             "status": 400,
         }
+        ws.send_json({"type": ["search"], "id": "l"})  # an unhashable type is refused like any other
+        assert ws.receive_json()["code"] == "bad_message"
         ws.send_json({"type": "generate", "id": "y", "query": QUESTION, "k": 999})
         err = ws.receive_json()
         assert err["type"] == "error" and err["code"] == "validation_error" and err["id"] == "y"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi import Path as PathParam
@@ -86,6 +86,7 @@ def add_item(
         raise APIError(422, "send exactly one of 'file' or 'text'", "validation_error")
     if text is not None:
         return _add_text(collection, embedder, text, _tags(tags))
+    assert file is not None  # exactly one of the two
     from index.ingest import ingest_one
 
     modality = require_modality(file.filename, file.content_type, ("image", "audio"))  # 415 before writing
@@ -145,11 +146,17 @@ def get_item(item_id: ItemIdPath, collection: CollectionDep) -> ItemOut:
     return ItemOut.model_validate(item_to_dict(_get(collection, item_id)))
 
 
+MEDIA_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"image/*": {}, "audio/*": {}}},
+    206: {"description": "a byte range"},
+}
+THUMBNAIL_RESPONSES: dict[int | str, dict[str, Any]] = {200: {"content": {"image/jpeg": {}}}}
+
+
 @router.get(
     "/{item_id}/media",
     response_class=FileResponse,
-    responses={200: {"content": {"image/*": {}, "audio/*": {}}}, 206: {"description": "a byte range"}}
-    | error_responses(401, 404, 422),
+    responses=MEDIA_RESPONSES | error_responses(401, 404, 422),
 )
 def get_media(item_id: ItemIdPath, collection: CollectionDep) -> FileResponse:
     """The original file; honours ``Range`` requests (206 + ``Content-Range``) so audio can seek."""
@@ -162,7 +169,7 @@ def get_media(item_id: ItemIdPath, collection: CollectionDep) -> FileResponse:
 @router.get(
     "/{item_id}/thumbnail",
     response_class=FileResponse,
-    responses={200: {"content": {"image/jpeg": {}}}} | error_responses(401, 404, 422),
+    responses=THUMBNAIL_RESPONSES | error_responses(401, 404, 422),
 )
 def get_thumbnail(item_id: ItemIdPath, collection: CollectionDep, settings: SettingsDep) -> FileResponse:
     """A JPEG thumbnail of an image item (cached on disk); 404 for audio and text items."""

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 from typing import Any
@@ -49,6 +50,12 @@ router = APIRouter(tags=["websocket"])
 
 MAX_MESSAGE = 64 * 1024  # bytes of one client message
 MAX_RUNNING = 8  # concurrent requests per connection
+# a message's ``type`` -> its model (service.schemas)
+MESSAGES: dict[str, type[WSSearch] | type[WSGenerate] | type[WSCancel]] = {
+    "search": WSSearch,
+    "generate": WSGenerate,
+    "cancel": WSCancel,
+}
 
 
 def _authorised(ws: WebSocket, keys: list[str]) -> bool:
@@ -111,11 +118,10 @@ class Connection:
         rid = msg.get("id")
         if not isinstance(rid, str | int | None) or isinstance(rid, bool):
             rid = None  # not echoed: it could not name a request
-        if kind not in ("search", "generate", "cancel"):
+        if not isinstance(kind, str) or kind not in MESSAGES:  # a list or an object is not hashable
             return await self.error(rid, "bad_message", "type must be 'search', 'generate' or 'cancel'")
-        model = {"search": WSSearch, "generate": WSGenerate, "cancel": WSCancel}[kind]
         try:
-            req = model.model_validate(msg)
+            req = MESSAGES[kind].model_validate(msg)
         except ValidationError as exc:
             err = exc.errors()[0]
             where = ".".join(str(p) for p in err["loc"])
@@ -133,7 +139,7 @@ class Connection:
             )
         task = asyncio.create_task(self.handle(req))
         self.tasks[req.id] = task
-        task.add_done_callback(lambda t, rid=req.id: self._finished(rid, t))
+        task.add_done_callback(functools.partial(self._finished, req.id))
         return None
 
     def _finished(self, rid: str | int, task: asyncio.Task) -> None:
