@@ -65,6 +65,21 @@ SNIPPET_CHARS = 300
 IMAGE_FORMATS = {"JPEG", "PNG", "WEBP", "GIF", "BMP"}
 AUDIO_MIME = {"WAV": "audio/wav", "FLAC": "audio/flac", "OGG": "audio/ogg", "MP3": "audio/mpeg"}
 TEXT_MIME = {".txt": "text/plain", ".md": "text/markdown"}
+# The suffix an upload named without one (``blob``) is stored under, from the type it was sent as.
+MIME_SUFFIX = {
+    "image/png": ".png",
+    "image/jpeg": ".jpg",
+    "image/gif": ".gif",
+    "image/bmp": ".bmp",
+    "image/webp": ".webp",
+    "audio/wav": ".wav",
+    "audio/x-wav": ".wav",
+    "audio/wave": ".wav",
+    "audio/flac": ".flac",
+    "audio/x-flac": ".flac",
+    "audio/ogg": ".ogg",
+    "audio/mpeg": ".mp3",
+}
 
 # Leading bytes of formats we accept: a file that starts like one of these but fails to decode is
 # "corrupt"; anything else Pillow/libsndfile cannot identify is "unsupported".

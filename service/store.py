@@ -14,7 +14,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from index.atomic import atomic_write, durable_replace
 from mm.errors import MediaError
-from mm.media import require_modality
+from mm.media import MIME_SUFFIX, require_modality
 from service.schemas import QueryMedia
 
 if TYPE_CHECKING:
@@ -26,20 +26,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_MIME_SUFFIX = {
-    "image/png": ".png",
-    "image/jpeg": ".jpg",
-    "image/gif": ".gif",
-    "image/bmp": ".bmp",
-    "image/webp": ".webp",
-    "audio/wav": ".wav",
-    "audio/x-wav": ".wav",
-    "audio/wave": ".wav",
-    "audio/flac": ".flac",
-    "audio/x-flac": ".flac",
-    "audio/ogg": ".ogg",
-    "audio/mpeg": ".mp3",
-}
 _CHUNK = 1 << 20
 
 
@@ -134,7 +120,7 @@ def safe_suffix(filename: str | None, content_type: str | None = None) -> str:
     suffix = Path(filename or "").suffix.lower()
     if re.fullmatch(r"\.[a-z0-9]{1,8}", suffix):
         return suffix
-    return _MIME_SUFFIX.get((content_type or "").split(";")[0].strip().lower(), "")
+    return MIME_SUFFIX.get((content_type or "").split(";")[0].strip().lower(), "")
 
 
 def copy_limited(src: IO[bytes], dst: IO[bytes], max_bytes: int) -> tuple[int, str]:

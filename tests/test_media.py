@@ -54,6 +54,20 @@ def test_modality_of():
     assert modality_of("x.tiff") is None
 
 
+def test_an_upload_named_by_its_type_gets_a_suffix_of_that_modality():
+    """The MIME table (mm.media, beside the suffix tables) names only suffixes the sniffer takes as the
+    type's own modality, so an upload called ``blob`` is stored under a name ingest reads back."""
+    from mm.media import MIME_SUFFIX
+    from service.store import safe_suffix
+
+    assert MIME_SUFFIX
+    for mime, suffix in MIME_SUFFIX.items():
+        assert modality_of("blob" + suffix) == mime.split("/")[0], mime
+        assert safe_suffix("blob", mime.upper() + "; charset=binary") == suffix
+    assert safe_suffix("clip.OGG", "image/png") == ".ogg"  # a usable suffix of its own wins
+    assert safe_suffix("blob", "application/zip") == ""
+
+
 def test_png_alpha_is_composited_onto_white(tmp_path):
     img = Image.new("RGBA", (4, 2), (0, 0, 0, 0))  # fully transparent black
     img.putpixel((0, 0), (255, 0, 0, 255))
