@@ -293,6 +293,17 @@ def test_a_bad_k_is_refused_alike(served, monkeypatch, capsys):
     assert "k:" in capsys.readouterr().err
 
 
+def test_a_bad_mode_is_refused_alike(served, capsys):
+    """The modes are SearchQuery's list alone: the CLI refuses an unknown one in the REST API's words."""
+    from service.cli import main
+
+    refusal = served.post("/search", json={"query": "x", "mode": "fuzzy"}).json()["error"]["message"]
+    assert refusal.startswith("mode:") and "keyword" in refusal
+    coll = str(served.app.state.settings.collection)
+    assert main(["search", "x", "--mode", "fuzzy", "--collection", coll]) == 2
+    assert capsys.readouterr().err.strip() == f"mm: error: {refusal}"
+
+
 @pytest.mark.parametrize("mode", ["keyword", "hybrid", "vector"])
 def test_every_mode_reaches_every_entry_point_alike(served, monkeypatch, capsys, mode):
     body = {"query": "ocean wave", "k": 5, "mode": mode}

@@ -46,9 +46,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="tag=x, path=/prefix, since=ISO|unix, until=ISO|unix (repeatable)",
     )
     p.add_argument("--offset", type=int, default=0, help="skip this many results (paging)")
+    # the modes are SearchQuery's (service.schemas.SearchMode), which refuses any other by name
     p.add_argument(
         "--mode",
-        choices=("hybrid", "vector", "keyword"),
         default="hybrid",
         help="ranking: hybrid (vectors + words of captions, names, tags, transcripts), vector, keyword",
     )
