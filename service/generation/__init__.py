@@ -34,10 +34,18 @@ from service.generation.backends.openai import OpenAIGenerator
 from service.generation.base import Generator, GeneratorUnavailable, check_params, with_stop
 from service.generation.bridge import iterate_in_thread
 from service.generation.registry import Generators
-from service.generation.usecases import Answer, citations, generators_of, start_answer, start_stream
+from service.generation.usecases import (
+    Answer,
+    answer_request,
+    citations,
+    generators_of,
+    start_answer,
+    start_stream,
+)
 
 __all__ = [
     "Answer",
+    "answer_request",
     "ExtractiveGenerator",
     "GGUFGenerator",
     "Generator",

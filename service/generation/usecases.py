@@ -20,7 +20,7 @@ from service.generation.base import Generator, GeneratorUnavailable, check_param
 from service.generation.bridge import iterate_in_thread
 from service.generation.registry import Generators
 from service.generation.usage import Usage, usage_of
-from service.schemas import Citation
+from service.schemas import Citation, GenerateParams
 
 
 def citations(hits: Sequence[Hit]) -> list[Citation]:
@@ -146,3 +146,17 @@ async def start_answer(
         await agen.aclose()
         raise APIError(422, str(exc), "validation_error") from exc
     return Answer(agen, first, cites, gen.name, source)
+
+
+async def answer_request(app: Any, req: GenerateParams, hits: list[Hit] | Callable[[], list[Hit]]) -> Answer:
+    """:func:`start_answer` for a ``POST /generate`` body or a WebSocket ``generate`` message: its
+    question, backend and sampling parameters."""
+    return await start_answer(
+        app,
+        req.query,
+        hits,
+        backend=req.backend,
+        max_tokens=req.max_tokens,
+        temperature=req.temperature,
+        stop=req.stop,
+    )

@@ -25,7 +25,7 @@ from service import search
 from service.body import parse_json, schema_ref, validate
 from service.deps import CollectionDep, EmbedderDep, SettingsDep
 from service.errors import APIError
-from service.generation import Answer, GeneratorUnavailable, start_answer
+from service.generation import Answer, GeneratorUnavailable, answer_request
 from service.generation import generators_of as generators_of  # re-exported: tests reach the registry here
 from service.generation.usecases import unavailable
 from service.limits import MAX_QUERY_CHARS, MODALITIES_CSV
@@ -151,13 +151,5 @@ async def generate(request: Request, collection: CollectionDep, embedder: Embedd
         req = await parse_json(request, GenerateRequest)
         query = req.retrieval()
         hits = lambda: search.answer(query, embedder, collection).hits  # noqa: E731
-    answer = await start_answer(
-        request.app,
-        req.query,
-        hits,
-        backend=req.backend,
-        max_tokens=req.max_tokens,
-        temperature=req.temperature,
-        stop=req.stop,
-    )
+    answer = await answer_request(request.app, req, hits)
     return await respond(answer, req.stream)

@@ -40,7 +40,7 @@ from starlette.exceptions import HTTPException
 from index.sharded import ShardUnavailable
 from mm.errors import MediaError
 from service.auth import bearer_token, key_matches
-from service.generation import GeneratorUnavailable, start_answer
+from service.generation import GeneratorUnavailable, answer_request
 from service.schemas import WSCancel, WSGenerate, WSSearch
 from service.search import answer_http
 
@@ -164,15 +164,7 @@ class Connection:
                 results = {"type": "results", "id": rid, "results": found.results()}
                 return await self.send(results | found.partial_fields())
             hits = (await answer_http(req.retrieval(), emb, coll)).hits
-            answer = await start_answer(
-                self.app,
-                req.query,
-                hits,
-                backend=req.backend,
-                max_tokens=req.max_tokens,
-                temperature=req.temperature,
-                stop=req.stop,
-            )
+            answer = await answer_request(self.app, req, hits)
             stream = answer.rest()
             try:
                 async for piece in stream:
