@@ -6,9 +6,10 @@ that the collection opens, SQLite's integrity_check is ok, the FAISS ids are the
 vector, every file of every run that exited 0 is present, no ``*.tmp`` is left, and that a rerun
 succeeds. The harness is ``tests/reliability/crash.py`` (the test suite runs 10 kills of it).
 
-``--serve-kills N`` adds N kills of ``mm serve`` during concurrent uploads, text items and deletes: after
-a restart every acknowledged item is there and no acknowledged delete came back, and with the server
-stopped the collection checks clean and holds no upload without an item.
+``--serve-kills N`` adds one kill of ``mm serve`` while it creates its collection and N kills during
+concurrent uploads, text items and deletes: after a restart every acknowledged item is there and no
+acknowledged delete came back, and with the server stopped the collection checks clean and holds no
+upload without an item.
 
 Usage: ``python benchmarks/bench_crash.py [--kills 100] [--serve-kills 10] [--seed 0] [--fresh-every 10]
 [--work DIR]``; the last line is JSON: kills, those that landed mid-run and on creation, failures, files
@@ -60,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
         acked = sum(len(r.acked) for r in runs)
         serve = ServeCrashRun(work / "serve", seed=args.seed)
         serve_kills = []
+        if args.serve_kills:  # the first start creates the collection: kill it there once
+            kill = serve.kill_at_creation()
+            serve_kills.append(kill)
+            log.info("serve kill at creation %s: %s", kill.trigger, kill.problems or "ok")
         for i in range(args.serve_kills):
             kill = serve.kill_once()
             serve_kills.append(kill)
@@ -77,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                 "files_lost": sum(k.lost for k in kills),
                 "seconds": round(time.monotonic() - t0, 1),
                 "serve_kills": len(serve_kills),
+                "serve_on_creation": sum("appears" in k.trigger and k.killed for k in serve_kills),
                 "serve_failures": len(serve_failures),
                 "serve_items_acknowledged": serve.acks,
                 "serve_deletes_acknowledged": len(serve.deleted),

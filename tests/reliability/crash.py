@@ -32,6 +32,7 @@ import numpy as np
 from live import MM, ROOT, free_port
 
 KEEP_ALIVE = 3  # the deleter leaves this many acknowledged items standing
+ROUND_ACKS = KEEP_ALIVE + 3  # writes acknowledged in a round before its kill (at the earliest)
 CREATION_FILES = ("meta.sqlite", "collection.json")
 
 
@@ -261,15 +262,18 @@ class ServeCrashRun:
         self.last_lost = 0
         self._lock = threading.Lock()
 
-    def start(self) -> tuple[subprocess.Popen, str]:
-        import httpx
-
+    def _spawn(self) -> tuple[subprocess.Popen, str]:
         port = free_port()
         cmd = [sys.executable, "-c", MM, "serve", "--collection", str(self.coll), "--model", self.model,
                "--port", str(port), "--log-level", "warning"]  # fmt: skip
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
         proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        base = f"http://127.0.0.1:{port}"
+        return proc, f"http://127.0.0.1:{port}"
+
+    def start(self) -> tuple[subprocess.Popen, str]:
+        import httpx
+
+        proc, base = self._spawn()
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if proc.poll() is not None:
@@ -325,6 +329,7 @@ class ServeCrashRun:
     def kill_once(self) -> Kill:
         self.rounds += 1
         proc, base = self.start()
+        acks_before = self.acks
         stop = threading.Event()
         threads = [
             threading.Thread(target=self._traffic, args=(base, stop, w), daemon=True) for w in range(3)
@@ -333,6 +338,11 @@ class ServeCrashRun:
             t.start()
         delay = round(self.rng.uniform(0.3, 3.0), 3)
         time.sleep(delay)
+        # A loaded machine may acknowledge nothing in the delay: then the kill would test nothing (and
+        # the deleter, which keeps KEEP_ALIVE items, would delete nothing). Wait for a few acks first.
+        deadline = time.monotonic() + 60
+        while self.acks < acks_before + ROUND_ACKS and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
         killed = proc.poll() is None
         proc.kill()
         proc.wait()
@@ -352,6 +362,33 @@ class ServeCrashRun:
             proc.wait(60)
         kill.problems += self._check_files()
         kill.lost = self.last_lost
+        return kill
+
+    def kill_at_creation(self) -> Kill:
+        """``mm serve`` on a collection that does not exist yet, killed the moment one of its files
+        appears (``meta.sqlite``: before creation's commit point; ``collection.json``: after it); then
+        it must start again on that folder, and the collection check clean."""
+        self.rounds += 1
+        trigger = self.rng.choice(CREATION_FILES)
+        proc, _ = self._spawn()
+        deadline = time.monotonic() + 120
+        while not (self.coll / trigger).exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.002)
+        killed = proc.poll() is None and (self.coll / trigger).exists()
+        proc.kill()
+        proc.wait()
+        kill = Kill(self.rounds, f"serve when {trigger} appears", killed)
+        try:
+            proc, base = self.start()
+        except AssertionError as exc:
+            kill.problems.append(f"restart: {exc}")
+            return kill
+        try:
+            kill.problems += self._check_served(base)
+        finally:
+            proc.terminate()
+            proc.wait(60)
+        kill.problems += self._check_files()
         return kill
 
     def _check_served(self, base: str) -> list[str]:

@@ -1,5 +1,6 @@
-"""``kill -9`` of ``mm index`` at seeded random points, creation included, and of ``mm serve`` under
-concurrent uploads, text items and deletes; then the invariants (crash.py).
+"""``kill -9`` of ``mm index`` at seeded random points, creation included, and of ``mm serve`` while it
+creates its collection and under concurrent uploads, text items and deletes; then the invariants
+(crash.py).
 
 CI runs a bounded number of kills; ``python benchmarks/bench_crash.py --kills 100`` is the full run.
 """
@@ -48,7 +49,9 @@ def test_the_checks_see_a_lost_write_and_a_leftover(tmp_path):
 @pytest.mark.timeout(900)
 def test_kill_9_of_mm_serve_loses_no_acknowledged_write_and_brings_back_no_delete(tmp_path):
     run = ServeCrashRun(tmp_path, seed=SEED)
-    kills = [run.kill_once() for _ in range(SERVE_KILLS)]
+    creation = run.kill_at_creation()  # the first start creates the collection
+    assert creation.killed, f"mm serve was not killed while creating its collection ({creation.trigger})"
+    kills = [creation] + [run.kill_once() for _ in range(SERVE_KILLS)]
     assert run.acks and run.deleted, "the traffic acknowledged nothing: the kills tested nothing"
     assert run.acked, "no acknowledged item outlived the deletes: the restarts read nothing back"
     broken = [k for k in kills if k.problems]
