@@ -139,3 +139,26 @@ def test_cli_finetune_merge_and_reembed(base_ckpt, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["reembedded"] == 3
     with Collection.open(tmp_path / "coll") as coll:
         assert coll.embedder_id == base.model_id and coll.get_meta("adapter") is None
+
+
+def test_finetune_leaves_the_routers_balancing_biases_to_the_base(base_ckpt, tmp_path):
+    """The MoE routers' balancing biases belong to the frozen base (``Trainer.balance_experts`` is off for
+    a fine-tune, no monkeypatching): the adapter trains around the base's, while full training moves them."""
+    from mm.finetune import LoraTrainer
+    from mm.train import TrainConfig, Trainer
+
+    def biases(model) -> dict[str, torch.Tensor]:
+        return {n: b.detach().clone() for n, b in model.named_buffers() if n.endswith("router.bias")}
+
+    common = {"manifest": str(_manifest(tmp_path)), "model": str(base_ckpt), "max_steps": 1}
+    common |= {"batch_size": 6, "warmup_steps": 1, "bf16": False, "progress": False}
+    tuner = LoraTrainer(TrainConfig(out_dir=str(tmp_path / "adapter"), **common), LoraSpec(r=4))
+    base = biases(tuner.model)
+    tuner.train()
+    tuned = biases(tuner.model)
+    assert base and tuned.keys() == base.keys()
+    assert all(torch.equal(tuned[n], b) for n, b in base.items())
+    full = Trainer(TrainConfig(out_dir=str(tmp_path / "full"), **common))
+    full.train()
+    trained = biases(full.model)
+    assert any(not torch.equal(trained[n], b) for n, b in base.items())  # so the check above can fail
