@@ -677,3 +677,36 @@ def test_a_page_of_items_carries_snippets_and_each_item_its_stored_text(client):
     assert len(listed["caption"]) <= SNIPPET_CHARS and listed["caption"].startswith("A long ledger.")
     assert all(len(i["caption"]) <= SNIPPET_CHARS for i in page)
     assert client.get(f"/items/{item_id}").json()["caption"] == text
+
+
+def test_a_chat_question_reaches_the_backend_bounded(client):
+    """The last user message may hold 64 parts of 32,000 characters (2 MB): the question a backend
+    answers is its first MAX_QUERY_CHARS, as /generate's (the extractive backend scanned the whole of
+    it three times per request, about a second of CPU)."""
+    from service.limits import MAX_MESSAGE_CHARS, MAX_QUERY_CHARS
+    from service.routers.generate import generators_of
+
+    class Recorder:
+        name = "extractive"
+        max_items = None
+
+        def __init__(self) -> None:
+            self.questions: list[str] = []
+
+        def stream(self, question, hits, *, max_tokens, temperature, stop):
+            self.questions.append(question)
+            return iter(["ok"])
+
+    made = generators_of(client.app)._made
+    saved = dict(made)
+    made["extractive"] = recorder = Recorder()
+    try:
+        part = {"type": "text", "text": ("a red circle " * MAX_MESSAGE_CHARS)[:MAX_MESSAGE_CHARS]}
+        body = {"messages": [{"role": "user", "content": [part] * 64}]}
+        resp = client.post("/v1/chat/completions", json=body)
+    finally:
+        made.clear()
+        made.update(saved)
+    assert resp.status_code == 200, resp.text[:300]
+    (question,) = recorder.questions
+    assert 0 < len(question) <= MAX_QUERY_CHARS and question == part["text"][: len(question)]

@@ -94,14 +94,15 @@ async def chat_completions(
     backend = _backend(req.model)
     # the last user message with text (one holding only an image, say, is skipped), as the schema says
     users = [text for m in req.messages if m.role == "user" and (text := _text(m.content))]
-    question = users[-1] if users else ""
+    # bounded as /generate's query: 64 parts of a message add up to 2 MB, which a backend would scan whole
+    question = users[-1][:MAX_QUERY_CHARS].strip() if users else ""
     if not question:
         raise APIError(
             422, "messages need a user message with text: it is the retrieval query", "validation_error"
         )
     # the question's content words are the retrieval query, as for POST /generate
-    # (GenerateParams.retrieval); the embedder reads the start of a longer one anyway
-    text = retrieval_text(question[:MAX_QUERY_CHARS])
+    # (GenerateParams.retrieval)
+    text = retrieval_text(question)
     query = SearchQuery(query=text, k=req.mm_k, modalities=req.mm_modalities)
     hits = (await answer_http(query, embedder, collection)).hits
     stop = [req.stop] if isinstance(req.stop, str) else req.stop
