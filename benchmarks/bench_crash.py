@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("index").setLevel(logging.ERROR)  # repairs after kills are expected, not news
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request of the serve checks
 
     from crash import CrashRun, ServeCrashRun
 
