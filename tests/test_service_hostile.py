@@ -710,3 +710,30 @@ def test_a_chat_question_reaches_the_backend_bounded(client):
     assert resp.status_code == 200, resp.text[:300]
     (question,) = recorder.questions
     assert 0 < len(question) <= MAX_QUERY_CHARS and question == part["text"][: len(question)]
+
+
+def test_form_text_fields_state_the_length_the_server_takes(client, spec):
+    """The multipart forms' free-text fields say in the schema how long they may be, as the JSON bodies'
+    do (schemathesis' "valid data accepted" would otherwise meet a 422 for a schema-valid field)."""
+    from service.limits import MAX_PATH_CHARS, MAX_TAG_CHARS, MAX_TAGS
+    from service.schemas import MAX_STOP_CHARS, MAX_STOPS
+
+    def form(path: str) -> dict:
+        body = spec["paths"][path]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+        if "$ref" in body:
+            body = spec["components"]["schemas"][body["$ref"].split("/")[-1]]
+        return body["properties"]
+
+    def max_length(field: dict) -> int | None:
+        return next((b["maxLength"] for b in field.get("anyOf", [field]) if "maxLength" in b), None)
+
+    upload = form("/search/upload")
+    assert max_length(upload["path_prefix"]) == MAX_PATH_CHARS
+    assert max_length(upload["tags"]) == MAX_TAGS * (MAX_TAG_CHARS + 1)
+    assert max_length(form("/generate")["stop"]) == MAX_STOPS * (MAX_STOP_CHARS + 1)
+    png = {"file": ("q.png", image_bytes(), "image/png")}
+    for field, value in [("path_prefix", "/" + "a" * MAX_PATH_CHARS), ("tags", "a" * (MAX_TAG_CHARS + 1))]:
+        assert_4xx(client.post("/search/upload", files=png, data={field: value}))
+    assert client.post("/search/upload", files=png, data={"path_prefix": "/" + "a" * 100}).status_code == 200
+    commas = "," * (MAX_STOPS * (MAX_STOP_CHARS + 1) + 1)  # no stop string in it, but over the stated length
+    assert_4xx(client.post("/generate", files=png, data={"stop": commas}))

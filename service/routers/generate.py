@@ -32,6 +32,7 @@ from service.limits import MAX_QUERY_CHARS, MODALITIES_CSV
 from service.schemas import (
     MAX_GROUNDING_K,
     MAX_NEW_TOKENS,
+    MAX_STOP_CHARS,
     MAX_STOPS,
     GenerateRequest,
     GenerateResponse,
@@ -91,7 +92,10 @@ async def _from_form(request: Request, collection: Any, embedder: Any, settings:
     fields: dict[str, Any] = {k: v for k, v in form.items() if k != "file"}
     fields["query"] = fields.pop("question", None) or DEFAULT_QUESTION
     fields["modalities"] = _form_list(fields.get("modalities"))
-    fields["stop"] = _form_list(fields.get("stop"))
+    stop = fields.get("stop")
+    if isinstance(stop, str) and len(stop) > FORM_STOP_CHARS:  # as the schema says (empty parts count)
+        raise APIError(422, f"stop: at most {FORM_STOP_CHARS} characters", "validation_error")
+    fields["stop"] = _form_list(stop)
     fields = {k: v for k, v in fields.items() if v is not None}
     req = validate(GenerateRequest, fields)
     with query_file(upload, settings.max_upload_bytes, prefix="mm-ask-") as media:
@@ -99,6 +103,8 @@ async def _from_form(request: Request, collection: Any, embedder: Any, settings:
         hits = (await answer_http(query, embedder, collection)).hits
     return req, hits
 
+
+FORM_STOP_CHARS = MAX_STOPS * (MAX_STOP_CHARS + 1)  # the form's comma-separated stop strings, raw
 
 # The multipart form, with the bounds GenerateRequest enforces on the same fields (the form's text
 # fields are validated as GenerateRequest): the schema says what the server takes.
@@ -120,7 +126,11 @@ FORM_SCHEMA = {
         "stream": {"type": "boolean"},
         "max_tokens": {"type": "integer", "minimum": 1, "maximum": MAX_NEW_TOKENS},
         "temperature": {"type": "number", "minimum": 0, "maximum": 2},
-        "stop": {"type": "string", "description": f"comma-separated, at most {MAX_STOPS}"},
+        "stop": {
+            "type": "string",
+            "maxLength": FORM_STOP_CHARS,
+            "description": f"comma-separated, at most {MAX_STOPS} of at most {MAX_STOP_CHARS} characters",
+        },
     },
 }
 

@@ -16,7 +16,7 @@ from mm.errors import MediaError
 from mm.media import describe_limits
 from service.body import json_body_doc, parse_json, validate
 from service.deps import CollectionDep, EmbedderDep, SettingsDep
-from service.limits import MODALITIES_CSV
+from service.limits import MAX_PATH_CHARS, MAX_TAG_CHARS, MAX_TAGS, MODALITIES_CSV
 from service.responses import FastJSONResponse
 from service.routing import LeanRoute
 from service.schemas import (
@@ -94,8 +94,11 @@ def search_upload(
     ] = None,
     k: Annotated[int, Form(json_schema_extra=_bounds(1, MAX_K))] = 10,
     offset: Annotated[int, Form(json_schema_extra=_bounds(0, MAX_OFFSET))] = 0,
-    tags: Annotated[str | None, Form(description="comma-separated; items must carry all")] = None,
-    path_prefix: Annotated[str | None, Form()] = None,
+    tags: Annotated[
+        str | None,
+        Form(description="comma-separated; items must carry all", max_length=MAX_TAGS * (MAX_TAG_CHARS + 1)),
+    ] = None,
+    path_prefix: Annotated[str | None, Form(max_length=MAX_PATH_CHARS)] = None,
     since: Annotated[datetime | float | None, Form(description="ISO 8601 or unix seconds")] = None,
     until: Annotated[datetime | float | None, Form(description="ISO 8601 or unix seconds")] = None,
     mode: Annotated[
