@@ -88,10 +88,7 @@ def test_wrong_checkpoints_are_refused(tmp_path):
 
 
 def test_packaged_checkpoint_loads_with_matching_keys():
-    try:
-        path = S.WEIGHTS.path("checkpoint.pth")  # sha256-checked
-    except ImportError:
-        pytest.skip(f"aisfx is not installed ({S.INSTALL_HINT})")
+    path = S.WEIGHTS.path("checkpoint.pth")  # sha256-checked; make setup installs aisfx: no skip
     state = S._load_checkpoint(path)
     ours = S.SFXNet(64).state_dict()
     theirs = {k[len("embedding_net.") :] for k in state if k.startswith("embedding_net.")}

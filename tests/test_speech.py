@@ -60,9 +60,8 @@ def test_is_loop(text, loop):
 @pytest.fixture(scope="module")
 def tiny_ct2(tmp_path_factory):
     """A tiny random multilingual Whisper in CTranslate2's format, with a word-level tokenizer.json."""
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("ctranslate2", reason="pip install ctranslate2==4.8.5")
     import tokenizers
+    import transformers  # pinned dependencies, as ctranslate2 is: missing is a break, not a skip
     from ctranslate2.converters.transformers import WhisperLoader
 
     words = [f"w{i}" for i in range(57)]
@@ -159,10 +158,7 @@ DRUMS = sorted(
 def test_packaged_base_transcribes_speech_and_skips_drums(tmp_path):
     if ESPEAK is None or not DRUMS:
         pytest.skip("needs Debian espeak-ng and sonic-pi-samples")
-    try:
-        t = Transcriber("base")
-    except ImportError as e:
-        pytest.skip(str(e))
+    t = Transcriber("base")  # the packaged Whisper base is a pinned dependency
     wav = tmp_path / "q.wav"
     subprocess.run([ESPEAK, "-v", "en", "-w", str(wav), "Where is the nearest train station?"], check=True)
     got = t.transcribe(wav)

