@@ -458,6 +458,14 @@ class Citation(BaseModel):
     caption: str
 
 
+class Sampling(TypedDict):
+    """How an answer is sampled: the keyword arguments every generation entry point passes on."""
+
+    max_tokens: int
+    temperature: float
+    stop: list[str] | None
+
+
 class GenerateParams(BaseModel):
     """A grounded question, as ``POST /generate`` and the WebSocket's ``generate`` message take it."""
 
@@ -470,6 +478,9 @@ class GenerateParams(BaseModel):
     max_tokens: int = Field(128, ge=1, le=MAX_NEW_TOKENS)
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 = greedy")
     stop: list[StopText] | None = Field(None, max_length=MAX_STOPS, description="stop strings (not emitted)")
+
+    def sampling(self) -> Sampling:
+        return {"max_tokens": self.max_tokens, "temperature": self.temperature, "stop": self.stop}
 
     def retrieval(self) -> SearchQuery:
         """The search that grounds the answer: the question's content words as a text query (hybrid, the

@@ -59,14 +59,7 @@ def run(args: argparse.Namespace) -> int:
         settings = Settings(model=args.model) if args.model else Settings()
         gen = Generators(settings, coll.vector, getattr(embedder, "calibration", None)).get(params.backend)
         try:
-            pieces, cites = start_stream(
-                gen,
-                params.query,
-                hits,
-                max_tokens=params.max_tokens,
-                temperature=params.temperature,
-                stop=params.stop,
-            )
+            pieces, cites = start_stream(gen, params.query, hits, **params.sampling())
         except ValueError as exc:
             raise UsageError(str(exc)) from exc
         parts: list[str] = []

@@ -151,12 +151,4 @@ async def start_answer(
 async def answer_request(app: Any, req: GenerateParams, hits: list[Hit] | Callable[[], list[Hit]]) -> Answer:
     """:func:`start_answer` for a ``POST /generate`` body or a WebSocket ``generate`` message: its
     question, backend and sampling parameters."""
-    return await start_answer(
-        app,
-        req.query,
-        hits,
-        backend=req.backend,
-        max_tokens=req.max_tokens,
-        temperature=req.temperature,
-        stop=req.stop,
-    )
+    return await start_answer(app, req.query, hits, backend=req.backend, **req.sampling())
