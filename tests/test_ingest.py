@@ -470,3 +470,29 @@ def test_long_text_is_stored_bounded_and_embedded(tmp_path):
         assert report.added == 1 and [Path(e.path).name for e in report.errors] == ["over.txt"]
         (item,) = coll.items()
         assert item.caption == text and seen == [len(text)]  # the fake has no tokenizer to spare
+
+
+def test_a_folder_deeper_than_the_recursion_limit_is_walked(tmp_path):
+    """1,200 nested folders fit in PATH_MAX; the walk used to recurse once per folder, and such a tree
+    failed the whole ingest with a RecursionError (issue 18: hostile folders)."""
+    import sys
+
+    from index.walk import walk
+
+    depth = sys.getrecursionlimit() + 200
+    top = tmp_path / "deep"
+    (top / "a.txt").parent.mkdir()
+    (top / "a.txt").write_text("the top note")
+    bottom = top
+    for _ in range(depth):  # os.makedirs recurses once per folder too
+        bottom = bottom / "d"
+        bottom.mkdir()
+    (bottom / "z.txt").write_text("the deepest note")
+    (bottom / "up").symlink_to(top)  # a loop at the bottom is still reported
+    errors: list = []
+    assert walk(top, None, errors) == [top / "a.txt", bottom / "z.txt"]
+    assert [Path(e.path).name for e in errors] == ["up"] and "loop" in errors[0].error
+    emb = FakeEmbedder()
+    with Collection.create(tmp_path / "coll", dim=emb.dim, embedder_id=emb.model_id) as coll:
+        report = ingest(coll, emb, [top], progress=False)
+        assert report.added == 2 and report.failed == 1
