@@ -190,6 +190,44 @@ def test_loading_an_adapter_does_not_import_the_trainer(graph: dict[str, set[str
     assert not seen & {"mm.train", "mm.finetune", "mm.features"}, sorted(seen)
 
 
+# Optional extras (pyproject.toml): nothing imports them unless asked, so no module may import one at its
+# top level (a lazy import inside the function that needs it is the one way in).
+OPTIONAL = ("llama_cpp", "ray")
+
+
+def eager_imports(tree: ast.Module) -> set[str]:
+    """Top-level names imported when the module itself is imported (outside functions), as written."""
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            return
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, ast.Import):
+            found.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module.split(".")[0])
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(tree)
+    return found
+
+
+def test_optional_extras_are_imported_only_where_asked_for() -> None:
+    eager, lazy = [], set()
+    for name, path in module_files(ROOT, PACKAGES).items():
+        tree = ast.parse(path.read_text(), str(path))
+        eager += [f"{name} imports {m} at import time" for m in sorted(eager_imports(tree)) if m in OPTIONAL]
+        lazy |= {(name, a.name) for n in _imports(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not eager, "\n".join(eager)
+    # a floor, so that a broken walk cannot pass vacuously: the gguf backend imports llama_cpp lazily
+    assert ("service.generation.backends.gguf", "llama_cpp") in lazy
+
+
 # the checker itself ----------------------------------------------------------------------------------
 
 
@@ -233,3 +271,11 @@ def test_checker_reports_layer_violations(tmp_path: Path) -> None:
     g = import_graph(tmp_path)
     assert layer_violations(g) == ["mm.a -> index.b"]
     assert find_cycles(g) == []
+
+
+def test_eager_imports_leave_out_functions_and_type_checking() -> None:
+    text = (
+        "import ray.data\nfrom typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import llama_cpp\n"
+        "def f():\n    import llama_cpp\nclass C:\n    from llama_cpp import Llama\n"
+    )
+    assert eager_imports(ast.parse(text)) == {"ray", "typing", "llama_cpp"}  # a class body runs at import
