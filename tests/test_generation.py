@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -219,15 +220,18 @@ def test_openai_backend_streams_from_endpoint(client, backends):
     )
 
 
-def test_gguf_not_installed_is_503(client, backends):
-    try:
-        import llama_cpp  # noqa: F401
+def test_gguf_not_installed_is_503(client, backends, monkeypatch):
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # `import llama_cpp` fails as if not installed
+    backends["gguf"] = GGUFGenerator(None)
+    assert "llama-cpp-python is not installed: pip install -e '.[llm]'" in assert_503(
+        client.post("/generate", json={"query": QUESTION, "backend": "gguf"})
+    )
 
-        pytest.skip("llama-cpp-python is installed here")
-    except ImportError:
-        pass
+
+def test_gguf_missing_model_file_is_503(client, backends):
+    pytest.importorskip("llama_cpp")  # the `llm` extra (make test installs it)
     backends["gguf"] = GGUFGenerator("/nonexistent.gguf")
-    assert "not installed" in assert_503(
+    assert "no GGUF model file at /nonexistent.gguf (MM_GGUF_PATH)" in assert_503(
         client.post("/generate", json={"query": QUESTION, "backend": "gguf"})
     )
 
@@ -406,10 +410,16 @@ def test_openai_client_stream(oai):
 
 
 def test_openai_models_and_errors(client, oai, backends, tmp_path):
+    import importlib.util
+
     import openai
 
+    from mm import gemma
+
     ids = {m.id for m in oai.models.list()}
-    assert ids == {"mm", "extractive", "local"}  # openai and gguf are not set up here
+    # openai is not set up here; gguf is where the `llm` extra is installed (its packaged model)
+    packaged = importlib.util.find_spec("llama_cpp") is not None and gemma.installed()
+    assert ids == {"mm", "extractive", "local", *(["gguf"] if packaged else [])}
     with pytest.raises(openai.NotFoundError):
         oai.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "x"}])
     backends["local"] = LocalGenerator(tmp_path / "none", lambda i: None)

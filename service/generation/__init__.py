@@ -6,7 +6,8 @@ Backends (``MM_GENERATOR`` or a per-request ``backend``; the names are ``service
 - ``local``: the project's grounded decoder (``mm/lm.py``); items enter as prefix vectors + captions.
 - ``openai``: any OpenAI-compatible endpoint (``MM_OPENAI_BASE_URL``, ``MM_OPENAI_API_KEY``,
   ``MM_OPENAI_MODEL``), streamed with httpx.
-- ``gguf``: a local GGUF model through the optional ``llama-cpp-python`` (``MM_GGUF_PATH``).
+- ``gguf``: a local GGUF model through the optional ``llama-cpp-python`` (``MM_GGUF_PATH``, else the
+  packaged Gemma 3 270M of the ``llm`` extra).
 
 A backend that cannot answer (not installed, model missing, endpoint down) raises
 :class:`GeneratorUnavailable` (HTTP 503); bad parameters raise ``ValueError`` (HTTP 422).

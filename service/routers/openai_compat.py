@@ -5,10 +5,10 @@ The last user message is the retrieval query and the question. ``model`` names a
 are in the extension field ``mm_citations`` of the response (and of the final stream chunk). Optional
 extension request fields: ``mm_k`` (items retrieved, default 5) and ``mm_modalities``. Unknown OpenAI
 fields (``n``, ``presence_penalty``, ...) are accepted and ignored. ``GET /v1/models`` lists the
-backends that are set up (an LM checkpoint, an endpoint, a GGUF file with llama-cpp-python). ``usage``
-holds the backend's own token counts (the local LM's prompt as it read it, prefix vectors included; the
-extractive backend's words), in the answer and in the last stream chunk; a backend that cannot count
-(the upstream ``openai`` and ``gguf`` ones) gives none. See docs/api.md.
+backends that are set up (an LM checkpoint, an endpoint, llama-cpp-python with a GGUF file or the packaged
+model of the ``llm`` extra). ``usage`` holds the backend's own token counts (the local LM's prompt as it
+read it, prefix vectors included; the extractive backend's words), in the answer and in the last stream
+chunk; a backend that cannot count (the upstream ``openai`` and ``gguf`` ones) gives none. See docs/api.md.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ def _backend(model: str) -> str | None:
 
 def set_up(settings: Settings) -> list[str]:
     """The backends that can answer as configured (checked without loading any model)."""
+    from mm import gemma
     from mm.lm import WEIGHTS_FILE
     from service.generation.backends.local import DEFAULT_LM_PATH
 
@@ -62,9 +63,9 @@ def set_up(settings: Settings) -> list[str]:
         "extractive": True,
         "local": lm.suffix == ".json" and lm.is_file() or (lm / WEIGHTS_FILE).is_file(),
         "openai": bool(settings.openai_base_url),
-        "gguf": settings.gguf_path is not None
-        and Path(settings.gguf_path).is_file()
-        and importlib.util.find_spec("llama_cpp") is not None,
+        # MM_GGUF_PATH's file, else the packaged Gemma of the `llm` extra (mm.gemma; found, not read)
+        "gguf": importlib.util.find_spec("llama_cpp") is not None
+        and (Path(settings.gguf_path).is_file() if settings.gguf_path is not None else gemma.installed()),
     }
     return [name for name in BACKENDS if ready[name]]
 

@@ -1,7 +1,17 @@
-"""The ``gguf`` backend: a local GGUF chat model through the optional ``llama-cpp-python``."""
+"""The ``gguf`` backend: a local GGUF model through the optional ``llama-cpp-python`` (the ``llm`` extra).
+
+The model file is ``MM_GGUF_PATH``; unset, it is the packaged Gemma 3 270M (:mod:`mm.gemma`, installed
+with the extra; its chunk files are joined once and sha256-checked, no network). A file with a chat
+template is prompted as a chat; one without (a base model, such as the packaged Gemma) gets the same
+instructions, items and question as plain text ending in ``Answer:``. Asked for a chat, llama-cpp-python
+would guess a Llama-2 template for it, which a base model merely continues (measured with the packaged
+Gemma: "\\n<</SYS>>\\n<SYS>\\n<COM_DIR>").
+"""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -14,18 +24,78 @@ from service.generation.prompts import chat_messages
 if TYPE_CHECKING:
     from index.types import Hit
 
+log = logging.getLogger(__name__)
+
+_LOAD_LOCK = threading.Lock()  # the loader below swaps a function of the llama_cpp module while it runs
+
+
+@contextlib.contextmanager
+def plain_cpu_buffers(llama_cpp: Any) -> Iterator[None]:
+    """Load with llama.cpp's plain CPU weight buffers (``use_extra_bufts = False``).
+
+    Its "extra" buffer types (AMX tiles, weights repacked for AVX512) crash the first decode with a
+    segmentation fault on this project's machines: llama-cpp-python 0.3.36 compiled here, the packaged
+    Gemma, exit status 139 on a 2-token completion with the defaults, none without them. A segfault takes
+    the whole server down, not one request. ``Llama()`` takes no argument for it, so the module's default
+    model parameters are wrapped while it loads (under a lock: the swap is process-wide).
+    """
+    module = llama_cpp.llama.llama_cpp
+    with _LOAD_LOCK:
+        default = module.llama_model_default_params
+
+        def plain() -> Any:
+            params = default()
+            params.use_extra_bufts = False
+            return params
+
+        module.llama_model_default_params = plain
+        try:
+            yield
+        finally:
+            module.llama_model_default_params = default
+
+
+def completion_prompt(question: str, hits: Sequence[Hit]) -> str:
+    """The chat prompt as plain text, for a model without a chat template (the packaged base Gemma)."""
+    system, user = (m["content"] for m in chat_messages(question, hits))
+    return f"{system}\n\n{user}\nAnswer:"
+
 
 class GGUFGenerator:
-    """A local GGUF chat model through the optional ``llama-cpp-python`` (never built here on demand)."""
+    """A local GGUF model through the optional ``llama-cpp-python``, loaded on first use.
+
+    ``path``: the model file; None: the packaged Gemma 3 270M (``mm.gemma``). Generations are serialised
+    (one llama.cpp context serves every request; it is not safe to share between threads).
+    """
 
     name = "gguf"
     max_items = None
 
-    def __init__(self, path: str | Path | None, n_ctx: int = 2048):
+    def __init__(self, path: str | Path | None, n_ctx: int = 2048, cache_dir: str | Path | None = None):
         self.path = Path(path) if path else None
         self.n_ctx = n_ctx
+        self.cache_dir = cache_dir  # where mm.gemma keeps the joined packaged file (None: its default)
+        self.source: dict[str, object] | None = None  # the packaged model's package, version, sha256
+        self.chat = False  # whether the file has a chat template (else: plain completion prompts)
         self._llm: Any = None
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # loading
+        self._run = threading.Lock()  # one generation at a time
+
+    def _model_file(self) -> Path:
+        if self.path is not None:
+            if not self.path.is_file():
+                raise GeneratorUnavailable("gguf", f"no GGUF model file at {self.path} (MM_GGUF_PATH)")
+            return self.path
+        from mm import gemma
+
+        try:
+            path = gemma.model_path(self.cache_dir)
+        except (ImportError, FileNotFoundError, ValueError) as exc:
+            raise GeneratorUnavailable(
+                "gguf", f"no MM_GGUF_PATH and the packaged model cannot be used: {exc}"
+            ) from exc
+        self.source = {k: v for k, v in gemma.metadata().items() if k != "parts"}
+        return path
 
     def _load(self) -> Any:
         with self._lock:
@@ -34,24 +104,37 @@ class GGUFGenerator:
                     import llama_cpp
                 except ImportError as exc:
                     raise GeneratorUnavailable(
-                        "gguf", "llama-cpp-python is not installed: pip install llama-cpp-python"
+                        "gguf", "llama-cpp-python is not installed: pip install -e '.[llm]'"
                     ) from exc
-                if self.path is None or not self.path.is_file():
-                    raise GeneratorUnavailable(
-                        "gguf", f"no GGUF model file at {self.path} (set MM_GGUF_PATH)"
-                    )
-                self._llm = llama_cpp.Llama(model_path=str(self.path), n_ctx=self.n_ctx, verbose=False)
+                path = self._model_file()
+                with plain_cpu_buffers(llama_cpp):
+                    llm = llama_cpp.Llama(model_path=str(path), n_ctx=self.n_ctx, verbose=False)
+                self.chat = bool(llm.metadata.get("tokenizer.chat_template"))
+                log.info("gguf: loaded %s (%s)", path, self.source or "MM_GGUF_PATH, not checked")
+                self._llm = llm
             return self._llm
 
     def stream(
         self, question: str, hits: list[Hit], *, max_tokens: int, temperature: float, stop: Sequence[str]
     ) -> Iterator[str]:
         llm = self._load()
-        chunks = llm.create_chat_completion(
-            messages=chat_messages(question, hits),
-            max_tokens=max_tokens,
-            temperature=temperature,
-            stop=list(stop) or None,
-            stream=True,
-        )
-        return with_stop((delta_text(c) for c in chunks), stop)
+        return with_stop(self._pieces(llm, question, hits, max_tokens, temperature, list(stop)), stop)
+
+    def _pieces(
+        self, llm: Any, question: str, hits: list[Hit], max_tokens: int, temperature: float, stop: list[str]
+    ) -> Iterator[str]:
+        # the lock is held from the first piece until the stream ends or is closed (bridge.py closes it
+        # when the client goes away), so an abandoned request does not keep others waiting
+        with self._run:
+            args = {
+                "max_tokens": max_tokens,
+                "temperature": temperature,
+                "stop": stop or None,
+                "stream": True,
+            }
+            if self.chat:
+                for chunk in llm.create_chat_completion(messages=chat_messages(question, hits), **args):
+                    yield delta_text(chunk)
+            else:
+                for chunk in llm.create_completion(completion_prompt(question, hits), **args):
+                    yield chunk["choices"][0]["text"]
