@@ -215,3 +215,22 @@ def test_generate_with_the_gguf_backend_streams_and_honours_max_tokens_and_stop(
     stop = words[1]
     cut = gguf_client.post("/generate", json={**ask, "max_tokens": 12, "stop": [stop]}).json()["answer"]
     assert cut == text[: text.index(stop)]
+
+
+@pytest.mark.slow
+@needs_llm
+def test_a_prompt_longer_than_the_context_is_a_422(gguf_client):
+    from service.routers.generate import generators_of
+
+    made = generators_of(gguf_client.app)._made
+    saved = made.get("gguf")
+    made["gguf"] = GGUFGenerator(None, n_ctx=256)
+    try:
+        question = "a red circle " * 100  # 1,300 characters (questions may have 2,000): ~360 tokens
+        resp = gguf_client.post("/generate", json={"query": question, "backend": "gguf", "k": 2})
+    finally:
+        made.pop("gguf")
+        if saved is not None:
+            made["gguf"] = saved
+    assert resp.status_code == 422, resp.text
+    assert "over the gguf model's context of 256: ask with fewer items (k)" in resp.json()["error"]["message"]

@@ -136,5 +136,12 @@ class GGUFGenerator:
                 for chunk in llm.create_chat_completion(messages=chat_messages(question, hits), **args):
                     yield delta_text(chunk)
             else:
-                for chunk in llm.create_completion(completion_prompt(question, hits), **args):
+                prompt = completion_prompt(question, hits)
+                n_prompt = len(llm.tokenize(prompt.encode(), add_bos=True, special=True))
+                if n_prompt >= llm.n_ctx():  # a request's size, not the server's state: 422
+                    raise ValueError(
+                        f"the question and its {len(hits)} items take {n_prompt} tokens, over the gguf "
+                        f"model's context of {llm.n_ctx()}: ask with fewer items (k) or a shorter question"
+                    )
+                for chunk in llm.create_completion(prompt, **args):
                     yield chunk["choices"][0]["text"]
