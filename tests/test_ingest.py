@@ -479,20 +479,27 @@ def test_a_folder_deeper_than_the_recursion_limit_is_walked(tmp_path):
 
     from index.walk import walk
 
-    depth = sys.getrecursionlimit() + 200
     top = tmp_path / "deep"
-    (top / "a.txt").parent.mkdir()
+    top.mkdir()
     (top / "a.txt").write_text("the top note")
-    bottom = top
-    for _ in range(depth):  # os.makedirs recurses once per folder too
-        bottom = bottom / "d"
-        bottom.mkdir()
-    (bottom / "z.txt").write_text("the deepest note")
-    (bottom / "up").symlink_to(top)  # a loop at the bottom is still reported
-    errors: list = []
-    assert walk(top, None, errors) == [top / "a.txt", bottom / "z.txt"]
-    assert [Path(e.path).name for e in errors] == ["up"] and "loop" in errors[0].error
-    emb = FakeEmbedder()
-    with Collection.create(tmp_path / "coll", dim=emb.dim, embedder_id=emb.model_id) as coll:
-        report = ingest(coll, emb, [top], progress=False)
-        assert report.added == 2 and report.failed == 1
+    levels = [top]
+    try:
+        for _ in range(sys.getrecursionlimit() + 200):  # os.makedirs recurses once per folder too
+            levels.append(levels[-1] / "d")
+            levels[-1].mkdir()
+        bottom = levels[-1]
+        (bottom / "z.txt").write_text("the deepest note")
+        (bottom / "up").symlink_to(top)  # a loop at the bottom is still reported
+        errors: list = []
+        assert walk(top, None, errors) == [top / "a.txt", bottom / "z.txt"]
+        assert [Path(e.path).name for e in errors] == ["up"] and "loop" in errors[0].error
+        emb = FakeEmbedder()
+        with Collection.create(tmp_path / "coll", dim=emb.dim, embedder_id=emb.model_id) as coll:
+            report = ingest(coll, emb, [top], progress=False)
+            assert report.added == 2 and report.failed == 1
+    finally:  # bottom up: shutil.rmtree (pytest's tmp_path cleanup) recurses once per folder as well
+        for level in reversed(levels):
+            for child in level.iterdir():
+                if child.is_symlink() or child.is_file():
+                    child.unlink()
+            level.rmdir()
