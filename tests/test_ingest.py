@@ -485,8 +485,8 @@ def test_a_folder_deeper_than_the_recursion_limit_is_walked(tmp_path):
     levels = [top]
     try:
         for _ in range(sys.getrecursionlimit() + 200):  # os.makedirs recurses once per folder too
+            (levels[-1] / "d").mkdir()
             levels.append(levels[-1] / "d")
-            levels[-1].mkdir()
         bottom = levels[-1]
         (bottom / "z.txt").write_text("the deepest note")
         (bottom / "up").symlink_to(top)  # a loop at the bottom is still reported
