@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Runs a small convolution forward three times and reports the minor page faults of the last two:
+# Runs a small convolution forward seven times and reports the minor page faults of the last six:
 # glibc's defaults hand the multi-MB activations back to the system on free and fault them in again on
 # every pass; tuned, they come back from the heap already mapped.
 PROBE = """
@@ -27,7 +27,7 @@ def forward():
     return torch.nn.functional.conv2d(x, w, padding=1).relu().sum()
 forward()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(2):
+for _ in range(6):
     forward()
 after = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 print(json.dumps({"tuned": tuned, "faults": after - before}))
@@ -53,7 +53,9 @@ def test_tuned_allocator_reuses_freed_blocks_without_faults():
     assert tuned["tuned"] is True and default["tuned"] is False
     activation_pages = 8 * 32 * 128 * 128 * 4 // os.sysconf("SC_PAGE_SIZE")  # one conv output
     assert default["faults"] > activation_pages  # each pass faults its activations in again
-    assert tuned["faults"] * 4 < default["faults"]  # measured: ~2,000 against ~14,000-18,000
+    # measured over 6 passes: 9-4,100 (a one-off, not per pass) against 43,000-57,000; over 2 passes
+    # the one-off came within 4x of the default's 16,000-22,000
+    assert tuned["faults"] * 4 < default["faults"]
 
 
 def test_tune_allocator_is_idempotent_and_honours_opt_out(monkeypatch):
