@@ -174,7 +174,7 @@ def test_pooled_probe_trains_the_pooled_path_on_its_own_loss_only(tmp_path):
         Trainer(tiny_config(manifest, tmp_path / "run2", pooled_probe=True, overrides=no_pool))
 
 
-def test_source_weights_set_how_often_each_sources_rows_are_seen(tmp_path):
+def test_source_weights_set_how_often_each_sources_rows_are_seen(tmp_path, caplog):
     manifest = make_corpus(tmp_path)
     rows = [json.loads(x) for x in manifest.read_text().splitlines()]
     for i, r in enumerate(rows):
@@ -192,7 +192,10 @@ def test_source_weights_set_how_often_each_sources_rows_are_seen(tmp_path):
     assert per_row[src == "big"].min() > 0 and per_row[src == "big"].max() < 1
     plain = Trainer(tiny_config(manifest, tmp_path / "plain", max_steps=1))
     assert sorted(plain._epoch_order(rng)) == list(range(len(src)))
-    with pytest.raises(ValueError, match="no training rows"):
-        Trainer(tiny_config(manifest, tmp_path / "bad", max_steps=1, source_weights={"nope": 1.0}))
+    with caplog.at_level("WARNING", logger="mm.train"):
+        Trainer(tiny_config(manifest, tmp_path / "absent", max_steps=1, source_weights={"nope": 2.0}))
+    assert "no training rows from ['nope']" in caplog.text
+    with pytest.raises(ValueError, match="leave no training rows"):
+        Trainer(tiny_config(manifest, tmp_path / "none", max_steps=1, source_weights={"big": 0, "small": 0}))
     with pytest.raises(ValueError, match="finite"):
         Trainer(tiny_config(manifest, tmp_path / "bad2", max_steps=1, source_weights={"big": float("nan")}))
