@@ -16,6 +16,7 @@ from service.generation import ExtractiveGenerator, start_stream
 from service.generation.backends.extractive import (
     RULES_FILE,
     Rules,
+    asks_for_unnamed,
     content_words,
     fingerprint,
     load_rules,
@@ -114,6 +115,22 @@ def test_naming_the_concept_counts_as_evidence():
     assert [h.id for h in named.select(question, hits)] == [1]  # 1 - 0.5 * 0.5 = 0.75
     # naming needs the words of the question: the same hits for a question that does not name a goat
     assert named.select("Which animal bleats?", hits) == []
+
+
+def test_a_wh_question_is_not_answered_by_what_it_names():
+    # "What bird crows at dawn on a farm?" matched a farm picture by its words: a wh-question asks for
+    # what it describes, so a concept sharing one of its words is passed over for the next one
+    hits = [hit(1, 0.9, "A farm."), hit(2, 0.6, "A rooster.", "audio")]
+    gen = ExtractiveGenerator(rules=Rules(item_min=0.3, answer_min=0.5, margin=1.0, named=0.0))
+    assert [h.id for h in gen.select("What bird crows at dawn on a farm?", hits)] == [2]
+    assert gen.select("Which farm animal gives us wool?", [hit(1, 0.9, "A farm.")]) == []  # declines
+    assert gen.select("Which birds cannot fly?", [hit(3, 0.9, "Some birds.")]) == []  # a plural form too
+    # a request asks for what it names
+    assert [h.id for h in gen.select("Show me a farm.", hits)] == [1]
+    assert [h.id for h in gen.select("Is there a picture of a farm?", hits)] == [1]
+    assert [h.id for h in gen.select("a farm", hits)] == [1]
+    assert asks_for_unnamed("Which farm animal gives us wool?") and asks_for_unnamed("how loud is it")
+    assert not asks_for_unnamed("Do you have a picture of a giraffe?") and not asks_for_unnamed("")
 
 
 # ----------------------------------------------------------------------------------------------------

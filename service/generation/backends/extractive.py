@@ -11,7 +11,11 @@ the question's own words, never a raw cosine, so they mean the same thing for ev
    and a note that agree count for more than one stray hit;
 3. lexical evidence: when the question itself names every word of the concept ("Is there a sound of a
    goat?" names "goat"), that counts as one more piece of evidence worth ``named`` in the noisy-OR;
-4. the best-supported concept is the answer when its support clears ``answer_min`` and beats the
+4. a wh-question ("What bird crows at dawn on a farm?") asks for something it describes, not for what
+   it names: a concept that shares a content word with it ("a farm") is not its answer. A request
+   ("Show me a dolphin.", "Is there a sound of a goat?", a bare phrase) asks for what it names. On the
+   dev questions every wrong answer of the tuned rules was such a named concept;
+5. the best-supported concept is the answer when its support clears ``answer_min`` and beats the
    runner-up by ``margin`` (a ratio); otherwise the answer says nothing relevant was found and cites
    nothing.
 
@@ -195,6 +199,21 @@ def content_words(text: str) -> set[str]:
     return {f for w in _WORD.findall(text) if w.lower() not in QUESTION_WORDS for f in _forms(w)}
 
 
+WH_WORDS = frozenset(["what", "which", "who", "whom", "whose", "where", "when", "why", "how"])
+
+
+def asks_for_unnamed(question: str) -> bool:
+    """Whether a question is a wh-question (its first word is what/which/who/...): its answer is a thing
+    it describes, so a concept it names is not the answer."""
+    first = _WORD.search(question)
+    return bool(first) and first.group(0).lower() in WH_WORDS
+
+
+def shares_a_word(question_words: set[str], key: str) -> bool:
+    """Whether a concept key has any content word the question (its :func:`content_words`) has."""
+    return any(_forms(w) & question_words for w in _WORD.findall(key) if w.lower() not in QUESTION_WORDS)
+
+
 def names(question_words: set[str], key: str) -> bool:
     """Whether a question (its :func:`content_words`) names every content word of a concept key."""
     words = [w for w in _WORD.findall(key) if w.lower() not in QUESTION_WORDS]
@@ -222,8 +241,11 @@ class ExtractiveGenerator:
             if p >= r.item_min and concept and (key := _key(concept)):
                 groups.setdefault(key, []).append((p, h))
         asked = content_words(question)
+        describes = asks_for_unnamed(question)
         out = []
         for key, members in groups.items():
+            if describes and shares_a_word(asked, key):
+                continue  # "What bird crows on a farm?" is not answered by "a farm"
             miss = 1.0
             for p, _ in members:
                 miss *= 1.0 - min(max(p, 0.0), 1.0)
