@@ -2,7 +2,8 @@
 
 A symlink is followed to where it really leads: a target outside the allowed roots (when the caller
 gives roots, as the server does with ``MM_ALLOWED_ROOTS``) is refused, a dangling link or a loop is
-reported, each as a per-item :class:`~index.types.ItemError` (never skipped silently). Hidden names
+reported, each as a per-item :class:`~index.types.ItemError` (never skipped silently), and so is a pipe,
+socket or device file (never opened: reading a pipe would block the ingest). Hidden names
 (``.*``) are skipped, and a folder reached twice (through a link) is walked once.
 """
 
@@ -18,6 +19,7 @@ from index.types import ItemError
 OUTSIDE = "symlink leads outside the allowed roots"
 DANGLING = "broken symlink: its target does not exist"
 LOOP = "symlink loop"
+SPECIAL = "not a regular file (a pipe, socket or device): not read"
 
 
 def inside(path: Path, roots: Sequence[Path] | None) -> bool:
@@ -98,4 +100,6 @@ def walk(folder: Path, roots: Sequence[Path] | None, errors: list[ItemError]) ->
                 stack.append((path, target, listing(path, target)))
         elif target.is_file():
             files.append(target)
+        else:
+            errors.append(ItemError(str(path), SPECIAL))
     return files

@@ -355,6 +355,22 @@ def test_walk_without_roots_follows_links_and_still_reports_broken_ones(tmp_path
         assert {Path(e.path).name for e in report.errors} == {"dangling.png", "self.png", "up"}
 
 
+def test_a_pipe_in_the_folder_is_reported_and_never_opened(tmp_path):
+    """Opening a FIFO for reading blocks until a writer comes: the walk reports it and never reads it."""
+    folder = tmp_path / "media"
+    folder.mkdir()
+    (folder / "real.txt").write_text("a red circle")
+    os.mkfifo(folder / "pipe.png")
+    (folder / "link.wav").symlink_to(folder / "pipe.png")
+    emb = FakeEmbedder()
+    with Collection.create(tmp_path / "coll", dim=emb.dim, embedder_id=emb.model_id) as coll:
+        report = ingest(coll, emb, [folder], progress=False)
+        assert [Path(it.uri).name for it in coll.items()] == ["real.txt"]
+    errors = {Path(e.path).name: e.error for e in report.errors}
+    assert errors.keys() == {"pipe.png", "link.wav"}
+    assert all("not a regular file" in why for why in errors.values())
+
+
 def test_post_ingest_does_not_serve_files_a_symlink_leads_out_to(tmp_path):
     from conftest import FakeEmbedder as ServiceEmbedder
     from conftest import wait_job
