@@ -32,6 +32,7 @@ _CODES = {
     409: "conflict",
     413: "payload_too_large",
     415: "unsupported_media",
+    416: "range_not_satisfiable",
     422: "validation_error",
     500: "internal_error",
     503: "unavailable",

@@ -161,6 +161,36 @@ def test_items_still_work_after_the_hostile_requests(client):
     assert [h["id"] for h in hits][:1] == [client.item_id]
 
 
+@pytest.fixture(scope="module")
+def media_item(client) -> tuple[str, bytes]:
+    data = image_bytes((0, 200, 200))
+    resp = client.post("/items", files={"file": ("range.png", data, "image/png")})
+    assert resp.status_code == 201, resp.text
+    return resp.json()["media_url"], data
+
+
+@pytest.mark.parametrize("header", ["bytes", "items=0-1", "bytes=5-2", "bytes=x-y", "bytes=-"])
+def test_a_malformed_range_is_a_json_400(client, media_item, header):
+    url, _ = media_item
+    assert assert_4xx(client.get(url, headers={"Range": header}), 400)["code"] == "bad_range"
+
+
+def test_a_range_past_the_end_is_a_json_416_naming_the_size(client, media_item):
+    url, data = media_item
+    resp = client.get(url, headers={"Range": f"bytes={len(data)}-"})
+    assert assert_4xx(resp, 416)["code"] == "range_not_satisfiable"
+    assert resp.headers["content-range"] == f"bytes */{len(data)}"
+
+
+def test_good_ranges_and_an_if_range_still_work(client, media_item):
+    url, data = media_item
+    part = client.get(url, headers={"Range": "bytes=-10"})
+    assert part.status_code == 206 and part.content == data[-10:]
+    # a stale If-Range asks for the whole file, whatever the range says
+    whole = client.get(url, headers={"Range": "bytes=5-2", "If-Range": '"stale"'})
+    assert whole.status_code == 200 and whole.content == data
+
+
 # -- issue 18 item 7 and issue 17 item 6: the WebSocket ------------------------------------------------
 
 TERMINAL = {"results", "done", "error"}

@@ -11,9 +11,10 @@ import logging
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, Query, UploadFile
+from fastapi import APIRouter, File, Form, Header, Query, UploadFile
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
+from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable
 
 from mm.errors import MediaError
 from mm.media import describe_limits, require_modality, text_snippet
@@ -153,16 +154,44 @@ MEDIA_RESPONSES: dict[int | str, dict[str, Any]] = {
 THUMBNAIL_RESPONSES: dict[int | str, dict[str, Any]] = {200: {"content": {"image/jpeg": {}}}}
 
 
+def check_range(range_header: str | None, if_range: str | None, size: int) -> None:
+    """Refuse a ``Range`` header the file response would refuse, with our JSON error body.
+
+    The file response itself answers a malformed range with a plain-text 400 and an unsatisfiable one
+    with an empty 416; asking its own parser first keeps one definition of a valid range. A range sent
+    with ``If-Range`` may be ignored (the whole file is sent), so it is left to the response.
+    """
+    if range_header is None or if_range is not None:
+        return
+    try:
+        FileResponse._parse_range_header(range_header, size)
+    except MalformedRangeHeader as exc:
+        raise APIError(400, f"bad Range header: {exc.content}", code="bad_range") from None
+    except RangeNotSatisfiable:
+        raise APIError(
+            416,
+            f"Range not satisfiable: the file has {size} bytes",
+            code="range_not_satisfiable",
+            headers={"Content-Range": f"bytes */{size}"},
+        ) from None
+
+
 @router.get(
     "/{item_id}/media",
     response_class=FileResponse,
-    responses=MEDIA_RESPONSES | error_responses(401, 404, 422),
+    responses=MEDIA_RESPONSES | error_responses(400, 401, 404, 416, 422),
 )
-def get_media(item_id: ItemIdPath, collection: CollectionDep) -> FileResponse:
+def get_media(
+    item_id: ItemIdPath,
+    collection: CollectionDep,
+    range_header: Annotated[str | None, Header(alias="Range", max_length=1000)] = None,
+    if_range: Annotated[str | None, Header(alias="If-Range", max_length=1000)] = None,
+) -> FileResponse:
     """The original file; honours ``Range`` requests (206 + ``Content-Range``) so audio can seek."""
     item = _get(collection, item_id)
     if item.modality == "text" or not item.uri or not Path(item.uri).is_file():
         raise APIError(404, f"item {item_id} has no media file")
+    check_range(range_header, if_range, Path(item.uri).stat().st_size)
     return FileResponse(item.uri, media_type=item.mime or None, filename=Path(item.uri).name)
 
 
