@@ -218,9 +218,20 @@ def band_block_mask(valid: Tensor, half_window: int) -> Any:
 
 
 def local_flex(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, half_window: int) -> Tensor:
-    """Same contract as :func:`local_chunked`, computed by compiled FlexAttention. (B, H, T, E)."""
-    block_mask = band_block_mask(valid, half_window)
-    return _compiled_flex()(q, k, v, block_mask=block_mask)
+    """Same contract as :func:`local_chunked`, computed by compiled FlexAttention. (B, H, T, E).
+
+    On CPU the sequence is padded to a whole number of ``FLEX_BLOCK``s first: torch 2.9.1's compiled CPU
+    kernel reads past the end of a partial last block on AVX2-only machines (outputs off by up to ~1,
+    different from call to call; exact at 256 tokens). Padded keys are masked out (``valid`` False) and
+    padded queries are dropped, so the result is the same contract.
+    """
+    t = q.shape[2]
+    pad = -t % FLEX_BLOCK if q.device.type == "cpu" else 0
+    if pad:
+        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+        valid = F.pad(valid, (0, pad), value=False)
+    out = _compiled_flex()(q, k, v, block_mask=band_block_mask(valid, half_window))
+    return out[:, :, :t] if pad else out
 
 
 # ----------------------------------------------------------------------------------------------------
