@@ -53,6 +53,17 @@ class ServiceApp(FastAPI):
             await super().__call__(scope, receive, send)
 
 
+def load_rewriter(app: FastAPI) -> None:
+    """Load the question rewriter ``MM_REWRITE`` asks for, so that a missing model or llama-cpp-python
+    stops the server at start (with the install hint) instead of failing every question."""
+    from service.generation import GeneratorUnavailable, generators_of
+
+    try:
+        generators_of(app).rewriter().load()
+    except GeneratorUnavailable as exc:
+        raise RuntimeError(f"MM_REWRITE={app.state.settings.rewrite}: {exc}") from exc
+
+
 def create_app(settings: Settings | None = None, *, embedder: Embedder | None = None) -> FastAPI:
     """Build the app. ``embedder`` overrides ``settings.model`` (tests, or an embedder already loaded)."""
     settings = settings or Settings()
@@ -84,6 +95,8 @@ def create_app(settings: Settings | None = None, *, embedder: Embedder | None = 
         app.state.embedder, app.state.collection, app.state.jobs = emb, collection, JobManager()
         log.info("serving collection %s (%d items)", settings.collection, collection.count())
         try:
+            if settings.rewrite != "off":
+                load_rewriter(app)
             yield
         finally:
             app.state.jobs.shutdown()

@@ -478,6 +478,11 @@ class GenerateParams(BaseModel):
     max_tokens: int = Field(128, ge=1, le=MAX_NEW_TOKENS)
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 = greedy")
     stop: list[StopText] | None = Field(None, max_length=MAX_STOPS, description="stop strings (not emitted)")
+    rewrite: bool | None = Field(
+        None,
+        description="search the name of the thing the question asks for, as the packaged small LM rewrites "
+        "it; omitted: the server's MM_REWRITE (true on a server without it: 503)",
+    )
 
     def sampling(self) -> Sampling:
         return {"max_tokens": self.max_tokens, "temperature": self.temperature, "stop": self.stop}
@@ -499,6 +504,7 @@ class GenerateResponse(BaseModel):
     answer: str
     citations: list[Citation]
     backend: str
+    rewritten: str | None = Field(None, description="the name searched for the question, when rewritten")
 
 
 class WSSearch(SearchQuery):

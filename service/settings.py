@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     openai_model: str = "gpt-4o-mini"
     openai_timeout: float = Field(30.0, gt=0)  # seconds
     gguf_path: Path | None = None  # gguf backend: model file; None: the `llm` extra's Gemma 3 270M (mm.gemma)
+    # rewrite a question into the name of the thing it asks for before grounded retrieval, with the `llm`
+    # extra's Gemma 3 270M (service.generation.rewrite); "off": the question's own words are searched
+    rewrite: Literal["off", "gguf"] = "off"
     fast_search: bool = True  # answer POST /search in front of the framework (service.fastpath)
     adapter: Path | None = None  # LoRA adapter directory (from `mm finetune`) merged into the model at start
     shard_deadline_s: float = Field(2.0, gt=0)  # a sharded search waits this long for each shard (then 503)

@@ -1,8 +1,10 @@
 """``mm ask "question" --collection DIR [--backend B] [-k 5] [--modality M]``: a grounded, streamed answer.
 
 The answer is printed as it is generated, then the cited items (``--json``: one object
-``{"answer", "citations", "backend"}`` as ``POST /generate`` gives it). Backends and their settings
-are those of the service (``MM_GENERATOR``, ``MM_OPENAI_*``, ``MM_LM_PATH``, ``MM_GGUF_PATH``).
+``{"answer", "citations", "backend", "rewritten"}`` as ``POST /generate`` gives it). ``--rewrite``
+(or ``MM_REWRITE=gguf``) searches the name of the thing asked for (``service.generation.rewrite``).
+Backends and their settings are those of the service (``MM_GENERATOR``, ``MM_OPENAI_*``, ``MM_LM_PATH``,
+``MM_GGUF_PATH``, ``MM_REWRITE``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=128, help="longest answer (default 128)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+    p.add_argument(
+        "--rewrite",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="search the name of the thing asked for, as the packaged small LM rewrites the question "
+        "(the llm extra; default: $MM_REWRITE)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     add_collection(p)
     add_model(p)
@@ -35,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from service.generation import Generators, start_stream
+    from service.generation.rewrite import Grounding, ground
     from service.schemas import GenerateParams, error_message
     from service.search import answer
     from service.settings import Settings
@@ -49,17 +59,23 @@ def run(args: argparse.Namespace) -> int:
             max_tokens=args.max_tokens,
             temperature=args.temperature,
             stop=args.stop or None,
+            rewrite=args.rewrite,
         )
     except ValidationError as exc:
         raise UsageError(error_message(exc)) from exc
 
     embedder = load_embedder(args.model)
     with open_collection(args.collection, embedder, readonly=True) as coll:
-        hits = answer(params.retrieval(), embedder, coll).hits
         settings = Settings(model=args.model) if args.model else Settings()
-        gen = Generators(settings, coll.vector, getattr(embedder, "calibration", None)).get(params.backend)
+        gens = Generators(settings, coll.vector, getattr(embedder, "calibration", None))
+        gen = gens.get(params.backend)
+        search = lambda q: answer(q, embedder, coll).hits  # noqa: E731
+        if gens.rewrites(params.rewrite):  # the name of the thing asked for is searched and answered
+            grounding = ground(gens.rewriter(), params.query, params.retrieval(), search)
+        else:
+            grounding = Grounding(params.query, search(params.retrieval()))
         try:
-            pieces, cites = start_stream(gen, params.query, hits, **params.sampling())
+            pieces, cites = start_stream(gen, grounding.question, grounding.hits, **params.sampling())
         except ValueError as exc:
             raise UsageError(str(exc)) from exc
         parts: list[str] = []
@@ -70,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
                 sys.stdout.flush()
     if args.json:
         body = {"answer": "".join(parts), "citations": [c.model_dump() for c in cites], "backend": gen.name}
+        body["rewritten"] = grounding.rewritten
         print(json.dumps(body))
         return 0
     print()

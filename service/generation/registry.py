@@ -14,6 +14,7 @@ from service.generation.backends.gguf import GGUFGenerator
 from service.generation.backends.local import DEFAULT_LM_PATH, LocalGenerator
 from service.generation.backends.openai import OpenAIGenerator
 from service.generation.base import GeneratorUnavailable
+from service.generation.rewrite import QuestionRewriter
 from service.settings import BACKENDS
 
 if TYPE_CHECKING:
@@ -53,6 +54,7 @@ class Generators:
         self.vector_of = vector_of
         self.calibration = calibration
         self._made: dict[str, Generator] = {}
+        self._rewriter: QuestionRewriter | None = None
         self._lock = threading.Lock()
         s = settings
         self._build: dict[str, Callable[[], Generator]] = {  # one per name of service.settings.Backend
@@ -71,6 +73,18 @@ class Generators:
         except ValueError as exc:  # the server's files, not the request: 503, not 422
             raise GeneratorUnavailable("extractive", str(exc)) from exc
         return ExtractiveGenerator(rules=rules)
+
+    def rewriter(self) -> QuestionRewriter:
+        """The question rewriter (``service.generation.rewrite``), made on first use (its model loads on
+        its first rewrite, or :meth:`QuestionRewriter.load`)."""
+        with self._lock:
+            if self._rewriter is None:
+                self._rewriter = QuestionRewriter()
+            return self._rewriter
+
+    def rewrites(self, wanted: bool | None) -> bool:
+        """Whether a request's question is rewritten: its own ``rewrite``, else ``MM_REWRITE``."""
+        return wanted if wanted is not None else self.settings.rewrite != "off"
 
     @property
     def default(self) -> str:

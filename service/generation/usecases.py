@@ -8,6 +8,7 @@ that a backend that cannot answer fails before any byte of the response is sent.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,8 +20,9 @@ from service.errors import APIError
 from service.generation.base import Generator, GeneratorUnavailable, check_params
 from service.generation.bridge import iterate_in_thread
 from service.generation.registry import Generators
+from service.generation.rewrite import Grounding, ground
 from service.generation.usage import Usage, usage_of
-from service.schemas import Citation, GenerateParams
+from service.schemas import Citation, GenerateParams, SearchQuery
 
 
 def citations(hits: Sequence[Hit]) -> list[Citation]:
@@ -79,6 +81,7 @@ class Answer:
     citations: list[Citation]
     backend: str
     source: list[Iterator[str]] = field(default_factory=list)  # the backend's own pieces, once started
+    rewritten: str | None = None  # the name searched for the question (service.generation.rewrite)
 
     def usage(self) -> Usage | None:
         """Token counts so far (final once :meth:`rest` is done); None when the backend does not count."""
@@ -95,6 +98,30 @@ class Answer:
             await self.pieces.aclose()
 
 
+def rewritten_hits(
+    app: Any, question: str, query: SearchQuery, wanted: bool | None
+) -> Callable[[], Grounding] | None:
+    """When the question is to be rewritten (``wanted``, a request's ``rewrite``; None: ``MM_REWRITE``):
+    the blocking retrieval that rewrites it and searches the name (:func:`service.generation.rewrite.ground`,
+    ``query`` the question's own search for its fallback), for :func:`start_answer`. None otherwise.
+
+    A server loads the rewriter's model only when ``MM_REWRITE`` asks for it (at start): a request asking
+    for a rewrite on a server without it is a 503, as for a backend that is not set up."""
+    gens = generators_of(app)
+    if not gens.rewrites(wanted):
+        return None
+    if gens.settings.rewrite == "off":
+        raise APIError(
+            503,
+            "question rewriting is off on this server: start it with MM_REWRITE=gguf (the llm extra)",
+            "generator_unavailable",
+        )
+    from service.search import answer
+
+    emb, coll = app.state.embedder, app.state.collection
+    return functools.partial(ground, gens.rewriter(), question, query, lambda q: answer(q, emb, coll).hits)
+
+
 def unavailable(exc: GeneratorUnavailable) -> APIError:
     return APIError(503, str(exc), "generator_unavailable")
 
@@ -102,7 +129,7 @@ def unavailable(exc: GeneratorUnavailable) -> APIError:
 async def start_answer(
     app: Any,
     question: str,
-    hits: list[Hit] | Callable[[], list[Hit]],
+    hits: list[Hit] | Callable[[], list[Hit] | Grounding],
     *,
     backend: str | None,
     max_tokens: int,
@@ -113,7 +140,8 @@ async def start_answer(
 
     The backend starts (model loading, parameter checks) in the thread that then makes the pieces:
     one thread hand-off from here to the first piece. ``hits`` may be a function that retrieves them
-    (e.g. :func:`service.search.answer`'s hits): it then runs in that thread too.
+    (e.g. :func:`service.search.answer`'s hits): it then runs in that thread too. A function may give a
+    :class:`Grounding` (:func:`rewritten_hits`): the backend then answers its question from its hits.
     """
     try:
         gen = generators_of(app).get(backend)
@@ -121,11 +149,16 @@ async def start_answer(
         raise APIError(422, str(exc), "validation_error") from exc
     cites: list[Citation] = []
     source: list[Iterator[str]] = []
+    rewritten: list[str] = []
 
     def begin() -> Iterator[str]:
         found = hits() if callable(hits) else hits
+        asked = question
+        if isinstance(found, Grounding):
+            rewritten.extend([found.rewritten] if found.rewritten is not None else [])
+            asked, found = found.question, found.hits
         pieces, used = start_stream(
-            gen, question, found, max_tokens=max_tokens, temperature=temperature, stop=stop
+            gen, asked, found, max_tokens=max_tokens, temperature=temperature, stop=stop
         )
         cites.extend(used)
         source.append(pieces)
@@ -145,10 +178,12 @@ async def start_answer(
     except ValueError as exc:
         await agen.aclose()
         raise APIError(422, str(exc), "validation_error") from exc
-    return Answer(agen, first, cites, gen.name, source)
+    return Answer(agen, first, cites, gen.name, source, rewritten[0] if rewritten else None)
 
 
-async def answer_request(app: Any, req: GenerateParams, hits: list[Hit] | Callable[[], list[Hit]]) -> Answer:
+async def answer_request(
+    app: Any, req: GenerateParams, hits: list[Hit] | Callable[[], list[Hit] | Grounding]
+) -> Answer:
     """:func:`start_answer` for a ``POST /generate`` body or a WebSocket ``generate`` message: its
     question, backend and sampling parameters."""
     return await start_answer(app, req.query, hits, backend=req.backend, **req.sampling())

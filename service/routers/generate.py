@@ -27,7 +27,7 @@ from service.deps import CollectionDep, EmbedderDep, SettingsDep
 from service.errors import APIError
 from service.generation import Answer, GeneratorUnavailable, answer_request
 from service.generation import generators_of as generators_of  # re-exported: tests reach the registry here
-from service.generation.usecases import unavailable
+from service.generation.usecases import rewritten_hits, unavailable
 from service.limits import MAX_QUERY_CHARS, MODALITIES_CSV
 from service.schemas import (
     MAX_GROUNDING_K,
@@ -47,6 +47,11 @@ router = APIRouter(tags=["generate"])
 DEFAULT_QUESTION = "What is this?"
 
 
+def rewritten_field(answer: Answer) -> dict[str, str]:
+    """``{"rewritten": name}`` for an answer to a rewritten question (the SSE ``done`` event)."""
+    return {} if answer.rewritten is None else {"rewritten": answer.rewritten}
+
+
 def sse(event: str, data: Any) -> str:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n"
 
@@ -57,7 +62,7 @@ async def sse_events(answer: Answer) -> AsyncIterator[str]:
         async for piece in stream:
             yield sse("token", {"text": piece})
         yield sse("citations", [c.model_dump() for c in answer.citations])
-        yield sse("done", {"backend": answer.backend})
+        yield sse("done", {"backend": answer.backend, **rewritten_field(answer)})
     except GeneratorUnavailable as exc:
         yield sse("error", {"code": "generator_unavailable", "message": str(exc)})
     finally:
@@ -72,7 +77,9 @@ async def respond(answer: Answer, stream: bool):
         text = "".join([p async for p in answer.rest()])
     except GeneratorUnavailable as exc:
         raise unavailable(exc) from exc
-    body = GenerateResponse(answer=text, citations=answer.citations, backend=answer.backend)
+    body = GenerateResponse(
+        answer=text, citations=answer.citations, backend=answer.backend, rewritten=answer.rewritten
+    )
     return JSONResponse(body.model_dump())
 
 
@@ -160,6 +167,8 @@ async def generate(request: Request, collection: CollectionDep, embedder: Embedd
     else:
         req = await parse_json(request, GenerateRequest)
         query = req.retrieval()
-        hits = lambda: search.answer(query, embedder, collection).hits  # noqa: E731
+        hits = rewritten_hits(request.app, req.query, query, req.rewrite) or (
+            lambda: search.answer(query, embedder, collection).hits
+        )
     answer = await answer_request(request.app, req, hits)
     return await respond(answer, req.stream)

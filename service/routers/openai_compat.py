@@ -28,6 +28,7 @@ from service.deps import CollectionDep, EmbedderDep, SettingsDep
 from service.errors import APIError
 from service.generation import Answer, GeneratorUnavailable, start_answer
 from service.generation.prompts import retrieval_text
+from service.generation.usecases import rewritten_hits
 from service.limits import MAX_QUERY_CHARS
 from service.schemas import DEFAULT_CHAT_MODEL, ChatRequest, ContentPart, SearchQuery, error_responses
 from service.search import answer_http
@@ -105,7 +106,11 @@ async def chat_completions(
     # (GenerateParams.retrieval)
     text = retrieval_text(question)
     query = SearchQuery(query=text, k=req.mm_k, modalities=req.mm_modalities)
-    hits = (await answer_http(query, embedder, collection)).hits
+    # MM_REWRITE: the name of the thing asked for is searched (service.generation.rewrite)
+    hits = (
+        rewritten_hits(request.app, question, query, None)
+        or (await answer_http(query, embedder, collection)).hits
+    )
     stop = [req.stop] if isinstance(req.stop, str) else req.stop
     answer = await start_answer(
         request.app,

@@ -41,6 +41,7 @@ from index.sharded import ShardUnavailable
 from mm.errors import MediaError
 from service.auth import bearer_token, key_matches
 from service.generation import GeneratorUnavailable, answer_request
+from service.generation.usecases import rewritten_hits
 from service.schemas import WSCancel, WSGenerate, WSSearch
 from service.search import answer_http
 
@@ -163,7 +164,11 @@ class Connection:
                 found = await answer_http(req, emb, coll)
                 results = {"type": "results", "id": rid, "results": found.results()}
                 return await self.send(results | found.partial_fields())
-            hits = (await answer_http(req.retrieval(), emb, coll)).hits
+            query = req.retrieval()
+            hits = (
+                rewritten_hits(self.app, req.query, query, req.rewrite)
+                or (await answer_http(query, emb, coll)).hits
+            )
             answer = await answer_request(self.app, req, hits)
             stream = answer.rest()
             try:
@@ -173,7 +178,8 @@ class Connection:
                 await stream.aclose()
             cites = [c.model_dump() for c in answer.citations]
             await self.send({"type": "citations", "id": rid, "citations": cites})
-            await self.send({"type": "done", "id": rid, "backend": answer.backend})
+            done = {"type": "done", "id": rid, "backend": answer.backend}
+            await self.send(done | ({} if answer.rewritten is None else {"rewritten": answer.rewritten}))
         except HTTPException as exc:
             await self._safe_error(rid, getattr(exc, "code", "error"), str(exc.detail), exc.status_code)
         except GeneratorUnavailable as exc:

@@ -55,6 +55,48 @@ def plain_cpu_buffers(llama_cpp: Any) -> Iterator[None]:
             module.llama_model_default_params = default
 
 
+def model_file(path: Path | None, cache_dir: str | Path | None, who: str) -> tuple[Path, dict | None]:
+    """The GGUF file to load: ``path``, else the packaged Gemma 3 270M (:mod:`mm.gemma`), with the
+    packaged model's package, version and sha256 (None for a given path). ``who`` names the user in the
+    :class:`GeneratorUnavailable` raised when it cannot be found."""
+    if path is not None:
+        if not path.is_file():
+            raise GeneratorUnavailable(who, f"no GGUF model file at {path} (MM_GGUF_PATH)")
+        return path, None
+    from mm import gemma
+
+    try:
+        found = gemma.model_path(cache_dir)
+    except (ImportError, FileNotFoundError, ValueError) as exc:
+        raise GeneratorUnavailable(
+            who, f"no MM_GGUF_PATH and the packaged model cannot be used: {exc}"
+        ) from exc
+    return found, {k: v for k, v in gemma.metadata().items() if k != "parts"}
+
+
+def load_llama(
+    path: Path | None,
+    *,
+    n_ctx: int,
+    cache_dir: str | Path | None = None,
+    n_threads: int | None = None,
+    who: str = "gguf",
+) -> tuple[Any, dict | None]:
+    """A ``llama_cpp.Llama`` over :func:`model_file`'s file, loaded with :func:`plain_cpu_buffers`, and
+    the packaged model's record (None for a given path). Raises :class:`GeneratorUnavailable` (naming
+    ``who``) when llama-cpp-python or the model is missing. Shared by the ``gguf`` backend and the
+    question rewriter (``service.generation.rewrite``)."""
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        raise GeneratorUnavailable(who, "llama-cpp-python is not installed: pip install -e '.[llm]'") from exc
+    file, source = model_file(path, cache_dir, who)
+    with plain_cpu_buffers(llama_cpp):
+        llm = llama_cpp.Llama(model_path=str(file), n_ctx=n_ctx, n_threads=n_threads, verbose=False)
+    log.info("%s: loaded %s (%s)", who, file, source or "MM_GGUF_PATH, not checked")
+    return llm, source
+
+
 def completion_prompt(question: str, hits: Sequence[Hit]) -> str:
     """The chat prompt as plain text, for a model without a chat template (the packaged base Gemma)."""
     system, user = (m["content"] for m in chat_messages(question, hits))
@@ -81,36 +123,11 @@ class GGUFGenerator:
         self._lock = threading.Lock()  # loading
         self._run = threading.Lock()  # one generation at a time
 
-    def _model_file(self) -> Path:
-        if self.path is not None:
-            if not self.path.is_file():
-                raise GeneratorUnavailable("gguf", f"no GGUF model file at {self.path} (MM_GGUF_PATH)")
-            return self.path
-        from mm import gemma
-
-        try:
-            path = gemma.model_path(self.cache_dir)
-        except (ImportError, FileNotFoundError, ValueError) as exc:
-            raise GeneratorUnavailable(
-                "gguf", f"no MM_GGUF_PATH and the packaged model cannot be used: {exc}"
-            ) from exc
-        self.source = {k: v for k, v in gemma.metadata().items() if k != "parts"}
-        return path
-
     def _load(self) -> Any:
         with self._lock:
             if self._llm is None:
-                try:
-                    import llama_cpp
-                except ImportError as exc:
-                    raise GeneratorUnavailable(
-                        "gguf", "llama-cpp-python is not installed: pip install -e '.[llm]'"
-                    ) from exc
-                path = self._model_file()
-                with plain_cpu_buffers(llama_cpp):
-                    llm = llama_cpp.Llama(model_path=str(path), n_ctx=self.n_ctx, verbose=False)
+                llm, self.source = load_llama(self.path, n_ctx=self.n_ctx, cache_dir=self.cache_dir)
                 self.chat = bool(llm.metadata.get("tokenizer.chat_template"))
-                log.info("gguf: loaded %s (%s)", path, self.source or "MM_GGUF_PATH, not checked")
                 self._llm = llm
             return self._llm
 
