@@ -16,6 +16,12 @@ is not a train). Scores:
 - ``citation_precision``: cited items carrying an answer label over all cited items (answerable only);
 - ``in_collection``: answerable questions whose answer the collection holds at all (the ceiling).
 
+Question rewriting (``extractive+rewrite``, ``--no-rewrite`` skips it): the opt-in stage ``MM_REWRITE=gguf``
+(``service.generation.rewrite``: the packaged Gemma 3 270M names the thing asked for, that name is
+searched and the extractive backend answers it from the hits that are that thing) scored the same way;
+cited items are labelled from the hits the backend was given. ``rewrite_latency``: the rewrite's p50/p95
+(ms, the model alone, one llama.cpp thread, after one warm-up).
+
 Latency: the service runs under uvicorn on 127.0.0.1 (in a thread) over a copy of the demo collection;
 for each backend (``extractive``, ``local``) x transport (``ws``, ``sse``) the fixed questions are asked
 in turn: ``first_token_p50_ms``/``first_token_p95_ms`` (request sent to first token received, retrieval
@@ -215,16 +221,23 @@ def ask(gen: Any, question: str, hits: list[Any], max_tokens: int) -> tuple[str,
 def score_backend(
     gen: Any,
     questions: Sequence[dict],
-    hits: Sequence[list[Any]],
+    hits: Sequence[Any],
     labels: dict[tuple[str, str], str],
     present: set[str],
     max_tokens: int,
     log_to: list[dict] | None = None,
 ) -> dict[str, Any]:
+    """``hits``: each question's hits, or its ``service.generation.rewrite.Grounding`` (the backend then
+    answers the grounding's question from its hits); cited items are labelled from the hits it was given."""
+    from service.generation.rewrite import Grounding
+
     rows = []
     for q, found in zip(questions, hits, strict=True):
-        text, cites = ask(gen, q["question"], found, max_tokens)
-        by_id = {h.id: h for h in found}
+        asked, given = (
+            (found.question, found.hits) if isinstance(found, Grounding) else (q["question"], found)
+        )
+        text, cites = ask(gen, asked, given, max_tokens)
+        by_id = {h.id: h for h in given}
         cited = [cites[n - 1] for n in cited_numbers(text, len(cites))]
         cited_labels = [label_of(labels, by_id[c.id].item.uri) if c.id in by_id else None for c in cited]
         row = score_answer(text, cited_labels, q["answers"])
@@ -232,7 +245,16 @@ def score_backend(
         row["in_collection"] = any(carries(p, a) for a in q["answers"] for p in present)
         rows.append(row)
         if log_to is not None:
-            log_to.append({"question": q["question"], "answer": text, "cited": cited_labels, **row})
+            rewritten = found.rewritten if isinstance(found, Grounding) else None
+            log_to.append(
+                {
+                    "question": q["question"],
+                    "rewritten": rewritten,
+                    "answer": text,
+                    "cited": cited_labels,
+                    **row,
+                }
+            )
     return summarise_quality(rows)
 
 
@@ -422,6 +444,42 @@ def latency(
     return results
 
 
+def rewrite_all(
+    questions: Sequence[dict], rewriter: Any, embedder: Any, coll: Any, k: int | None
+) -> tuple[list[Any], list[float], list[str | None]]:
+    """Each question grounded as ``POST /generate`` does with ``rewrite`` on
+    (``service.generation.rewrite.ground``), each rewrite's time (ms; the model only) and name."""
+    from service.generation.rewrite import ground
+    from service.schemas import GenerateParams
+    from service.search import answer
+
+    times: list[float] = []
+    names_: list[str | None] = []
+
+    class Timed:
+        def rewrite(self, question: str) -> str | None:
+            t0 = time.perf_counter()
+            name = rewriter.rewrite(question)
+            times.append((time.perf_counter() - t0) * 1000.0)
+            names_.append(name)
+            return name
+
+    out = []
+    for q in questions:
+        query = GenerateParams(query=q["question"], **({"k": k} if k else {})).retrieval()
+        out.append(ground(Timed(), q["question"], query, lambda sq: answer(sq, embedder, coll).hits))
+    return out, times, names_
+
+
+def percentiles(ms: Sequence[float]) -> dict[str, float | None]:
+    if not ms:
+        return {"p50_ms": None, "p95_ms": None}
+    return {
+        "p50_ms": round(float(np.percentile(ms, 50)), 1),
+        "p95_ms": round(float(np.percentile(ms, 95)), 1),
+    }
+
+
 def available(name: str, gens: Any) -> str | None:
     """Why backend ``name`` cannot be measured here (None when it can)."""
     from service.generation import GeneratorUnavailable
@@ -457,13 +515,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--rules-out", default=None, help="with --tune: write the rules here instead")
     p.add_argument("--no-latency", action="store_true", help="quality only")
+    p.add_argument(
+        "--no-rewrite",
+        action="store_true",
+        help="skip the extractive + question rewriting row (MM_REWRITE=gguf; needs the llm extra)",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
     import torch
 
     from service.embedding import load_embedder
-    from service.generation import Generators
+    from service.generation import Generators, GeneratorUnavailable
     from service.generation.backends.extractive import RULES_FILE, fingerprint
     from service.generation.registry import checkpoint_dir
     from service.settings import Settings
@@ -528,6 +591,32 @@ def main(argv: list[str] | None = None) -> int:
                         gen, qs, whole_q[name], labels, present, args.max_tokens
                     )
             print(backend, quality[backend], file=sys.stderr)
+        rewrite_latency: dict[str, Any] = {}
+        if not args.no_rewrite:  # the opt-in stage (MM_REWRITE=gguf) in front of the extractive backend
+            try:
+                gens.rewriter().load()
+            except GeneratorUnavailable as exc:
+                skipped["extractive+rewrite"] = str(exc)
+            else:
+                gens.rewriter().rewrite("Which bird can talk?")  # warm-up: the prompt's prefix is cached
+                for name, qs in sets.items():
+                    grounded, ms, named = rewrite_all(qs, gens.rewriter(), embedder, coll, args.k)
+                    log_rows = []
+                    row = score_backend(
+                        gens.get("extractive"), qs, grounded, labels, present, args.max_tokens, log_rows
+                    )
+                    # the model's name names an answer label (answerable questions; searched or not)
+                    row["rewrite_names_an_answer"] = sum(
+                        bool(n) and any(names(n, a) for a in q["answers"])
+                        for q, n in zip(qs, named, strict=True)
+                    )
+                    row["rewritten"] = sum(n is not None for n in named)  # a name came out
+                    row["grounded_in_the_name"] = sum(g.rewritten is not None for g in grounded)
+                    quality.setdefault("extractive+rewrite", {})[name] = row
+                    answers_log[f"extractive+rewrite/{name}"] = log_rows
+                    rewrite_latency[name] = percentiles(ms)
+                    diagnosis[f"{name}/rewrite"] = recall(qs, [g.hits for g in grounded], labels)
+                print("extractive+rewrite", quality["extractive+rewrite"], rewrite_latency, file=sys.stderr)
         if args.sweep and not args.tune:
             sweep_top = sweep(sets["dev"], hits["dev"], labels, present)[:5]
             for row in sweep_top:
@@ -570,6 +659,7 @@ def main(argv: list[str] | None = None) -> int:
         "quality": quality,
         "skipped": skipped,
         "latency": lat,
+        "rewrite_latency": rewrite_latency,
         "retrieval_recall": diagnosis,
         "sweep_top": sweep_top,
         "extractive_rules": {
@@ -578,7 +668,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "tuned": tuned,
         "answers": {
-            k: [{kk: r[kk] for kk in ("question", "answer", "correct")} for r in v]
+            k: [{kk: r[kk] for kk in ("question", "rewritten", "answer", "correct")} for r in v]
             for k, v in answers_log.items()
             if k.startswith("extractive")
         },
