@@ -146,15 +146,18 @@ def full_range_exact() -> bool:
     return True
 
 
-def per_channel_int8(w: Tensor) -> tuple[Tensor, Tensor]:
+def per_channel_int8(w: Tensor, levels: int = 127) -> tuple[Tensor, Tensor]:
     """Symmetric int8 codes of ``w`` (N, ...) with one scale per output channel (dim 0): codes, scales (N,).
+
+    ``levels``: the largest code (127; 63 for kernels that would overflow, see
+    :func:`mm.encoders.efficientnet_int8.conv_weight_levels`).
 
     ``codes * scales`` (broadcast over the trailing dims) is the weight the int8 kernels compute with.
     """
     w = w.float()
-    scale = w.abs().amax(dim=tuple(range(1, w.dim()))).clamp_min(1e-8) / 127.0  # (N,)
+    scale = w.abs().amax(dim=tuple(range(1, w.dim()))).clamp_min(1e-8) / levels  # (N,)
     view = scale.view(-1, *([1] * (w.dim() - 1)))
-    return torch.round(w / view).clamp(-127, 127).to(torch.int8), scale
+    return torch.round(w / view).clamp(-levels, levels).to(torch.int8), scale
 
 
 class Int8Linear(nn.Module):

@@ -14,6 +14,7 @@ from mm.encoders.efficientnet_int8 import (
     Int8Conv2d,
     Int8EfficientNetFeatures,
     calibrate,
+    conv_weight_levels,
     default_calibration,
     int8_convs_available,
 )
@@ -64,6 +65,21 @@ def test_int8_conv_matches_float_and_fuses_relu6():
     torch.testing.assert_close(clipped, F.relu6(ref), atol=0.08, rtol=0)  # ~3 steps of 6/255
 
 
+def test_the_worst_case_convolution_is_exact_with_the_levels_chosen_here():
+    """Every activation code 255 times every weight code at its maximum: on a CPU without VNNI the int8
+    kernel adds pairs of products into saturating int16 sums, and 8-bit weights came out at half the
+    true value (1,046,683 for 2,072,640 on an AVX2 AMD EPYC); the weight levels chosen here must not."""
+    levels = conv_weight_levels()
+    assert levels in (63, 127)
+    conv = torch.nn.Conv2d(64, 1, 1, bias=True).eval()
+    torch.nn.init.constant_(conv.weight, 1.0)  # one scale per channel: every code is ``levels``
+    torch.nn.init.zeros_(conv.bias)
+    exact = 64 * 255.0
+    q = Int8Conv2d(conv, (0.0, exact * 1.25), relu6=False)
+    got = q(_quant(torch.full((1, 64, 3, 3), 255.0), 0.0, 255.0)).dequantize()
+    torch.testing.assert_close(got, torch.full_like(got, exact), rtol=0.01, atol=0)
+
+
 def test_depthwise_bias_correction_removes_the_mean_shift():
     # For an input equal to its channel means everywhere, the corrected int8-weight conv's interior
     # outputs equal the float conv's (the rounding error's mean shift is exactly what is subtracted).
@@ -112,7 +128,8 @@ def test_int8_features_close_to_fp32_on_unseen_images(folded):
         got = q(x)
     assert got.shape == ref.shape == (4, 1280, 2, 2) and got.dtype == torch.float32
     pooled = F.cosine_similarity(got.mean(dim=(2, 3)), ref.mean(dim=(2, 3)))
-    assert pooled.min() > 0.97, pooled
+    # 7-bit weights (a CPU without VNNI, conv_weight_levels) cost a little: 0.955-0.99 measured there
+    assert pooled.min() > (0.97 if conv_weight_levels() == 127 else 0.95), pooled
     without = Int8EfficientNetFeatures(folded, Calibration(cal.ranges))  # no bias correction
     with torch.no_grad():
         worse = F.cosine_similarity(without(x).mean(dim=(2, 3)), ref.mean(dim=(2, 3)))
