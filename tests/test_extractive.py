@@ -131,6 +131,10 @@ def test_a_wh_question_is_not_answered_by_what_it_names():
     assert [h.id for h in gen.select("a farm", hits)] == [1]
     assert asks_for_unnamed("Which farm animal gives us wool?") and asks_for_unnamed("how loud is it")
     assert not asks_for_unnamed("Do you have a picture of a giraffe?") and not asks_for_unnamed("")
+    # about the thing it names (the page's own example question), not for another thing
+    assert not asks_for_unnamed("what is the ocean like?")
+    assert not asks_for_unnamed("What does a cat look like")
+    assert asks_for_unnamed("What animal has stripes and looks like a horse?")
 
 
 # ----------------------------------------------------------------------------------------------------

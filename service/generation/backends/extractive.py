@@ -204,9 +204,10 @@ WH_WORDS = frozenset(["what", "which", "who", "whom", "whose", "where", "when", 
 
 def asks_for_unnamed(question: str) -> bool:
     """Whether a question is a wh-question (its first word is what/which/who/...): its answer is a thing
-    it describes, so a concept it names is not the answer."""
-    first = _WORD.search(question)
-    return bool(first) and first.group(0).lower() in WH_WORDS
+    it describes, so a concept it names is not the answer. One that ends in "like" asks about the thing
+    it names ("What is the ocean like?", "What does a frog sound like?"), not for another."""
+    words = [w.lower() for w in _WORD.findall(question)]
+    return bool(words) and words[0] in WH_WORDS and words[-1] != "like"
 
 
 def shares_a_word(question_words: set[str], key: str) -> bool:
