@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 from service.cli.common import UsageError, add_collection, add_model, clip, load_embedder, split_csv, table
 
@@ -85,8 +86,12 @@ def run(args: argparse.Namespace) -> int:
                 sys.stdout.write(piece)
                 sys.stdout.flush()
     if args.json:
-        body = {"answer": "".join(parts), "citations": [c.model_dump() for c in cites], "backend": gen.name}
-        body["rewritten"] = grounding.rewritten
+        body: dict[str, Any] = {
+            "answer": "".join(parts),
+            "citations": [c.model_dump() for c in cites],
+            "backend": gen.name,
+            "rewritten": grounding.rewritten,
+        }
         print(json.dumps(body))
         return 0
     print()

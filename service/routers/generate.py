@@ -27,6 +27,7 @@ from service.deps import CollectionDep, EmbedderDep, SettingsDep
 from service.errors import APIError
 from service.generation import Answer, GeneratorUnavailable, answer_request
 from service.generation import generators_of as generators_of  # re-exported: tests reach the registry here
+from service.generation.rewrite import Grounding
 from service.generation.usecases import rewritten_hits, unavailable
 from service.limits import MAX_QUERY_CHARS, MODALITIES_CSV
 from service.schemas import (
@@ -161,7 +162,8 @@ FORM_SCHEMA = {
 )
 async def generate(request: Request, collection: CollectionDep, embedder: EmbedderDep, settings: SettingsDep):
     """Answer a question (or describe an uploaded image/audio clip) from the closest items, citing them."""
-    hits: list[Hit] | Callable[[], list[Hit]]  # a text query is embedded in the generation thread
+    # a text query is embedded in the generation thread (and rewritten there, when asked)
+    hits: list[Hit] | Callable[[], list[Hit] | Grounding]
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
         req, hits = await _from_form(request, collection, embedder, settings)
     else:
