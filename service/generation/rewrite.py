@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from service.generation.backends.extractive import _WORD, _forms, _key, content_words, names
+from service.generation.backends.extractive import WORD, concept_key, content_words, names, word_forms
 from service.generation.backends.gguf import load_llama
 from service.generation.prompts import QUESTION_WORDS, concept_of
 
@@ -119,11 +119,11 @@ def is_the_thing(name: str, hit: Hit) -> bool:
     """Whether an item is the thing ``name`` names, or a kind of it: its concept has every word of the
     name and ends in the same word ("A frog." and "A snare drum." for "drum"; not "A train sign." for
     "train", nor "A Christmas tree." for "eucalyptus tree")."""
-    key = _key(concept_of(hit))
-    words = [w for w in _WORD.findall(name) if w.lower() not in QUESTION_WORDS]
+    key = concept_key(concept_of(hit))
+    words = [w for w in WORD.findall(name) if w.lower() not in QUESTION_WORDS]
     if not key or not words:
         return False
-    return names(content_words(key), name) and bool(_forms(key.split()[-1]) & _forms(words[-1]))
+    return names(content_words(key), name) and bool(word_forms(key.split()[-1]) & word_forms(words[-1]))
 
 
 @dataclass(frozen=True)

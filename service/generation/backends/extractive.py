@@ -67,7 +67,7 @@ NAMED = 0.3  # the evidence of a question naming the concept's words (a probabil
 MAX_CITED = 3  # items of the answer's concept cited
 
 NOUN = {"image": "a picture", "audio": "a sound", "text": "a note"}
-_WORD = re.compile(r"[\w'-]+")
+WORD = re.compile(r"[\w'-]+")
 
 
 @dataclass(frozen=True)
@@ -174,7 +174,7 @@ def _score(hit: Hit) -> float:
     return float(hit.score)
 
 
-def _key(concept: str) -> str:
+def concept_key(concept: str) -> str:
     """The grouping key of a concept phrase: lower case, without a leading article ("A frog" -> "frog")."""
     words = re.sub(r"[^\w\s'-]", " ", concept.lower()).split()
     if len(words) > 1 and words[0] in ("a", "an", "the", "some"):
@@ -182,7 +182,7 @@ def _key(concept: str) -> str:
     return " ".join(words)
 
 
-def _forms(word: str) -> set[str]:
+def word_forms(word: str) -> set[str]:
     """A word and its forms without a plural ending ("horses": horse; "boxes": box), for matching."""
     w = word.lower()
     forms = {w}
@@ -196,7 +196,7 @@ def _forms(word: str) -> set[str]:
 def content_words(text: str) -> set[str]:
     """A text's words that say what it is about, each with its singular forms (framing words such as
     "which", "is", "a" dropped)."""
-    return {f for w in _WORD.findall(text) if w.lower() not in QUESTION_WORDS for f in _forms(w)}
+    return {f for w in WORD.findall(text) if w.lower() not in QUESTION_WORDS for f in word_forms(w)}
 
 
 WH_WORDS = frozenset(["what", "which", "who", "whom", "whose", "where", "when", "why", "how"])
@@ -206,19 +206,19 @@ def asks_for_unnamed(question: str) -> bool:
     """Whether a question is a wh-question (its first word is what/which/who/...): its answer is a thing
     it describes, so a concept it names is not the answer. One that ends in "like" asks about the thing
     it names ("What is the ocean like?", "What does a frog sound like?"), not for another."""
-    words = [w.lower() for w in _WORD.findall(question)]
+    words = [w.lower() for w in WORD.findall(question)]
     return bool(words) and words[0] in WH_WORDS and words[-1] != "like"
 
 
 def shares_a_word(question_words: set[str], key: str) -> bool:
     """Whether a concept key has any content word the question (its :func:`content_words`) has."""
-    return any(_forms(w) & question_words for w in _WORD.findall(key) if w.lower() not in QUESTION_WORDS)
+    return any(word_forms(w) & question_words for w in WORD.findall(key) if w.lower() not in QUESTION_WORDS)
 
 
 def names(question_words: set[str], key: str) -> bool:
     """Whether a question (its :func:`content_words`) names every content word of a concept key."""
-    words = [w for w in _WORD.findall(key) if w.lower() not in QUESTION_WORDS]
-    return bool(words) and all(_forms(w) & question_words for w in words)
+    words = [w for w in WORD.findall(key) if w.lower() not in QUESTION_WORDS]
+    return bool(words) and all(word_forms(w) & question_words for w in words)
 
 
 class ExtractiveGenerator:
@@ -239,7 +239,7 @@ class ExtractiveGenerator:
         for h in hits:
             p = self.relevance(h)
             concept = concept_of(h)
-            if p >= r.item_min and concept and (key := _key(concept)):
+            if p >= r.item_min and concept and (key := concept_key(concept)):
                 groups.setdefault(key, []).append((p, h))
         asked = content_words(question)
         describes = asks_for_unnamed(question)
