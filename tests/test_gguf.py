@@ -164,6 +164,26 @@ def test_the_packaged_model_loads_and_decodes_without_crashing(decodes_in_a_subp
         f"exit status {run.returncode} (-11: segmentation fault)\n{run.stderr[-2000:]}"
     )
     assert len(eval(run.stdout.strip().splitlines()[-1])) > 0  # some text came out
+    # llama.cpp's own log goes to logging, not stderr (its benign "errors" were printed before every answer)
+    assert "llama_kv_cache" not in run.stderr and "control-looking" not in run.stderr, run.stderr[-2000:]
+
+
+@needs_llm
+def test_llama_log_lines_reach_logging_not_stderr(caplog, capfd):
+    import llama_cpp
+
+    from service.generation.backends.gguf import forward_llama_log
+
+    forward = forward_llama_log(llama_cpp)
+    assert forward_llama_log(llama_cpp) is forward  # installed once
+    with caplog.at_level("DEBUG", logger="llama_cpp"):
+        forward(3, b"llama_kv_cache_iswa: using full-size SWA cache\n", None)
+        forward(1, b"print_info: file format = GGUF V3\n", None)
+    assert [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "llama_cpp"] == [
+        ("INFO", "llama_kv_cache_iswa: using full-size SWA cache"),
+        ("DEBUG", "print_info: file format = GGUF V3"),
+    ]
+    assert capfd.readouterr().err == ""
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ Gemma: "\\n<</SYS>>\\n<SYS>\\n<COM_DIR>").
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import threading
 from collections.abc import Iterator, Sequence
@@ -74,6 +75,32 @@ def model_file(path: Path | None, cache_dir: str | Path | None, who: str) -> tup
     return found, {k: v for k, v in gemma.metadata().items() if k != "parts"}
 
 
+LLAMA_LOG = logging.getLogger("llama_cpp")
+_log_forward: Any = None  # the C callback installed by forward_llama_log (kept alive here)
+
+
+def forward_llama_log(llama_cpp: Any) -> Any:
+    """Send llama.cpp's own log lines to Python logging (logger ``llama_cpp``) instead of stderr.
+
+    llama-cpp-python prints every line llama.cpp marks as an error even with ``verbose=False``, and the
+    packaged Gemma loads with two benign ones ("control-looking token ... was not control-type", "using
+    full-size SWA cache"), which ``mm ask --rewrite`` printed before every answer. They are logged at
+    INFO, the rest at DEBUG; a load that fails still raises from ``Llama()``. Installed once a process.
+    """
+    global _log_forward
+    if _log_forward is None:
+
+        @llama_cpp.llama_log_callback
+        def forward(level: int, text: bytes, user_data: Any) -> None:
+            line = text.decode("utf-8", "replace").rstrip()
+            if line:
+                LLAMA_LOG.log(logging.INFO if level == 3 else logging.DEBUG, "%s", line)
+
+        _log_forward = forward
+        llama_cpp.llama_log_set(forward, ctypes.c_void_p(0))
+    return _log_forward
+
+
 def load_llama(
     path: Path | None,
     *,
@@ -91,6 +118,7 @@ def load_llama(
     except ImportError as exc:
         raise GeneratorUnavailable(who, "llama-cpp-python is not installed: pip install -e '.[llm]'") from exc
     file, source = model_file(path, cache_dir, who)
+    forward_llama_log(llama_cpp)
     with plain_cpu_buffers(llama_cpp):
         llm = llama_cpp.Llama(model_path=str(file), n_ctx=n_ctx, n_threads=n_threads, verbose=False)
     log.info("%s: loaded %s (%s)", who, file, source or "MM_GGUF_PATH, not checked")
