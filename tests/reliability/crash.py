@@ -350,18 +350,8 @@ class ServeCrashRun:
         for t in threads:
             t.join(60)
         kill = Kill(self.rounds, f"serve after {delay:.2f} s of traffic", killed)
-        try:
-            proc, base = self.start()
-        except AssertionError as exc:
-            kill.problems.append(f"restart: {exc}")
-            return kill
-        try:
-            kill.problems += self._check_served(base)
-        finally:
-            proc.terminate()
-            proc.wait(60)
-        kill.problems += self._check_files()
-        kill.lost = self.last_lost
+        if self._restart_and_check(kill):
+            kill.lost = self.last_lost
         return kill
 
     def kill_at_creation(self) -> Kill:
@@ -378,18 +368,24 @@ class ServeCrashRun:
         proc.kill()
         proc.wait()
         kill = Kill(self.rounds, f"serve when {trigger} appears", killed)
+        self._restart_and_check(kill)
+        return kill
+
+    def _restart_and_check(self, kill: Kill) -> bool:
+        """Start ``mm serve`` again on the killed collection and add what the served and on-disk checks
+        find to ``kill.problems``; False (the failed restart its one problem) when it does not start."""
         try:
             proc, base = self.start()
         except AssertionError as exc:
             kill.problems.append(f"restart: {exc}")
-            return kill
+            return False
         try:
             kill.problems += self._check_served(base)
         finally:
             proc.terminate()
             proc.wait(60)
         kill.problems += self._check_files()
-        return kill
+        return True
 
     def _check_served(self, base: str) -> list[str]:
         import httpx
