@@ -83,6 +83,11 @@ class Answer:
     source: list[Iterator[str]] = field(default_factory=list)  # the backend's own pieces, once started
     rewritten: str | None = None  # the name searched for the question (service.generation.rewrite)
 
+    def done_fields(self) -> dict[str, str]:
+        """What the last message of a streamed answer (SSE ``done``, WebSocket ``done``) says: the backend,
+        and the name searched when the question was rewritten."""
+        return {"backend": self.backend} | ({} if self.rewritten is None else {"rewritten": self.rewritten})
+
     def usage(self) -> Usage | None:
         """Token counts so far (final once :meth:`rest` is done); None when the backend does not count."""
         return usage_of(self.source[0]) if self.source else None
@@ -155,7 +160,8 @@ async def start_answer(
         found = hits() if callable(hits) else hits
         asked = question
         if isinstance(found, Grounding):
-            rewritten.extend([found.rewritten] if found.rewritten is not None else [])
+            if found.rewritten is not None:
+                rewritten.append(found.rewritten)
             asked, found = found.question, found.hits
         pieces, used = start_stream(
             gen, asked, found, max_tokens=max_tokens, temperature=temperature, stop=stop

@@ -48,11 +48,6 @@ router = APIRouter(tags=["generate"])
 DEFAULT_QUESTION = "What is this?"
 
 
-def rewritten_field(answer: Answer) -> dict[str, str]:
-    """``{"rewritten": name}`` for an answer to a rewritten question (the SSE ``done`` event)."""
-    return {} if answer.rewritten is None else {"rewritten": answer.rewritten}
-
-
 def sse(event: str, data: Any) -> str:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n"
 
@@ -63,7 +58,7 @@ async def sse_events(answer: Answer) -> AsyncIterator[str]:
         async for piece in stream:
             yield sse("token", {"text": piece})
         yield sse("citations", [c.model_dump() for c in answer.citations])
-        yield sse("done", {"backend": answer.backend, **rewritten_field(answer)})
+        yield sse("done", answer.done_fields())
     except GeneratorUnavailable as exc:
         yield sse("error", {"code": "generator_unavailable", "message": str(exc)})
     finally:

@@ -178,8 +178,7 @@ class Connection:
                 await stream.aclose()
             cites = [c.model_dump() for c in answer.citations]
             await self.send({"type": "citations", "id": rid, "citations": cites})
-            done = {"type": "done", "id": rid, "backend": answer.backend}
-            await self.send(done | ({} if answer.rewritten is None else {"rewritten": answer.rewritten}))
+            await self.send({"type": "done", "id": rid, **answer.done_fields()})
         except HTTPException as exc:
             await self._safe_error(rid, getattr(exc, "code", "error"), str(exc.detail), exc.status_code)
         except GeneratorUnavailable as exc:

@@ -85,7 +85,8 @@ def forward_llama_log(llama_cpp: Any) -> Any:
     llama-cpp-python prints every line llama.cpp marks as an error even with ``verbose=False``, and the
     packaged Gemma loads with two benign ones ("control-looking token ... was not control-type", "using
     full-size SWA cache"), which ``mm ask --rewrite`` printed before every answer. They are logged at
-    INFO, the rest at DEBUG; a load that fails still raises from ``Llama()``. Installed once a process.
+    INFO, the rest at DEBUG; a load that fails still raises from ``Llama()``. Installed once a process
+    (call it under :func:`plain_cpu_buffers`' lock: a second callback would free the first one's C pointer).
     """
     global _log_forward
     if _log_forward is None:
@@ -118,8 +119,8 @@ def load_llama(
     except ImportError as exc:
         raise GeneratorUnavailable(who, "llama-cpp-python is not installed: pip install -e '.[llm]'") from exc
     file, source = model_file(path, cache_dir, who)
-    forward_llama_log(llama_cpp)
-    with plain_cpu_buffers(llama_cpp):
+    with plain_cpu_buffers(llama_cpp):  # under its lock: the log callback is installed once, too
+        forward_llama_log(llama_cpp)
         llm = llama_cpp.Llama(model_path=str(file), n_ctx=n_ctx, n_threads=n_threads, verbose=False)
     log.info("%s: loaded %s (%s)", who, file, source or "MM_GGUF_PATH, not checked")
     return llm, source
