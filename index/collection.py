@@ -123,7 +123,7 @@ class Collection:
         }
         # Under the writer lock, so that a concurrent open never takes this creation for a dead one.
         with FileLock(path / LOCK_FILE):
-            state = _creation_state(path)
+            state = _creation_state(path, recover=True)
             if state == "committed":
                 raise _AlreadyExists(f"a collection already exists at {path}: open it with Collection.open")
             if state == "partial":
@@ -141,7 +141,7 @@ class Collection:
     def open(cls, path: str | Path, *, readonly: bool = False) -> Collection:
         """Open an existing collection, repairing the FAISS file from SQLite if the two disagree."""
         path = Path(path).expanduser()
-        state = _creation_state(path)
+        state = _creation_state(path, recover=not readonly)
         if state == "partial":
             if readonly:
                 raise ValueError(
@@ -188,7 +188,7 @@ class Collection:
         """Open the collection at ``path`` (its ``embedder_id`` and ``dim`` must match), else create it."""
         path = Path(path).expanduser()
         readonly = kw.pop("readonly", False)
-        state = _creation_state(path)
+        state = _creation_state(path, recover=not readonly)
         if state == "partial" and not readonly:
             state = _clean_partial(path)
         if state in ("none", "partial"):
@@ -1003,12 +1003,13 @@ _PARTIAL_FILES = (
 )
 
 
-def _creation_state(path: Path) -> _CreationState:
+def _creation_state(path: Path, *, recover: bool = False) -> _CreationState:
     """Whether ``path`` holds no collection, one whose creation was killed before its commit, or one.
 
     Committed means: a config row in ``meta.sqlite`` (or a readable ``collection.json``), or any item
     row at all (data is never treated as a leftover). An unreadable database counts as committed, so
-    that opening it reports the damage instead of deleting it.
+    that opening it reports the damage instead of deleting it. ``recover`` (writers only) lets a
+    writable connection roll back what a killed first write left before deciding.
     """
     db = path / META_FILE
     if not db.is_file():
@@ -1019,22 +1020,37 @@ def _creation_state(path: Path) -> _CreationState:
     except (OSError, ValueError):
         pass
     try:
-        conn = sqlite3.connect(db.resolve().as_uri() + "?mode=ro", uri=True)
-        try:
-            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-            config = "meta" in tables and conn.execute("SELECT 1 FROM meta WHERE key = 'config'").fetchone()
-            rows = "items" in tables and conn.execute("SELECT 1 FROM items LIMIT 1").fetchone()
-        finally:
-            conn.close()
+        found = _committed_rows(db.resolve().as_uri() + "?mode=ro")
     except sqlite3.DatabaseError:
-        return "committed"
-    return "committed" if (config or rows) else "partial"
+        if not recover:
+            # a hot rollback journal can only come from the first write (a collection runs in WAL
+            # mode from then on): say "interrupted", and let a writer decide with the journal rolled back
+            return "partial" if db.with_name(db.name + "-journal").exists() else "committed"
+        # A kill in SQLite's first write leaves a hot rollback journal that a read-only connection may
+        # not roll back ("attempt to write a readonly database"); a writable one rolls it back on read.
+        try:
+            found = _committed_rows(db.resolve().as_uri())
+        except sqlite3.DatabaseError:
+            return "committed"
+    return "committed" if found else "partial"
+
+
+def _committed_rows(uri: str) -> bool:
+    """Whether the database at ``uri`` holds a config row or any item row (raises DatabaseError)."""
+    conn = sqlite3.connect(uri, uri=True)
+    try:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        config = "meta" in tables and conn.execute("SELECT 1 FROM meta WHERE key = 'config'").fetchone()
+        rows = "items" in tables and conn.execute("SELECT 1 FROM items LIMIT 1").fetchone()
+    finally:
+        conn.close()
+    return bool(config or rows)
 
 
 def _clean_partial(path: Path) -> _CreationState:
     """Remove a half-created collection's files under the writer lock; returns the state found there."""
     with FileLock(path / LOCK_FILE):
-        state = _creation_state(path)  # again: the creator may have committed while we waited
+        state = _creation_state(path, recover=True)  # again: the creator may have committed meanwhile
         if state == "partial":
             _discard_partial(path)
             state = "none"
