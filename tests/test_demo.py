@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 
 import numpy as np
+import pytest
 import soundfile as sf
 from PIL import Image
 
@@ -96,3 +99,19 @@ def test_demo_reembeds_its_collection_after_a_model_update(tmp_path, capsys):
     assert np.array_equal(ids[order], new_ids[new_order])
     assert not np.allclose(old_vectors[order], new_vectors[new_order], atol=1e-3)
     assert "added 0, skipped 9" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs the espeak-ng Debian package")
+def test_the_demos_spoken_example_is_heard_as_the_thing_it_names(tmp_path):
+    """The packaged Whisper hears the demo's spoken query (espeak-ng) as the thing it names: it heard the
+    earlier "a cat" as "A cot.", and the example then showed a lamb, a peacock and a gravestone."""
+    from service.demo import examples
+    from service.transcription import LazyTranscriber
+
+    (spoken,) = [e for e in examples(tmp_path / "library", tmp_path) if e.kind == "audio"]
+    said = re.fullmatch(r"spoken '(.+)' -> image", spoken.title)
+    assert said is not None, spoken.title
+    heard = LazyTranscriber()(spoken.query)
+    assert heard is not None and heard["language"] == "en"
+    assert said.group(1).split()[-1] in re.findall(r"[a-z]+", heard["text"].lower()), heard
