@@ -58,6 +58,9 @@ def test_info(capsys, coll):
     assert info["dim"] > 0 and info["embedder_id"]
     code, out, _ = run(capsys, "info", "--collection", str(coll))
     assert code == 0 and f"items       {N_GOOD}" in out
+    keys = [line.split()[0] for line in out.splitlines()]
+    assert len(keys) == len(set(keys)), out  # each figure once ("items" and "path" were printed twice)
+    assert "MB)" in next(line for line in out.splitlines() if line.startswith("bytes"))
 
 
 def test_search_text_image_audio(capsys, coll, media_root):

@@ -42,6 +42,15 @@ def run(args: argparse.Namespace) -> int:
     print(f"model       {out['embedder_id']} (dim {out['dim']})")
     print(f"generation  {out['generation']}")
     for key, value in out["stats"].items():
-        if key not in ("count", "dim", "embedder_id", "generation") and not isinstance(value, dict | list):
-            print(f"{key:<11} {value}")
+        if key in _SHOWN or isinstance(value, dict | list):
+            continue
+        print(f"{key:<11} {_megabytes(value) if key == 'bytes' else value}")
     return 0
+
+
+# stats() keys printed above already (under another name, for "items" and "path")
+_SHOWN = frozenset({"items", "path", "count", "dim", "embedder_id", "generation"})
+
+
+def _megabytes(n: int) -> str:
+    return f"{n} ({n / 1e6:.1f} MB)"
