@@ -62,7 +62,7 @@ def open_collection(
         if not path.exists():
             raise ValueError(f"no collection at {path}: create one with `mm index PATH --collection {path}`")
         coll = Collection.open(path, readonly=readonly)
-    _same_model(coll, embedder, path)
+    same_model(coll, embedder, path)
     return coll
 
 
@@ -100,11 +100,11 @@ def open_served(
         coll = open_ray_sharded(path, ray_address, readonly=readonly, deadline_s=deadline_s)
     else:
         coll = ShardedCollection.open(path, readonly=readonly, deadline_s=deadline_s)
-    _same_model(coll, embedder, path)
+    same_model(coll, embedder, path)
     return coll
 
 
-def _same_model(coll: CollectionAPI, embedder: Embedder | None, path: Path) -> None:
+def same_model(coll: CollectionAPI, embedder: Embedder | None, path: Path) -> None:
     """ValueError (``coll`` closed) when ``coll`` holds vectors of another model than ``embedder``."""
     if embedder is not None and (coll.embedder_id != embedder.model_id or coll.dim != embedder.dim):
         coll.close()

@@ -190,3 +190,14 @@ def test_real_tiny_model_round_trip(capsys, tmp_path, media_root):
     img = media_root / "images" / "red_circle.png"
     res = run_json(capsys, "search", "--image", str(img), "--collection", c, "--model", "tiny", "-k", "1")
     assert Path(res["results"][0]["uri"]).name == "red_circle.png"
+
+
+def test_search_of_a_missing_collection_fails_before_the_model_loads(capsys, tmp_path, monkeypatch):
+    import service.cli.search as search_cli
+
+    def no_model(*_a, **_k):
+        raise AssertionError("the model was loaded for a collection that does not exist")
+
+    monkeypatch.setattr(search_cli, "load_embedder", no_model)
+    code, _, err = run(capsys, "search", "a frog", "--local", "--collection", str(tmp_path / "nothing"))
+    assert code == 1 and err.strip().splitlines()[-1].startswith("mm: error: no collection at"), err

@@ -94,10 +94,12 @@ def run(args: argparse.Namespace) -> int:
     body = None if args.local else search_served(args.collection, args.model, query)
     if body is None:
         from service.search import answer  # here: the served path needs neither FAISS nor the model
-        from service.store import open_served
+        from service.store import open_served, same_model
 
-        embedder = load_embedder(args.model)
-        with open_served(args.collection, embedder, readonly=True) as coll:
+        # the collection first: a wrong path is said at once, not after the model's seconds of loading
+        with open_served(args.collection, readonly=True) as coll:
+            embedder = load_embedder(args.model)
+            same_model(coll, embedder, Path(args.collection))
             body = answer(query, embedder, coll).to_dict()
     results = body["results"]
     if body.get("partial"):
