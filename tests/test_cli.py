@@ -174,8 +174,9 @@ def test_model_mismatch_is_refused(capsys, coll, monkeypatch):
         dim, modalities, model_id = 8, ("text",), "other:1"
 
     monkeypatch.setattr(embedding, "load_embedder", lambda name="default": Other())
-    code, _, err = run(capsys, "search", "x", "--collection", str(coll))
-    assert code == 1 and "was built with model" in err and "mm index --reembed" in err
+    for command in (["search", "x"], ["ask", "what is x?"]):
+        code, _, err = run(capsys, *command, "--collection", str(coll))
+        assert code == 1 and "was built with model" in err and "mm index --reembed" in err, (command, err)
 
 
 def test_real_tiny_model_round_trip(capsys, tmp_path, media_root):
@@ -192,12 +193,15 @@ def test_real_tiny_model_round_trip(capsys, tmp_path, media_root):
     assert Path(res["results"][0]["uri"]).name == "red_circle.png"
 
 
-def test_search_of_a_missing_collection_fails_before_the_model_loads(capsys, tmp_path, monkeypatch):
+@pytest.mark.parametrize("command", [["search", "a frog", "--local"], ["ask", "what is a frog?"]])
+def test_a_missing_collection_is_said_before_the_model_loads(capsys, tmp_path, monkeypatch, command):
+    import service.cli.ask as ask_cli
     import service.cli.search as search_cli
 
     def no_model(*_a, **_k):
         raise AssertionError("the model was loaded for a collection that does not exist")
 
-    monkeypatch.setattr(search_cli, "load_embedder", no_model)
-    code, _, err = run(capsys, "search", "a frog", "--local", "--collection", str(tmp_path / "nothing"))
+    for module in (search_cli, ask_cli):
+        monkeypatch.setattr(module, "load_embedder", no_model)
+    code, _, err = run(capsys, *command, "--collection", str(tmp_path / "nothing"))
     assert code == 1 and err.strip().splitlines()[-1].startswith("mm: error: no collection at"), err

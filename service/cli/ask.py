@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from service.cli.common import UsageError, add_collection, add_model, clip, load_embedder, split_csv, table
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from service.schemas import GenerateParams, error_message
     from service.search import answer
     from service.settings import Settings
-    from service.store import open_collection
+    from service.store import open_collection, same_model
 
     try:  # the same rules as POST /generate; the question is also the retrieval query
         params = GenerateParams(
@@ -65,8 +66,10 @@ def run(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         raise UsageError(error_message(exc)) from exc
 
-    embedder = load_embedder(args.model)
-    with open_collection(args.collection, embedder, readonly=True) as coll:
+    # the collection first: a wrong path is said at once, not after the model's seconds of loading
+    with open_collection(args.collection, readonly=True) as coll:
+        embedder = load_embedder(args.model)
+        same_model(coll, embedder, Path(args.collection))
         settings = Settings(model=args.model) if args.model else Settings()
         gens = Generators(settings, coll.vector, getattr(embedder, "calibration", None))
         gen = gens.get(params.backend)
