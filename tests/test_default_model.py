@@ -94,3 +94,44 @@ def test_a_barking_dog_finds_the_dog_picture_and_sound_in_default_search_of_unca
         assert dog <= top("hybrid", 5)
     finally:
         coll.close()
+
+
+@pytest.mark.slow
+@needs_stamps
+def test_the_readmes_ask_example_answers_and_cites_what_it_asks_about(tmp_path, capsys):
+    """`mm ask` as the README shows it, on a folder of animal stamps (picture + sound, uncaptioned) with
+    the shipped default model and its tuned answer rules: the answer names the animal and cites its items
+    only."""
+    import json
+    import re
+    import shutil
+
+    from service.cli import main
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (question,) = re.findall(r'mm ask "([^"]+)" --collection', readme)
+    animal = "frog"
+    assert animal in question
+    lib = tmp_path / "library"
+    lib.mkdir()
+    stamps = sorted((STAMPS / "animals").rglob("*.png"))
+    chosen = [p for p in stamps[::4] if animal not in p.stem] + [p for p in stamps if animal in p.stem]
+    for png in chosen:  # a captioned folder, as the demo's library is: each file with its English sidecar
+        caption = png.with_suffix(".txt").read_text(errors="replace").splitlines()[0]
+        for f in (png, png.with_suffix(".ogg")):
+            if f.exists() and not (lib / f.name).exists():
+                shutil.copy(f, lib / f.name)
+                (lib / f.name).with_suffix(".txt").write_text(caption + "\n")
+    coll = str(tmp_path / "coll")
+    assert main(["index", str(lib), "--collection", coll, "--model", "default", "--json", "-q"]) == 0
+    capsys.readouterr()
+    assert main(["ask", question, "--collection", coll, "--model", "default", "--json"]) == 0
+    body = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert body["answer"].startswith("A frog: the collection has"), body
+    assert body["citations"], body
+    from index.collection import Collection
+
+    with Collection.open(coll, readonly=True) as c:
+        cited = [item.uri for cite in body["citations"] if (item := c.get(cite["id"])) is not None]
+    assert len(cited) == len(body["citations"])
+    assert all(animal in Path(u).stem for u in cited), cited
