@@ -91,13 +91,15 @@ def run(args: argparse.Namespace) -> int:
     if media is not None and not media.path.is_file():  # before the model loads (seconds)
         raise FileNotFoundError(f"no such file: {media.path}")
 
-    body = None if args.local else search_served(args.collection, args.model, query)
+    body, why = (None, None) if args.local else search_served(args.collection, args.model, query)
     if body is None:
         from service.search import answer  # here: the served path needs neither FAISS nor the model
         from service.store import open_served, same_model
 
         # the collection first: a wrong path is said at once, not after the model's seconds of loading
         with open_served(args.collection, readonly=True) as coll:
+            if why is not None:
+                print(f"mm: loading the model ({why}; `mm serve` keeps it warm)", file=sys.stderr)
             embedder = load_embedder(args.model)
             same_model(coll, embedder, Path(args.collection))
             body = answer(query, embedder, coll).to_dict()
@@ -131,16 +133,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def search_served(collection: Path, model: str, query) -> dict | None:
-    """The answer of the running ``mm serve`` of ``collection`` (None: there is none; load the model)."""
+def search_served(collection: Path, model: str, query) -> tuple[dict | None, str | None]:
+    """The answer of the running ``mm serve`` of ``collection``, or (None, why there is none to ask)."""
     from service.cli import remote
 
     server, why = remote.find_server(collection, model)
     if server is None:
-        print(f"mm: loading the model ({why}; `mm serve` keeps it warm)", file=sys.stderr)
-        return None
+        return None, why
     print(
         f"mm: using the server at {server.url} (pid {server.pid}; --local to load the model here)",
         file=sys.stderr,
     )
-    return remote.search_remote(server, query)
+    return remote.search_remote(server, query), None
