@@ -135,6 +135,10 @@ def test_a_wh_question_is_not_answered_by_what_it_names():
     assert not asks_for_unnamed("what is the ocean like?")
     assert not asks_for_unnamed("What does a cat look like")
     assert asks_for_unnamed("What animal has stripes and looks like a horse?")
+    assert not asks_for_unnamed("What are cats like?") and not asks_for_unnamed(
+        "what would a frog sound like"
+    )
+    assert asks_for_unnamed("What long yellow fruit do monkeys like?")  # "like" the verb: asks for a fruit
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -143,6 +143,30 @@ def test_without_a_name_or_an_item_that_is_it_the_question_is_searched():
     )
 
 
+def test_a_name_the_wh_question_itself_names_is_not_its_answer():
+    """The model's "crow" for "What bird crows at dawn on a farm?" was answered "A crow", cited."""
+    search, searched = fake_search({"crow": [hit(1, "A crow.")], "bird crows dawn farm": [hit(2, "A farm.")]})
+    asked = "What bird crows at dawn on a farm?"
+    query = SearchQuery(query="bird crows dawn farm")
+    g = rw.ground(FakeRewriter({asked: "crow"}), asked, query, search)
+    assert (g.question, g.rewritten, searched) == (asked, None, ["bird crows dawn farm"])  # never searched
+
+
+@pytest.mark.parametrize(
+    ("question", "name", "named"),
+    [
+        ("What bird crows at dawn on a farm?", "crow", True),
+        ("What long yellow fruit do monkeys like?", "monkey", True),
+        ("What rings in a church tower?", "church bell", False),  # the thing is a bell
+        ("What red vehicle carries firefighters?", "fire truck", False),
+        ("Show me a frog.", "frog", False),  # a request names what it asks for
+        ("a frog", "frog", False),
+    ],
+)
+def test_names_its_answer(question, name, named):
+    assert rw.names_its_answer(question, name) is named
+
+
 @pytest.mark.parametrize(
     ("name", "caption", "is_it"),
     [

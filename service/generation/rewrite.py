@@ -23,7 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from service.generation.backends.extractive import WORD, concept_key, content_words, names, word_forms
+from service.generation.backends.extractive import (
+    WORD,
+    asks_for_unnamed,
+    concept_key,
+    content_words,
+    names,
+    word_forms,
+)
 from service.generation.backends.gguf import load_llama
 from service.generation.prompts import QUESTION_WORDS, concept_of
 
@@ -126,6 +133,18 @@ def is_the_thing(name: str, hit: Hit) -> bool:
     return names(content_words(key), name) and bool(word_forms(key.split()[-1]) & word_forms(words[-1]))
 
 
+def names_its_answer(question: str, name: str) -> bool:
+    """Whether a wh-question names the thing ``name`` is (its last word): "What bird crows at dawn?" is not
+    answered by "crow", nor "What long yellow fruit do monkeys like?" by "monkey" (the extractive
+    backend's rule for its own answers, :func:`~service.generation.backends.extractive.asks_for_unnamed`).
+    A request ("Show me a frog") names what it asks for, and a name's other words may come from the
+    question ("What rings in a church tower?" -> "church bell")."""
+    words = [w for w in WORD.findall(name) if w.lower() not in QUESTION_WORDS]
+    return (
+        bool(words) and asks_for_unnamed(question) and bool(word_forms(words[-1]) & content_words(question))
+    )
+
+
 @dataclass(frozen=True)
 class Grounding:
     """What an answer is grounded in: the question the backend answers, the hits, and the rewrite used
@@ -143,6 +162,9 @@ def ground(
     are that thing; the backend then answers the name. Without a name, or with no such hit, ``query``
     (the question's own search) grounds the question itself. Blocking (the model and the search)."""
     name = rewriter.rewrite(question)
+    if name is not None and names_its_answer(question, name):
+        log.info("rewrite: %r -> %r, which the question names: not its answer", question[:80], name)
+        name = None
     if name is not None:
         hits = [h for h in search(query.model_copy(update={"query": name})) if is_the_thing(name, h)]
         log.info("rewrite: %r -> %r (%d items are it)", question[:80], name, len(hits))

@@ -202,12 +202,36 @@ def content_words(text: str) -> set[str]:
 WH_WORDS = frozenset(["what", "which", "who", "whom", "whose", "where", "when", "why", "how"])
 
 
+# "What is the ocean like?", "What does a frog sound like?": "like" after these asks what a thing is like
+_BE = frozenset(["is", "are", "was", "were", "be", "'s"])
+_SENSES = frozenset(
+    [
+        "sound",
+        "sounds",
+        "look",
+        "looks",
+        "feel",
+        "feels",
+        "taste",
+        "tastes",
+        "smell",
+        "smells",
+        "seem",
+        "seems",
+    ]
+)
+
+
 def asks_for_unnamed(question: str) -> bool:
     """Whether a question is a wh-question (its first word is what/which/who/...): its answer is a thing
-    it describes, so a concept it names is not the answer. One that ends in "like" asks about the thing
-    it names ("What is the ocean like?", "What does a frog sound like?"), not for another."""
+    it describes, so a concept it names is not the answer. One that ends in "like" after a form of "be"
+    or a sense ("What is the ocean like?", "What does a frog sound like?") asks about the thing it names,
+    not for another; "What fruit do monkeys like?" asks for another."""
     words = [w.lower() for w in WORD.findall(question)]
-    return bool(words) and words[0] in WH_WORDS and words[-1] != "like"
+    if not words or words[0] not in WH_WORDS:
+        return False
+    about_the_named = words[-1] == "like" and len(words) > 2 and (words[-2] in _SENSES or words[1] in _BE)
+    return not about_the_named
 
 
 def shares_a_word(question_words: set[str], key: str) -> bool:
