@@ -38,8 +38,10 @@ machine's 1-minute load average at the end of the run.
 ``--sweep`` also scores a grid of the extractive rules on the dev questions (never the fixed ones);
 ``--tune`` does that and writes the best (dev accuracy first, then fewer false answers, then citation
 precision, then the stricter rule) beside the model's checkpoint as ``answer_rules.json``, with the
-fingerprint of the calibration they were tuned with, before the quality runs read it. After retraining or
-recalibrating the default model::
+fingerprint of the calibration they were tuned with, before the quality runs read it. When the rewrite
+stage runs, ``--tune`` also chooses its own floor (``rewritten_min``: the item and support floor for hits
+that are the thing the rewrite named) on the dev questions the same way, and adds it to the file.
+After retraining or recalibrating the default model::
 
     python benchmarks/bench_generate.py --tune --no-latency
 
@@ -229,14 +231,15 @@ def score_backend(
 ) -> dict[str, Any]:
     """``hits``: each question's hits, or its ``service.generation.rewrite.Grounding`` (the backend then
     answers the grounding's question from its hits); cited items are labelled from the hits it was given."""
-    from service.generation.rewrite import Grounding
+    from service.generation.rewrite import Grounding, answerer
 
     rows = []
     for q, found in zip(questions, hits, strict=True):
         asked, given = (
             (found.question, found.hits) if isinstance(found, Grounding) else (q["question"], found)
         )
-        text, cites = ask(gen, asked, given, max_tokens)
+        answers = answerer(gen, found) if isinstance(found, Grounding) else gen
+        text, cites = ask(answers, asked, given, max_tokens)
         by_id = {h.id: h for h in given}
         cited = [cites[n - 1] for n in cited_numbers(text, len(cites))]
         cited_labels = [label_of(labels, by_id[c.id].item.uri) if c.id in by_id else None for c in cited]
@@ -316,6 +319,36 @@ def tune(
     )
     rules.save(out)
     return rules, ranked[:5]
+
+
+REWRITTEN_GRID = (None, 0.5, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2)  # Rules.rewritten_min (None: item_min)
+
+
+def sweep_rewritten(
+    gen: Any, questions: Sequence[dict], grounded: Sequence[Any], labels: dict, present: set[str]
+) -> list[dict[str, Any]]:
+    """Each ``Rules.rewritten_min`` of :data:`REWRITTEN_GRID` scored on ``questions`` (the dev set) as the
+    rewrite stage grounds them (``grounded``), best first: accuracy, then fewer false answers, then
+    citation precision, then the stricter floor (None, the plain rules, counts as the strictest)."""
+    import dataclasses
+
+    from service.generation.backends.extractive import ExtractiveGenerator
+
+    rows = []
+    for floor in REWRITTEN_GRID:
+        trial = ExtractiveGenerator(gen.relevance, dataclasses.replace(gen.rules, rewritten_min=floor))
+        row = score_backend(trial, questions, grounded, labels, present, 48)
+        rows.append({"rewritten_min": floor, **row})
+    strict = {f: i for i, f in enumerate(REWRITTEN_GRID)}
+    rows.sort(
+        key=lambda r: (
+            -r["accuracy"],
+            r["false_answer_rate"] or 0.0,
+            -(r["citation_precision"] or 0.0),
+            strict[r["rewritten_min"]],
+        )
+    )
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -599,12 +632,31 @@ def main(argv: list[str] | None = None) -> int:
                 skipped["extractive+rewrite"] = str(exc)
             else:
                 gens.rewriter().rewrite("Which bird can talk?")  # warm-up: the prompt's prefix is cached
+                runs = {
+                    name: rewrite_all(qs, gens.rewriter(), embedder, coll, args.k)
+                    for name, qs in sets.items()
+                }
+                extractive = gens.get("extractive")
+                if args.tune:  # the rewrite stage's own floor, chosen on dev, added to the tuned rules
+                    import dataclasses
+
+                    ranked = sweep_rewritten(extractive, sets["dev"], runs["dev"][0], labels, present)
+                    best = ranked[0]["rewritten_min"]
+                    extractive.rules = dataclasses.replace(extractive.rules, rewritten_min=best)
+                    extractive.rules.save(rules_out)
+                    tuned["rewritten_min"] = best
+                    tuned["rewritten_sweep"] = [
+                        {
+                            k: r[k]
+                            for k in ("rewritten_min", "accuracy", "false_answer_rate", "citation_precision")
+                        }
+                        for r in ranked
+                    ]
+                    print("tuned rewritten_min", best, file=sys.stderr)
                 for name, qs in sets.items():
-                    grounded, ms, named = rewrite_all(qs, gens.rewriter(), embedder, coll, args.k)
+                    grounded, ms, named = runs[name]
                     log_rows = []
-                    row = score_backend(
-                        gens.get("extractive"), qs, grounded, labels, present, args.max_tokens, log_rows
-                    )
+                    row = score_backend(extractive, qs, grounded, labels, present, args.max_tokens, log_rows)
                     # the model's name names an answer label (answerable questions; searched or not)
                     row["rewrite_names_an_answer"] = sum(
                         bool(n) and any(names(n, a) for a in q["answers"])

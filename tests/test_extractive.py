@@ -179,6 +179,27 @@ def test_rules_file_round_trips(tmp_path):
     assert json.loads((tmp_path / RULES_FILE).read_text())["version"] == 1
 
 
+def test_the_rewrite_floor_round_trips_and_older_files_load(tmp_path):
+    rules = Rules(0.5, 0.5, 1.0, 0.0, 3, "", "dev", rewritten_min=0.3)
+    rules.save(tmp_path / RULES_FILE)
+    assert load_rules(tmp_path, None) == rules
+    older = {k: v for k, v in rules.to_dict().items() if k != "rewritten_min"}  # a file from before it
+    (tmp_path / RULES_FILE).write_text(json.dumps(older))
+    assert load_rules(tmp_path, None).rewritten_min is None
+
+
+def test_hits_a_rewrite_named_use_the_rewrite_floor_and_others_the_plain_rules():
+    """A drum named by the rewrite, with items at 0.27-0.49, was declined under item_min 0.5."""
+    drums = [hit(1, 0.45, "A drum."), hit(2, 0.4, "A snare drum.")]
+    plain = ExtractiveGenerator(rules=Rules(item_min=0.5, answer_min=0.5, rewritten_min=0.3))
+    assert plain.select("drum", drums) == []
+    named = plain.for_rewritten()
+    assert named.rules.item_min == 0.3 and named.rules.answer_min == 0.3 and named.rules.rewritten_min is None
+    assert [h.id for h in named.select("drum", drums)] == [1]  # the concept "drum"; "snare drum" is another
+    unset = ExtractiveGenerator(rules=Rules(item_min=0.5))
+    assert unset.for_rewritten() is unset  # no floor of its own: the plain rules
+
+
 def test_missing_rules_file_gives_the_defaults(tmp_path):
     assert load_rules(tmp_path, None) == Rules()
     assert load_rules(None, None) == Rules()
@@ -195,6 +216,7 @@ def test_missing_rules_file_gives_the_defaults(tmp_path):
         ('{"version": 1, "margin": -1}', "margin"),
         ('{"version": 1, "named": NaN}', "named"),
         ('{"version": 1, "max_cited": 0}', "max_cited"),
+        ('{"version": 1, "rewritten_min": 2}', "rewritten_min"),
         ('{"version": 1, "itemmin": 0.2}', "unknown fields"),
     ],
 )

@@ -143,6 +143,19 @@ def test_without_a_name_or_an_item_that_is_it_the_question_is_searched():
     )
 
 
+def test_the_answerer_of_a_grounding_in_a_name_uses_the_rewrite_floor():
+    from service.generation import ExtractiveGenerator
+    from service.generation.backends.extractive import Rules
+
+    gen = ExtractiveGenerator(rules=Rules(item_min=0.5, answer_min=0.5, rewritten_min=0.3))
+    by_name = rw.Grounding("drum", [hit(1, "A drum.")], "drum")
+    own = rw.Grounding("What do you hit?", [hit(1, "A drum.")], None)
+    assert rw.answerer(gen, by_name).rules.item_min == 0.3
+    assert rw.answerer(gen, own) is gen
+    other = object()  # a backend without rules (a model) answers as it is
+    assert rw.answerer(other, by_name) is other
+
+
 def test_a_name_the_wh_question_itself_names_is_not_its_answer():
     """The model's "crow" for "What bird crows at dawn on a farm?" was answered "A crow", cited."""
     search, searched = fake_search({"crow": [hit(1, "A crow.")], "bird crows dawn farm": [hit(2, "A farm.")]})

@@ -155,6 +155,14 @@ class Grounding:
     rewritten: str | None = None
 
 
+def answerer(gen: Any, grounding: Grounding) -> Any:
+    """The backend that answers ``grounding``: for hits that are the thing a rewrite named, the extractive
+    backend with its rules' own floor for them (``Rules.rewritten_min``); ``gen`` otherwise."""
+    if grounding.rewritten is not None and hasattr(gen, "for_rewritten"):
+        return gen.for_rewritten()
+    return gen
+
+
 def ground(
     rewriter: Rewriter, question: str, query: SearchQuery, search: Callable[[SearchQuery], list[Hit]]
 ) -> Grounding:

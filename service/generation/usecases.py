@@ -20,7 +20,7 @@ from service.errors import APIError
 from service.generation.base import Generator, GeneratorUnavailable, check_params
 from service.generation.bridge import iterate_in_thread
 from service.generation.registry import Generators
-from service.generation.rewrite import Grounding, ground
+from service.generation.rewrite import Grounding, answerer, ground
 from service.generation.usage import Usage, usage_of
 from service.schemas import Citation, GenerateParams, SearchQuery
 
@@ -158,13 +158,14 @@ async def start_answer(
 
     def begin() -> Iterator[str]:
         found = hits() if callable(hits) else hits
-        asked = question
+        asked, answers = question, gen
         if isinstance(found, Grounding):
             if found.rewritten is not None:
                 rewritten.append(found.rewritten)
+            answers = answerer(gen, found)
             asked, found = found.question, found.hits
         pieces, used = start_stream(
-            gen, asked, found, max_tokens=max_tokens, temperature=temperature, stop=stop
+            answers, asked, found, max_tokens=max_tokens, temperature=temperature, stop=stop
         )
         cites.extend(used)
         source.append(pieces)

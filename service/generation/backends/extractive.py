@@ -19,6 +19,10 @@ the question's own words, never a raw cosine, so they mean the same thing for ev
    runner-up by ``margin`` (a ratio); otherwise the answer says nothing relevant was found and cites
    nothing.
 
+Hits that are the thing a question rewrite named (``service.generation.rewrite``: their concept is that
+name, so the words already agree) may have a floor of their own, ``rewritten_min``, for both the item and
+the support (:meth:`Rules.for_rewritten`); without it they meet the rules above.
+
 The answer names that concept and cites only its items (at most ``max_cited``), numbered as the
 citations the service returns (:meth:`ExtractiveGenerator.select` gives them, in that order): "A frog:
 the collection has a picture [1] and a sound [2] of it."
@@ -39,7 +43,7 @@ import logging
 import math
 import re
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -85,6 +89,16 @@ class Rules:
     max_cited: int = MAX_CITED
     calibration: str = ""
     tuned_on: str = ""
+    # the item and support floor for hits that are the thing a question rewrite named (their concept is that
+    # name: the words already agree; service.generation.rewrite); None: item_min and answer_min as above
+    rewritten_min: float | None = None
+
+    def for_rewritten(self) -> Rules:
+        """The rules for hits grounded in a rewrite's name (:attr:`rewritten_min`, when set)."""
+        if self.rewritten_min is None:
+            return self
+        floor = self.rewritten_min
+        return replace(self, item_min=floor, answer_min=min(self.answer_min, floor), rewritten_min=None)
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": RULES_VERSION, **asdict(self)}
@@ -103,6 +117,8 @@ class Rules:
         values: dict[str, Any] = {}
         for name in ("item_min", "answer_min", "named"):
             values[name] = _number(data, name, 0.0, 1.0)
+        if data.get("rewritten_min") is not None:
+            values["rewritten_min"] = _number(data, "rewritten_min", 0.0, 1.0)
         values["margin"] = _number(data, "margin", 0.0, 100.0)
         cited = data.get("max_cited", MAX_CITED)
         if not isinstance(cited, int) or isinstance(cited, bool) or not 1 <= cited <= 20:
@@ -254,6 +270,11 @@ class ExtractiveGenerator:
     def __init__(self, relevance: Callable[[Hit], float] | None = None, rules: Rules | None = None):
         self.relevance = relevance or _score  # a hit's P(relevant); default: its (calibrated) score
         self.rules = rules or Rules()
+
+    def for_rewritten(self) -> ExtractiveGenerator:
+        """This backend with :meth:`Rules.for_rewritten` (itself when the rules set no floor of their own)."""
+        rules = self.rules.for_rewritten()
+        return self if rules is self.rules else ExtractiveGenerator(self.relevance, rules)
 
     def support(self, question: str, hits: Sequence[Hit]) -> list[tuple[str, float, list[Hit]]]:
         """Each concept among ``hits`` that clears ``item_min``: (key, support, its items best first),
