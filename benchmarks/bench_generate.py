@@ -213,7 +213,9 @@ def recall(
     return round(sum(found) / len(found), 4) if found else None
 
 
-def ask(gen: Any, question: str, hits: list[Any], max_tokens: int) -> tuple[str, list[Any]]:
+def ask(gen: Any, question: str, hits: Any, max_tokens: int) -> tuple[str, list[Any]]:
+    """The backend's answer to ``question`` over ``hits`` (a list, or a ``Grounding`` whose question it
+    answers), as the service starts it."""
     from service.generation import start_stream
 
     pieces, cites = start_stream(gen, question, hits, max_tokens=max_tokens)
@@ -231,15 +233,12 @@ def score_backend(
 ) -> dict[str, Any]:
     """``hits``: each question's hits, or its ``service.generation.rewrite.Grounding`` (the backend then
     answers the grounding's question from its hits); cited items are labelled from the hits it was given."""
-    from service.generation.rewrite import Grounding, answerer
+    from service.generation.rewrite import Grounding
 
     rows = []
     for q, found in zip(questions, hits, strict=True):
-        asked, given = (
-            (found.question, found.hits) if isinstance(found, Grounding) else (q["question"], found)
-        )
-        answers = answerer(gen, found) if isinstance(found, Grounding) else gen
-        text, cites = ask(answers, asked, given, max_tokens)
+        given = found.hits if isinstance(found, Grounding) else found
+        text, cites = ask(gen, q["question"], found, max_tokens)
         by_id = {h.id: h for h in given}
         cited = [cites[n - 1] for n in cited_numbers(text, len(cites))]
         cited_labels = [label_of(labels, by_id[c.id].item.uri) if c.id in by_id else None for c in cited]

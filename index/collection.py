@@ -1019,8 +1019,9 @@ def _creation_state(path: Path, *, recover: bool = False) -> _CreationState:
             return "committed"
     except (OSError, ValueError):
         pass
+    uri = db.resolve().as_uri()
     try:
-        found = _committed_rows(db.resolve().as_uri() + "?mode=ro")
+        found = _committed_rows(uri + "?mode=ro")
     except sqlite3.DatabaseError:
         if not recover:
             # a hot rollback journal can only come from the first write (a collection runs in WAL
@@ -1029,7 +1030,7 @@ def _creation_state(path: Path, *, recover: bool = False) -> _CreationState:
         # A kill in SQLite's first write leaves a hot rollback journal that a read-only connection may
         # not roll back ("attempt to write a readonly database"); a writable one rolls it back on read.
         try:
-            found = _committed_rows(db.resolve().as_uri())
+            found = _committed_rows(uri)
         except sqlite3.DatabaseError:
             return "committed"
     return "committed" if found else "partial"

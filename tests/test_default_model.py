@@ -99,9 +99,9 @@ def test_a_barking_dog_finds_the_dog_picture_and_sound_in_default_search_of_unca
 @pytest.mark.slow
 @needs_stamps
 def test_the_readmes_ask_example_answers_and_cites_what_it_asks_about(tmp_path, capsys):
-    """`mm ask` as the README shows it, on a folder of animal stamps (picture + sound, uncaptioned) with
-    the shipped default model and its tuned answer rules: the answer names the animal and cites its items
-    only."""
+    """`mm ask` as the README shows it, on a folder of animal stamps (picture + sound, each with its English
+    caption beside it, as the demo's library has) with the shipped default model and its tuned answer
+    rules: the answer names the animal and cites its items only."""
     import json
     import re
     import shutil

@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from service.generation import Generators, start_stream
-    from service.generation.rewrite import Grounding, answerer, ground
+    from service.generation.rewrite import Grounding, ground
     from service.schemas import GenerateParams, error_message
     from service.search import answer
     from service.settings import Settings
@@ -79,8 +79,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             grounding = Grounding(params.query, search(params.retrieval()))
         try:
-            answers = answerer(gen, grounding)
-            pieces, cites = start_stream(answers, grounding.question, grounding.hits, **params.sampling())
+            pieces, cites = start_stream(gen, params.query, grounding, **params.sampling())
         except ValueError as exc:
             raise UsageError(str(exc)) from exc
         parts: list[str] = []

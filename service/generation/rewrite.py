@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from service.generation.backends.extractive import (
     WORD,
+    ExtractiveGenerator,
     asks_for_unnamed,
     concept_key,
     content_words,
@@ -127,7 +128,7 @@ def is_the_thing(name: str, hit: Hit) -> bool:
     name and ends in the same word ("A frog." and "A snare drum." for "drum"; not "A train sign." for
     "train", nor "A Christmas tree." for "eucalyptus tree")."""
     key = concept_key(concept_of(hit))
-    words = [w for w in WORD.findall(name) if w.lower() not in QUESTION_WORDS]
+    words = _name_words(name)
     if not key or not words:
         return False
     return names(content_words(key), name) and bool(word_forms(key.split()[-1]) & word_forms(words[-1]))
@@ -139,10 +140,15 @@ def names_its_answer(question: str, name: str) -> bool:
     backend's rule for its own answers, :func:`~service.generation.backends.extractive.asks_for_unnamed`).
     A request ("Show me a frog") names what it asks for, and a name's other words may come from the
     question ("What rings in a church tower?" -> "church bell")."""
-    words = [w for w in WORD.findall(name) if w.lower() not in QUESTION_WORDS]
+    words = _name_words(name)
     return (
         bool(words) and asks_for_unnamed(question) and bool(word_forms(words[-1]) & content_words(question))
     )
+
+
+def _name_words(name: str) -> list[str]:
+    """A name's words without framing words ("a", "the", ...); its last is the thing it is."""
+    return [w for w in WORD.findall(name) if w.lower() not in QUESTION_WORDS]
 
 
 @dataclass(frozen=True)
@@ -158,7 +164,7 @@ class Grounding:
 def answerer(gen: Any, grounding: Grounding) -> Any:
     """The backend that answers ``grounding``: for hits that are the thing a rewrite named, the extractive
     backend with its rules' own floor for them (``Rules.rewritten_min``); ``gen`` otherwise."""
-    if grounding.rewritten is not None and hasattr(gen, "for_rewritten"):
+    if grounding.rewritten is not None and isinstance(gen, ExtractiveGenerator):
         return gen.for_rewritten()
     return gen
 

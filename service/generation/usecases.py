@@ -42,7 +42,7 @@ def citations(hits: Sequence[Hit]) -> list[Citation]:
 def start_stream(
     generator: Generator,
     question: str,
-    hits: list[Hit],
+    hits: list[Hit] | Grounding,
     *,
     max_tokens: int = 128,
     temperature: float = 0.0,
@@ -52,7 +52,12 @@ def start_stream(
 
     A backend that picks its evidence (``select(question, hits)``, e.g. ``extractive``) is given only
     the items it picked, so the citations are exactly the items its answer cites ([n] is the n-th).
+    ``hits`` may be a :class:`Grounding`: its question is answered from its hits, by
+    :func:`~service.generation.rewrite.answerer` (a rewrite's name has a floor of its own).
     """
+    if isinstance(hits, Grounding):
+        generator = answerer(generator, hits)
+        question, hits = hits.question, hits.hits
     stops = check_params(max_tokens, temperature, stop)
     limit = generator.max_items
     used = hits if limit is None else hits[:limit]
@@ -158,14 +163,10 @@ async def start_answer(
 
     def begin() -> Iterator[str]:
         found = hits() if callable(hits) else hits
-        asked, answers = question, gen
-        if isinstance(found, Grounding):
-            if found.rewritten is not None:
-                rewritten.append(found.rewritten)
-            answers = answerer(gen, found)
-            asked, found = found.question, found.hits
+        if isinstance(found, Grounding) and found.rewritten is not None:
+            rewritten.append(found.rewritten)
         pieces, used = start_stream(
-            answers, asked, found, max_tokens=max_tokens, temperature=temperature, stop=stop
+            gen, question, found, max_tokens=max_tokens, temperature=temperature, stop=stop
         )
         cites.extend(used)
         source.append(pieces)
