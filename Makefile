@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEB_PACKAGES := tuxpaint-stamps-default sonic-pi-samples espeak-ng chromium \
 	ktuberling-data pysiogame unicode-cldr-core fonts-noto-color-emoji scratch librsvg2-bin \
-	build-essential cmake
+	build-essential cmake wordnet-base
 # npm media for the corpus (`mm samples build --sources gameicons`), pinned, in the git-ignored .npm/
 NPM_DIR := .npm
 GAMEICONS_VERSION := 1.2.4
@@ -17,7 +17,8 @@ LLM_STAMP := $(VENV)/.installed-llm
 setup: deb npm $(STAMP)
 
 # Debian packages: sample media for the corpus, speech for spoken queries, Chromium for browser tests, a
-# C++ toolchain for the llm extra's llama-cpp-python (a source package).
+# C++ toolchain for the llm extra's llama-cpp-python (a source package), WordNet's glosses for the question
+# rewriter (service/generation/glosses.py).
 deb:
 	@missing=""; for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \

@@ -55,6 +55,7 @@ import asyncio
 import itertools
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -323,33 +324,6 @@ def tune(
 REWRITTEN_GRID = (None, 0.5, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2)  # Rules.rewritten_min (None: item_min)
 
 
-def sweep_rewritten(
-    gen: Any, questions: Sequence[dict], grounded: Sequence[Any], labels: dict, present: set[str]
-) -> list[dict[str, Any]]:
-    """Each ``Rules.rewritten_min`` of :data:`REWRITTEN_GRID` scored on ``questions`` (the dev set) as the
-    rewrite stage grounds them (``grounded``), best first: accuracy, then fewer false answers, then
-    citation precision, then the stricter floor (None, the plain rules, counts as the strictest)."""
-    import dataclasses
-
-    from service.generation.backends.extractive import ExtractiveGenerator
-
-    rows = []
-    for floor in REWRITTEN_GRID:
-        trial = ExtractiveGenerator(gen.relevance, dataclasses.replace(gen.rules, rewritten_min=floor))
-        row = score_backend(trial, questions, grounded, labels, present, 48)
-        rows.append({"rewritten_min": floor, **row})
-    strict = {f: i for i, f in enumerate(REWRITTEN_GRID)}
-    rows.sort(
-        key=lambda r: (
-            -r["accuracy"],
-            r["false_answer_rate"] or 0.0,
-            -(r["citation_precision"] or 0.0),
-            strict[r["rewritten_min"]],
-        )
-    )
-    return rows
-
-
 # ----------------------------------------------------------------------------------------------------
 # latency over the service
 
@@ -476,31 +450,106 @@ def latency(
     return results
 
 
-def rewrite_all(
-    questions: Sequence[dict], rewriter: Any, embedder: Any, coll: Any, k: int | None
-) -> tuple[list[Any], list[float], list[str | None]]:
+def rewrite_all(questions: Sequence[dict], rewriter: Any) -> tuple[list[list[Any]], list[float]]:
+    """Each question's candidate names (``QuestionRewriter.candidates``: the model and the dictionary)
+    and the time each took (ms)."""
+    found: list[list[Any]] = []
+    times: list[float] = []
+    for q in questions:
+        t0 = time.perf_counter()
+        found.append(rewriter.candidates(q["question"]))
+        times.append((time.perf_counter() - t0) * 1000.0)
+    return found, times
+
+
+def ground_all(
+    questions: Sequence[dict],
+    candidates: Sequence[list[Any]],
+    choice: Any,
+    search: Any,
+    k: int | None,
+) -> list[Any]:
     """Each question grounded as ``POST /generate`` does with ``rewrite`` on
-    (``service.generation.rewrite.ground``), each rewrite's time (ms; the model only) and name."""
+    (``service.generation.rewrite.ground``) from its recorded candidates, by ``choice``."""
     from service.generation.rewrite import ground
     from service.schemas import GenerateParams
-    from service.search import answer
 
-    times: list[float] = []
-    names_: list[str | None] = []
+    class Replay:
+        def __init__(self, found: list[Any]):
+            self.found = found
 
-    class Timed:
-        def rewrite(self, question: str) -> str | None:
-            t0 = time.perf_counter()
-            name = rewriter.rewrite(question)
-            times.append((time.perf_counter() - t0) * 1000.0)
-            names_.append(name)
-            return name
+        def candidates(self, question: str) -> list[Any]:
+            return self.found
 
     out = []
-    for q in questions:
+    for q, found in zip(questions, candidates, strict=True):
         query = GenerateParams(query=q["question"], **({"k": k} if k else {})).retrieval()
-        out.append(ground(Timed(), q["question"], query, lambda sq: answer(sq, embedder, coll).hits))
-    return out, times, names_
+        out.append(ground(Replay(found), q["question"], query, search, choice))
+    return out
+
+
+def cached_search(embedder: Any, coll: Any) -> Any:
+    """``service.search.answer``'s hits, each query searched once (the sweeps ground the same names)."""
+    from service.search import answer
+
+    memo: dict[str, list[Any]] = {}
+
+    def search(query: Any) -> list[Any]:
+        key = query.model_dump_json()
+        if key not in memo:
+            memo[key] = answer(query, embedder, coll).hits
+        return memo[key]
+
+    return search
+
+
+CHOICE_GRID = {  # service.generation.rewrite.Choice
+    "forward_weight": (0.0, 0.1, 0.2, 0.3),
+    "reverse_weight": (0.0, 0.1, 0.2, 0.3, 0.5),
+    "min_score": (-1.0, -1.5, -2.0, -2.5, -3.0, -math.inf),
+    "tries": (1, 3),
+}
+
+
+def sweep_choice(
+    gen: Any,
+    questions: Sequence[dict],
+    candidates: Sequence[list[Any]],
+    search: Any,
+    k: int | None,
+    labels: dict,
+    present: set[str],
+) -> list[dict[str, Any]]:
+    """Each ``Choice`` of :data:`CHOICE_GRID` x ``Rules.rewritten_min`` of :data:`REWRITTEN_GRID` scored on
+    ``questions`` (the dev set), best first: accuracy, then fewer false answers, then citation precision,
+    then the stricter setting (a higher score floor, fewer tries, less weight on the dictionary, a higher
+    item floor)."""
+    import dataclasses
+
+    from service.generation.backends.extractive import ExtractiveGenerator
+    from service.generation.rewrite import Choice
+
+    rows = []
+    for values in itertools.product(*CHOICE_GRID.values()):
+        choice = Choice(**dict(zip(CHOICE_GRID, values, strict=True)))
+        grounded = ground_all(questions, candidates, choice, search, k)
+        for floor in REWRITTEN_GRID:
+            trial = ExtractiveGenerator(gen.relevance, dataclasses.replace(gen.rules, rewritten_min=floor))
+            row = score_backend(trial, questions, grounded, labels, present, 48)
+            rows.append({**dataclasses.asdict(choice), "rewritten_min": floor, **row})
+    strict = {f: i for i, f in enumerate(REWRITTEN_GRID)}
+    rows.sort(
+        key=lambda r: (
+            -r["accuracy"],
+            r["false_answer_rate"] or 0.0,
+            -(r["citation_precision"] or 0.0),
+            -r["min_score"],
+            r["tries"],
+            r["forward_weight"] + r["reverse_weight"],
+            strict[r["rewritten_min"]],
+        )
+    )
+    return rows
 
 
 def percentiles(ms: Sequence[float]) -> dict[str, float | None]:
@@ -630,44 +679,72 @@ def main(argv: list[str] | None = None) -> int:
             except GeneratorUnavailable as exc:
                 skipped["extractive+rewrite"] = str(exc)
             else:
-                gens.rewriter().rewrite("Which bird can talk?")  # warm-up: the prompt's prefix is cached
-                runs = {
-                    name: rewrite_all(qs, gens.rewriter(), embedder, coll, args.k)
-                    for name, qs in sets.items()
-                }
+                from service.generation.rewrite import CHOICE, GREEDY, Choice
+
+                gens.rewriter().candidates("Which bird can talk?")  # warm-up: the prompt's prefix is cached
+                runs = {name: rewrite_all(qs, gens.rewriter()) for name, qs in sets.items()}
+                search = cached_search(embedder, coll)
                 extractive = gens.get("extractive")
-                if args.tune:  # the rewrite stage's own floor, chosen on dev, added to the tuned rules
+                if args.tune:  # the rewrite stage's choice and floor, chosen on dev; the floor is written
                     import dataclasses
 
-                    ranked = sweep_rewritten(extractive, sets["dev"], runs["dev"][0], labels, present)
-                    best = ranked[0]["rewritten_min"]
-                    extractive.rules = dataclasses.replace(extractive.rules, rewritten_min=best)
+                    ranked = sweep_choice(
+                        extractive, sets["dev"], runs["dev"][0], search, args.k, labels, present
+                    )
+                    best = ranked[0]
+                    extractive.rules = dataclasses.replace(
+                        extractive.rules, rewritten_min=best["rewritten_min"]
+                    )
                     extractive.rules.save(rules_out)
-                    tuned["rewritten_min"] = best
-                    tuned["rewritten_sweep"] = [
+                    keys = ("forward_weight", "reverse_weight", "min_score", "tries")
+                    tuned["rewritten_min"] = best["rewritten_min"]
+                    tuned["choice"] = {k: best[k] for k in keys}
+                    tuned["choice_is_shipped"] = all(best[k] == getattr(CHOICE, k) for k in keys)
+                    tuned["choice_sweep_top"] = [
                         {
                             k: r[k]
-                            for k in ("rewritten_min", "accuracy", "false_answer_rate", "citation_precision")
+                            for k in (
+                                *keys,
+                                "rewritten_min",
+                                "accuracy",
+                                "false_answer_rate",
+                                "citation_precision",
+                            )
                         }
-                        for r in ranked
+                        for r in ranked[:10]
                     ]
-                    print("tuned rewritten_min", best, file=sys.stderr)
-                for name, qs in sets.items():
-                    grounded, ms, named = runs[name]
-                    log_rows = []
-                    row = score_backend(extractive, qs, grounded, labels, present, args.max_tokens, log_rows)
-                    # the model's name names an answer label (answerable questions; searched or not)
-                    row["rewrite_names_an_answer"] = sum(
-                        bool(n) and any(names(n, a) for a in q["answers"])
-                        for q, n in zip(qs, named, strict=True)
+                    print(
+                        "tuned choice",
+                        tuned["choice"],
+                        "rewritten_min",
+                        best["rewritten_min"],
+                        file=sys.stderr,
                     )
-                    row["rewritten"] = sum(n is not None for n in named)  # a name came out
-                    row["grounded_in_the_name"] = sum(g.rewritten is not None for g in grounded)
-                    quality.setdefault("extractive+rewrite", {})[name] = row
-                    answers_log[f"extractive+rewrite/{name}"] = log_rows
-                    rewrite_latency[name] = percentiles(ms)
-                    diagnosis[f"{name}/rewrite"] = recall(qs, [g.hits for g in grounded], labels)
-                print("extractive+rewrite", quality["extractive+rewrite"], rewrite_latency, file=sys.stderr)
+                chosen = Choice(**tuned["choice"]) if args.tune else CHOICE  # --tune: what dev chose
+                for label, choice in (("extractive+rewrite", chosen), ("extractive+rewrite_greedy", GREEDY)):
+                    for name, qs in sets.items():
+                        found, ms = runs[name]
+                        grounded = ground_all(qs, found, choice, search, args.k)
+                        log_rows = []
+                        row = score_backend(
+                            extractive, qs, grounded, labels, present, args.max_tokens, log_rows
+                        )
+                        # the model's greedy name / the chosen one names an answer label (answerable)
+                        row["greedy_names_an_answer"] = sum(
+                            bool(f) and any(names(f[0].name, a) for a in q["answers"])
+                            for q, f in zip(qs, found, strict=True)
+                        )
+                        row["chosen_names_an_answer"] = sum(
+                            g.rewritten is not None and any(names(g.rewritten, a) for a in q["answers"])
+                            for q, g in zip(qs, grounded, strict=True)
+                        )
+                        row["grounded_in_a_name"] = sum(g.rewritten is not None for g in grounded)
+                        quality.setdefault(label, {})[name] = row
+                        answers_log[f"{label}/{name}"] = log_rows
+                        if label == "extractive+rewrite":
+                            rewrite_latency[name] = percentiles(ms)
+                            diagnosis[f"{name}/rewrite"] = recall(qs, [g.hits for g in grounded], labels)
+                    print(label, quality[label], rewrite_latency, file=sys.stderr)
         if args.sweep and not args.tune:
             sweep_top = sweep(sets["dev"], hits["dev"], labels, present)[:5]
             for row in sweep_top:

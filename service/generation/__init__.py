@@ -21,6 +21,7 @@ One concept per module:
 - ``backends/``: one module per backend;
 - ``rewrite``: the opt-in question rewriter (``MM_REWRITE``): the packaged small LM names the thing a
   question asks for, and that name is searched and answered;
+- ``glosses``: WordNet's glosses (our reader) as the rewriter's evidence for a name;
 - ``registry``: ``Generators``, the backends of one app (or one CLI run), built on first use;
 - ``bridge``: ``iterate_in_thread``, a blocking generator driven from the event loop;
 - ``usecases``: answering a question (start a backend in its thread, wait for its first piece, cite

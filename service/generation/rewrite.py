@@ -3,11 +3,13 @@
 Questions describe what they ask for without naming it ("What animal croaks?"), and the embedding model
 does not bridge that: the answer is rarely among the question's hits (docs/results.md, "Grounded
 answers"). Opt-in (``MM_REWRITE=gguf``, or ``rewrite`` on a request), :class:`QuestionRewriter` asks the
-packaged Gemma 3 270M (a base model: a few-shot completion prompt, greedy, a few tokens, cut at the line's
-end) for that name ("frog"); :func:`ground` searches the name through the one search path and keeps the
-hits that *are* that thing, and the answer backend answers the name from them. When the rewriter gives
-no name, or no hit is that thing, the question's own search (``GenerateParams.retrieval()``) grounds
-the answer, as without rewriting.
+packaged Gemma 3 270M (a base model: a few-shot completion prompt) for that name: its greedy name ("frog")
+and the other words among its likeliest first tokens, each with a dictionary's evidence for it
+(:mod:`service.generation.glosses`: WordNet's "neigh: the characteristic sounds made by a horse" lifts
+"horse" over the model's first guess "dog"). :func:`ground` searches the best-scored names through the one
+search path, in turn, and keeps the hits that *are* that thing; the answer backend answers the name from
+them. When no name scores high enough (:class:`Choice`, chosen on the dev questions), or none has such
+hits, the question's own search (``GenerateParams.retrieval()``) grounds the answer, as without rewriting.
 
 The worked examples are ours: none is a question or an answer of the fixed or the dev questions
 (``tests/test_rewrite.py`` checks it).
@@ -16,12 +18,15 @@ The worked examples are ours: none is a question or an answer of the fixed or th
 from __future__ import annotations
 
 import logging
+import math
 import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
 
 from service.generation.backends.extractive import (
     WORD,
@@ -33,6 +38,8 @@ from service.generation.backends.extractive import (
     word_forms,
 )
 from service.generation.backends.gguf import load_llama
+from service.generation.glosses import DEFAULT_ROOT as DEFAULT_GLOSSES
+from service.generation.glosses import Glosses
 from service.generation.prompts import QUESTION_WORDS, concept_of
 
 if TYPE_CHECKING:
@@ -55,6 +62,7 @@ EXAMPLES: tuple[tuple[str, str], ...] = (  # (question, the thing it asks for); 
 )
 MAX_QUESTION_CHARS = 300  # of the question put in the prompt (a question may have 2,000; names come early)
 MAX_TOKENS = 8  # a name is one to three words
+TOP_K = 10  # first tokens looked at: the right name is among them for most questions the greedy one misses
 MAX_NAME_WORDS = 4
 MAX_NAME_CHARS = 40
 _NAME = re.compile(r"[a-z][a-z' -]*")
@@ -83,8 +91,42 @@ def clean_name(text: str) -> str | None:
     return line
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """A name the model may mean: ``logprob`` of its first token after the prompt; ``forward`` and
+    ``reverse``: the dictionary's evidence for it (:class:`~service.generation.glosses.Glosses`; 0 without
+    a dictionary or for a name it does not know)."""
+
+    name: str
+    logprob: float
+    forward: float = 0.0
+    reverse: float = 0.0
+
+
+@dataclass(frozen=True)
+class Choice:
+    """How :func:`ground` chooses among the candidates: each scores ``logprob + forward_weight * forward +
+    reverse_weight * reverse``; the best ``tries`` of those scoring at least ``min_score`` are searched in
+    turn, and the first with items that are it grounds the answer. Chosen on the dev questions
+    (``benchmarks/bench_generate.py --tune``, ``sweep_choice``)."""
+
+    forward_weight: float = 0.1
+    reverse_weight: float = 0.0  # the dev questions chose none (docs/results.md, "Grounded answers")
+    min_score: float = -2.5
+    tries: int = 3
+
+    def score(self, c: Candidate) -> float:
+        return c.logprob + self.forward_weight * c.forward + self.reverse_weight * c.reverse
+
+
+CHOICE = Choice()
+GREEDY = Choice(
+    forward_weight=0.0, reverse_weight=0.0, min_score=-math.inf, tries=1
+)  # the model's first name
+
+
 class Rewriter(Protocol):
-    def rewrite(self, question: str) -> str | None: ...
+    def candidates(self, question: str) -> list[Candidate]: ...
 
 
 class QuestionRewriter:
@@ -92,35 +134,115 @@ class QuestionRewriter:
     :meth:`load` at start). One rewrite at a time: one llama.cpp context, whose cache keeps the few-shot
     prefix between calls (only the question's tokens are evaluated).
 
+    :meth:`candidates`: the model's greedy name and the other words among its :data:`TOP_K` likeliest
+    first tokens, each with the dictionary's evidence for it (``glosses``: WordNet when installed, else
+    none); :func:`ground` chooses among them.
+
     ``n_threads``: llama.cpp threads. One: a rewrite evaluates ~10 new tokens and writes a few; measured
-    ~230 ms p50 on one thread of a busy 2-core machine (docs/results.md).
+    ~80 ms p50 on one thread of the 2-core machine (docs/results.md).
     """
 
     name = "rewrite"
 
-    def __init__(self, cache_dir: str | Path | None = None, n_threads: int = 1, n_ctx: int = 512):
+    def __init__(
+        self,
+        cache_dir: str | Path | None = None,
+        n_threads: int = 1,
+        n_ctx: int = 512,
+        glosses: str | Path | None = DEFAULT_GLOSSES,
+    ):
         self.cache_dir = cache_dir
         self.n_threads = n_threads
         self.n_ctx = n_ctx
+        self.glosses_root = glosses
+        self.glosses: Glosses | None = None
         self._llm: Any = None
         self._lock = threading.Lock()
 
     def load(self) -> None:
-        """Load the model now. Raises ``GeneratorUnavailable`` when llama-cpp-python or the packaged
-        model is missing (the install hint in its message)."""
+        """Load the model (and the dictionary) now. Raises ``GeneratorUnavailable`` when llama-cpp-python
+        or the packaged model is missing (the install hint in its message); a missing dictionary is
+        logged, and the model's names are then chosen by their probability alone."""
         with self._lock:
             if self._llm is None:
                 self._llm, _ = load_llama(
                     None, n_ctx=self.n_ctx, cache_dir=self.cache_dir, n_threads=self.n_threads, who="rewrite"
                 )
+                if self.glosses_root is not None:
+                    try:
+                        self.glosses = Glosses.load(self.glosses_root)
+                    except (OSError, ValueError) as exc:
+                        log.warning("rewrite: no dictionary evidence (%s)", exc)
 
-    def rewrite(self, question: str) -> str | None:
+    def candidates(self, question: str) -> list[Candidate]:
         self.load()
         with self._lock:
-            out = self._llm.create_completion(
-                few_shot_prompt(question), max_tokens=MAX_TOKENS, temperature=0.0, stop=["\n"]
+            logprobs = self._first_token(few_shot_prompt(question))
+            best = np.argpartition(-logprobs, TOP_K)[:TOP_K]
+            top = [int(t) for t in best[np.argsort(-logprobs[best])]]
+            greedy = self._piece(top[0]) + self._complete(top[0])
+            texts = [(greedy, top[0])] + [(self._piece(t), t) for t in top[1:]]
+        out: dict[str, Candidate] = {}
+        for text, token in texts:
+            name = clean_name(text)
+            if name is None or name in out:
+                continue
+            g = self.glosses
+            known = g is not None and g.knows(name)
+            out[name] = Candidate(
+                name,
+                float(logprobs[token]),
+                g.forward(question, name) if g is not None and known else 0.0,
+                g.reverse(question, name) if g is not None and known else 0.0,
             )
-        return clean_name(out["choices"][0]["text"])
+        return list(out.values())
+
+    def _first_token(self, prompt: str) -> Any:
+        """Log-probabilities of the token after ``prompt`` (shape ``(n_vocab,)``), evaluating only what
+        the context does not hold yet (the few-shot prefix stays cached)."""
+        llm = self._llm
+        tokens = llm.tokenize(prompt.encode("utf-8"), add_bos=True)
+        held = list(llm.input_ids[: llm.n_tokens])
+        keep = 0
+        for a, b in zip(held, tokens[:-1], strict=False):  # at least one token is evaluated
+            if a != b:
+                break
+            keep += 1
+        if keep < llm.n_tokens:
+            if keep == 0 or not llm._ctx.kv_cache_seq_rm(-1, keep, -1):
+                llm.reset()
+                keep = 0
+            llm.n_tokens = keep
+        llm.eval(tokens[keep:])
+        return self._logprobs()
+
+    def _logits(self) -> Any:
+        """The last evaluated position's logits (a view of llama.cpp's buffer: read before the next eval)."""
+        llm = self._llm
+        return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+
+    def _logprobs(self) -> Any:
+        logits = self._logits().astype(np.float64)
+        top = logits.max()
+        return logits - (top + np.log(np.exp(logits - top).sum()))
+
+    def _complete(self, first: int) -> str:
+        """Greedy continuation of the name after its first token, to the line's end (at most MAX_TOKENS)."""
+        llm = self._llm
+        pieces: list[str] = []
+        token = first
+        for _ in range(MAX_TOKENS - 1):
+            llm.eval([token])
+            token = int(np.argmax(self._logits()))
+            piece = self._piece(token)
+            if token == llm.token_eos() or "\n" in piece:
+                pieces.append(piece.split("\n", 1)[0])
+                break
+            pieces.append(piece)
+        return "".join(pieces)
+
+    def _piece(self, token: int) -> str:
+        return self._llm.detokenize([token]).decode("utf-8", errors="replace")
 
 
 def is_the_thing(name: str, hit: Hit) -> bool:
@@ -170,20 +292,35 @@ def answerer(gen: Any, grounding: Grounding) -> Any:
 
 
 def ground(
-    rewriter: Rewriter, question: str, query: SearchQuery, search: Callable[[SearchQuery], list[Hit]]
+    rewriter: Rewriter,
+    question: str,
+    query: SearchQuery,
+    search: Callable[[SearchQuery], list[Hit]],
+    choice: Choice = CHOICE,
 ) -> Grounding:
-    """Rewrite ``question``, search the name (``query`` with its text replaced) and keep the hits that
-    are that thing; the backend then answers the name. Without a name, or with no such hit, ``query``
-    (the question's own search) grounds the question itself. Blocking (the model and the search)."""
-    name = rewriter.rewrite(question)
-    if name is not None and names_its_answer(question, name):
-        log.info("rewrite: %r -> %r, which the question names: not its answer", question[:80], name)
-        name = None
-    if name is not None:
-        hits = [h for h in search(query.model_copy(update={"query": name})) if is_the_thing(name, h)]
-        log.info("rewrite: %r -> %r (%d items are it)", question[:80], name, len(hits))
+    """Ask ``rewriter`` for the names ``question`` may ask for, and search them (``query`` with its text
+    replaced) best first by ``choice``, keeping the hits that are that thing; the first name with such
+    hits grounds the answer (the backend then answers the name). A name the question itself names is
+    not its answer. Without a name scoring ``choice.min_score``, or with no such hit, ``query`` (the
+    question's own search) grounds the question itself. Blocking (the model and the searches)."""
+    found = rewriter.candidates(question)
+    named = [c.name for c in found if names_its_answer(question, c.name)]
+    if named:
+        log.info("rewrite: %r names %s: not its answer", question[:80], named)
+    ranked = sorted((c for c in found if c.name not in named), key=choice.score, reverse=True)
+    for c in ranked[: choice.tries]:
+        if choice.score(c) < choice.min_score:
+            break
+        hits = [h for h in search(query.model_copy(update={"query": c.name})) if is_the_thing(c.name, h)]
+        log.info(
+            "rewrite: %r -> %r (score %.2f; %d items are it)",
+            question[:80],
+            c.name,
+            choice.score(c),
+            len(hits),
+        )
         if hits:
-            return Grounding(name, hits, name)
-    else:
-        log.info("rewrite: %r -> nothing", question[:80])
+            return Grounding(c.name, hits, c.name)
+    if not ranked or choice.score(ranked[0]) < choice.min_score:
+        log.info("rewrite: %r -> no name scores %.2f", question[:80], choice.min_score)
     return Grounding(question, search(query), None)
