@@ -104,7 +104,7 @@ class FakeRewriter:
         found = self.names.get(question)
         if isinstance(found, list):
             return found
-        return [rw.Candidate(found, 0.0)] if found else []
+        return [rw.Candidate(found, 0.0, greedy=True)] if found else []
 
 
 def fake_search(by_text: dict[str, list[Hit]]):
@@ -177,7 +177,7 @@ def test_names_are_searched_best_first_until_one_has_items_that_are_it():
         {"horse": [hit(1, "A horseshoe.")], "pony": [hit(2, "A pony.")], "dog": [hit(3, "A dog.")]}
     )
     found = [
-        rw.Candidate("dog", -1.4),
+        rw.Candidate("dog", -1.4, greedy=True),
         rw.Candidate("horse", -1.5, forward=0.0, reverse=10.0),  # the gloss of "neigh" names a horse
         rw.Candidate("pony", -1.8, forward=5.0),
     ]
@@ -209,6 +209,18 @@ def test_names_under_the_floor_or_past_the_tries_are_not_searched():
     lone = rw.Choice(min_score=-3.0, tries=1)
     g = rw.ground(FakeRewriter({asked: [rw.Candidate("cow", -2.0), *found]}), asked, query, search, lone)
     assert (searched, g.rewritten) == (["cow", "q"], None)  # one try: "owl" and "pig" are not searched
+
+
+def test_a_name_the_question_names_uses_up_its_try():
+    search, searched = fake_search({"owl": [hit(1, "An owl.")], "q": [hit(2, "A farm.")]})
+    asked = "What bird crows at dawn?"
+    found = [rw.Candidate("crow", -0.9, greedy=True), rw.Candidate("owl", -2.5)]
+    g = rw.ground(FakeRewriter({asked: found}), asked, SearchQuery(query="q"), search, rw.GREEDY)
+    assert (searched, g.rewritten) == (["q"], None)  # as the model's first name alone always did
+    searched.clear()
+    two = rw.Choice(forward_weight=0.0, min_score=-3.0, tries=2)
+    g = rw.ground(FakeRewriter({asked: found}), asked, SearchQuery(query="q"), search, two)
+    assert (searched, g.rewritten) == (["owl"], "owl")
 
 
 @pytest.mark.parametrize(
@@ -395,8 +407,8 @@ for glosses in ("wordnet", None):
     found = [r.candidates(q) for q in {questions!r}]
     out[str(glosses)] = {{
         "chosen": [max(f, key=CHOICE.score).name for f in found],
-        "greedy": [f[0].name for f in found],
-        "first_is_likeliest": all(f[0].logprob == max(c.logprob for c in f) for f in found),
+        "greedy": [next(c.name for c in f if c.greedy) for f in found],
+        "first_is_likeliest": all(f[0].greedy and f[0].logprob == max(c.logprob for c in f) for f in found),
         "evidence": sum(c.forward + c.reverse for f in found for c in f),
     }}
 print(json.dumps(out))

@@ -101,6 +101,7 @@ class Candidate:
     logprob: float
     forward: float = 0.0
     reverse: float = 0.0
+    greedy: bool = False  # the model's own completion (the others are single first tokens)
 
 
 @dataclass(frozen=True)
@@ -114,15 +115,15 @@ class Choice:
     reverse_weight: float = 0.0  # the dev questions chose none (docs/results.md, "Grounded answers")
     min_score: float = -2.5
     tries: int = 3
+    greedy_only: bool = False  # the model's greedy name alone (how rewriting chose before the candidates)
 
     def score(self, c: Candidate) -> float:
         return c.logprob + self.forward_weight * c.forward + self.reverse_weight * c.reverse
 
 
 CHOICE = Choice()
-GREEDY = Choice(
-    forward_weight=0.0, reverse_weight=0.0, min_score=-math.inf, tries=1
-)  # the model's first name
+# the model's greedy name alone, as rewriting chose before the candidates (for comparison)
+GREEDY = Choice(forward_weight=0.0, reverse_weight=0.0, min_score=-math.inf, tries=1, greedy_only=True)
 
 
 class Rewriter(Protocol):
@@ -183,7 +184,7 @@ class QuestionRewriter:
             greedy = self._piece(top[0]) + self._complete(top[0])
             texts = [(greedy, top[0])] + [(self._piece(t), t) for t in top[1:]]
         out: dict[str, Candidate] = {}
-        for text, token in texts:
+        for i, (text, token) in enumerate(texts):
             name = clean_name(text)
             if name is None or name in out:
                 continue
@@ -194,6 +195,7 @@ class QuestionRewriter:
                 float(logprobs[token]),
                 g.forward(question, name) if g is not None and known else 0.0,
                 g.reverse(question, name) if g is not None and known else 0.0,
+                greedy=i == 0,
             )
         return list(out.values())
 
@@ -301,16 +303,17 @@ def ground(
     """Ask ``rewriter`` for the names ``question`` may ask for, and search them (``query`` with its text
     replaced) best first by ``choice``, keeping the hits that are that thing; the first name with such
     hits grounds the answer (the backend then answers the name). A name the question itself names is
-    not its answer. Without a name scoring ``choice.min_score``, or with no such hit, ``query`` (the
-    question's own search) grounds the question itself. Blocking (the model and the searches)."""
-    found = rewriter.candidates(question)
-    named = [c.name for c in found if names_its_answer(question, c.name)]
-    if named:
-        log.info("rewrite: %r names %s: not its answer", question[:80], named)
-    ranked = sorted((c for c in found if c.name not in named), key=choice.score, reverse=True)
+    not its answer (and uses up its try). Without a name scoring ``choice.min_score``, or with no such
+    hit, ``query`` (the question's own search) grounds the question itself. Blocking (the model and the
+    searches)."""
+    found = [c for c in rewriter.candidates(question) if c.greedy or not choice.greedy_only]
+    ranked = sorted(found, key=choice.score, reverse=True)
     for c in ranked[: choice.tries]:
         if choice.score(c) < choice.min_score:
             break
+        if names_its_answer(question, c.name):  # it uses up its try, as the model's first name did alone
+            log.info("rewrite: %r names %r: not its answer", question[:80], c.name)
+            continue
         hits = [h for h in search(query.model_copy(update={"query": c.name})) if is_the_thing(c.name, h)]
         log.info(
             "rewrite: %r -> %r (score %.2f; %d items are it)",
