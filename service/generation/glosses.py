@@ -132,6 +132,11 @@ class Glosses:
         key = name.lower().strip()
         return [self.synsets[k] for k in self.index.get(key, []) if k[0] == "n"][:SENSES]
 
+    def senses(self, word: str) -> list[Synset]:
+        """``word``'s first noun senses and first verb senses (:data:`SENSES` of each)."""
+        keys = self.index.get(word.lower().strip(), [])
+        return [self.synsets[k] for pos in ("n", "v") for k in [k for k in keys if k[0] == pos][:SENSES]]
+
     def knows(self, name: str) -> bool:
         """Whether ``name`` is a noun of the dictionary."""
         return bool(self.noun_senses(name))
@@ -157,12 +162,12 @@ class Glosses:
         return sum(self.idf(w) for w in asked & evidence)
 
     def reverse(self, question: str, name: str) -> float:
-        """The question's words (each by its idf) one of whose senses' gloss names ``name`` or a synonym."""
+        """The question's words (each by its idf) one of whose first senses' gloss names ``name`` or a
+        synonym (a word's rare senses name too much: "bear" is also a verb in many glosses)."""
         names = self.synonyms(name)
         total = 0.0
         for w in self.words(question) - names:
-            senses = self.index.get(w, [])
-            if any(self.synsets[k].gloss & names for k in senses):
+            if any(s.gloss & names for s in self.senses(w)):
                 total += self.idf(w)
         return total
 
