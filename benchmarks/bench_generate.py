@@ -686,14 +686,13 @@ def main(argv: list[str] | None = None) -> int:
                 skipped["extractive+rewrite"] = str(exc)
             else:
                 from service.generation.rewrite import CHOICE, GREEDY, Choice
+                from service.search import answer
 
                 gens.rewriter().candidates("Which bird can talk?")  # warm-up: the prompt's prefix is cached
                 runs = {name: rewrite_all(qs, gens.rewriter()) for name, qs in sets.items()}
                 search = cached_search(embedder, coll)
 
                 def plain_search(query: Any) -> list[Any]:
-                    from service.search import answer
-
                     return answer(query, embedder, coll).hits
 
                 extractive = gens.get("extractive")
@@ -708,7 +707,7 @@ def main(argv: list[str] | None = None) -> int:
                         extractive.rules, rewritten_min=best["rewritten_min"]
                     )
                     extractive.rules.save(rules_out)
-                    keys = ("forward_weight", "reverse_weight", "min_score", "tries")
+                    keys = tuple(CHOICE_GRID)
                     tuned["rewritten_min"] = best["rewritten_min"]
                     tuned["choice"] = {k: best[k] for k in keys}
                     tuned["choice_is_shipped"] = all(best[k] == getattr(CHOICE, k) for k in keys)
@@ -742,9 +741,10 @@ def main(argv: list[str] | None = None) -> int:
                             extractive, qs, grounded, labels, present, args.max_tokens, log_rows
                         )
                         # the model's greedy name / the chosen one names an answer label (answerable)
+                        greedy = [next((c.name for c in f if c.greedy), None) for f in found]
                         row["greedy_names_an_answer"] = sum(
-                            bool(f) and any(names(f[0].name, a) for a in q["answers"])
-                            for q, f in zip(qs, found, strict=True)
+                            g is not None and any(names(g, a) for a in q["answers"])
+                            for q, g in zip(qs, greedy, strict=True)
                         )
                         row["chosen_names_an_answer"] = sum(
                             g.rewritten is not None and any(names(g.rewritten, a) for a in q["answers"])

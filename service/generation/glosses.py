@@ -68,30 +68,23 @@ class Glosses:
         self,
         synsets: dict[tuple[str, str], Synset],
         exceptions: dict[str, str],
-        senses: dict[str, list[tuple[str, str]]] | None = None,
+        senses: dict[str, list[tuple[str, str]]],
     ):
-        """``senses``: each lemma's synsets, commonest sense first (WordNet's ``index.*``); without it,
-        in the data files' order."""
+        """``senses``: each lemma's synsets, commonest sense first (WordNet's ``index.*``)."""
         self.synsets = synsets
         self.exceptions = exceptions
-        self.index: dict[str, list[tuple[str, str]]] = defaultdict(list)
+        self.index = {lemma: [k for k in keys if k in synsets] for lemma, keys in senses.items()}
         df: dict[str, int] = defaultdict(int)
-        for key, s in synsets.items():
-            if senses is None:
-                for lemma in s.lemmas:
-                    self.index[lemma].append(key)
+        for s in synsets.values():
             for w in s.gloss:
                 df[w] += 1
-        if senses is not None:
-            for lemma, keys in senses.items():
-                self.index[lemma] = [k for k in keys if k in synsets]
         n = max(1, len(synsets))
         self._idf = {w: math.log(n / (1 + c)) for w, c in df.items()}
         self._unseen_idf = math.log(n)
 
     @classmethod
     def load(cls, root: str | Path = DEFAULT_ROOT) -> Glosses:
-        """Read ``data.noun``, ``data.verb``, ``noun.exc`` and ``verb.exc`` under ``root``. Raises
+        """Read ``data.*``, ``index.*`` (nouns and verbs) and ``*.exc`` under ``root``. Raises
         FileNotFoundError (naming the Debian package) when they are missing, ValueError when a file is
         too large or not in WordNet's format."""
         root = Path(root)
@@ -128,14 +121,17 @@ class Glosses:
         """``text``'s stemmed content words."""
         return {stem(w, self.exceptions) for w in _WORD.findall(text.lower()) if w not in STOP and len(w) > 2}
 
+    def first_senses(self, word: str, pos: str) -> list[Synset]:
+        """``word``'s first :data:`SENSES` senses of part of speech ``pos`` ("n" or "v")."""
+        keys = [k for k in self.index.get(word.lower().strip(), []) if k[0] == pos]
+        return [self.synsets[k] for k in keys[:SENSES]]
+
     def noun_senses(self, name: str) -> list[Synset]:
-        key = name.lower().strip()
-        return [self.synsets[k] for k in self.index.get(key, []) if k[0] == "n"][:SENSES]
+        return self.first_senses(name, "n")
 
     def senses(self, word: str) -> list[Synset]:
-        """``word``'s first noun senses and first verb senses (:data:`SENSES` of each)."""
-        keys = self.index.get(word.lower().strip(), [])
-        return [self.synsets[k] for pos in ("n", "v") for k in [k for k in keys if k[0] == pos][:SENSES]]
+        """``word``'s first noun senses and first verb senses."""
+        return self.first_senses(word, "n") + self.first_senses(word, "v")
 
     def knows(self, name: str) -> bool:
         """Whether ``name`` is a noun of the dictionary."""
@@ -147,6 +143,13 @@ class Glosses:
         for s in self.noun_senses(name):
             out.update(s.lemmas)
         return {stem(w, self.exceptions) for w in out}
+
+    def evidence(self, question: str, name: str) -> tuple[float, float]:
+        """(:meth:`forward`, :meth:`reverse`) for a name the dictionary knows as a noun; (0, 0) else (a
+        word piece such as "hipp" has no senses to score)."""
+        if not self.knows(name):
+            return 0.0, 0.0
+        return self.forward(question, name), self.reverse(question, name)
 
     def forward(self, question: str, name: str) -> float:
         """The question's words found in the name's glosses and its hypernyms' (glosses and lemmas),

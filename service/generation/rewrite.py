@@ -188,15 +188,8 @@ class QuestionRewriter:
             name = clean_name(text)
             if name is None or name in out:
                 continue
-            g = self.glosses
-            known = g is not None and g.knows(name)
-            out[name] = Candidate(
-                name,
-                float(logprobs[token]),
-                g.forward(question, name) if g is not None and known else 0.0,
-                g.reverse(question, name) if g is not None and known else 0.0,
-                greedy=i == 0,
-            )
+            forward, reverse = (0.0, 0.0) if self.glosses is None else self.glosses.evidence(question, name)
+            out[name] = Candidate(name, float(logprobs[token]), forward, reverse, greedy=i == 0)
         return list(out.values())
 
     def _first_token(self, prompt: str) -> Any:
